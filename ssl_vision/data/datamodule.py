@@ -1,0 +1,144 @@
+"""Lightning data module: multi-view pretraining batches plus the two evaluation loaders (kNN bank, test set)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_vision.data.datasets import IndexedDataset, build_dataset, take_subset
+from ssl_vision.data.views import build_eval_transform, build_multiview
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Pretraining and evaluation data for one data set.
+
+    Train batches: ``(views, labels, indices)`` with ``views`` a list of ``(B, C, H, W)`` tensors ordered as in
+    ``views`` (large -> small), ``labels`` ``(B,)`` (-1 for unlabeled STL-10 images) and ``indices`` ``(B,)`` positions
+    in the pretraining train set (InstDisc's memory-bank rows). Validation: ``[kNN bank loader, test loader]``, both
+    with the deterministic eval transform and items ``(img (B, C, H, W), label (B,), index (B,))``.
+
+    Args mirror ``conf/data/*.yaml`` plus ``views`` (``conf/augment/*.yaml``) and ``seed`` (subset choice).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        root: str | None,
+        image_size: int,
+        in_chans: int,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        num_workers: int,
+        views: Sequence[Mapping[str, Any]],
+        download: bool = False,
+        train_subset: int | None = None,
+        knn_train_subset: int | None = None,
+        eval_crop_ratio: float = 1.0,
+        synthetic_size: int = 512,
+        stl_unlabeled: bool = False,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        eval_batch_size: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.name, self.root, self.download = name, root, download
+        self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        # Persistent workers need workers; Lightning / DataLoader reject the flag with num_workers == 0.
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.train_subset, self.knn_train_subset, self.seed = train_subset, knn_train_subset, seed
+        self.synthetic_size, self.stl_unlabeled = synthetic_size, stl_unlabeled
+        self.train_dir, self.val_dir = train_dir, val_dir
+        # Built now so that a bad augmentation config fails at construction, before any data is read.
+        self.train_transform = build_multiview(list(views), image_size, in_chans, mean, std)
+        self.eval_transform = build_eval_transform(image_size, in_chans, mean, std, eval_crop_ratio)
+        self.train_dataset: Dataset | None = None  # untransformed (img, label) items, after train_subset
+        self.knn_train_dataset: Dataset | None = None  # labeled train images for the kNN bank
+        self.test_dataset: Dataset | None = None
+
+    def _build(self, split: str, stl_unlabeled: bool = False) -> Dataset:
+        return build_dataset(
+            self.name,
+            split,
+            self.root,
+            download=self.download,
+            image_size=self.image_size,
+            in_chans=self.in_chans,
+            num_classes=self.num_classes,
+            synthetic_size=self.synthetic_size,
+            train_dir=self.train_dir,
+            val_dir=self.val_dir,
+            stl_unlabeled=stl_unlabeled,
+        )
+
+    def prepare_data(self) -> None:
+        """Download once (rank 0 only, called by Lightning) so that ``setup`` on every rank finds the files."""
+        if self.download:
+            self._build("train", self.stl_unlabeled)
+            self._build("test")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the data sets once; later calls (one per Lightning stage) are no-ops."""
+        if self.train_dataset is not None:
+            return
+        train = self._build("train", self.stl_unlabeled)
+        # STL-10's unlabeled images have label -1; the kNN bank must hold only the labeled train images.
+        labeled_train = self._build("train") if self.stl_unlabeled and self.name == "stl10" else train
+        self.train_dataset = take_subset(train, self.train_subset, self.seed)
+        self.knn_train_dataset = take_subset(labeled_train, self.knn_train_subset, self.seed)
+        self.test_dataset = self._build("test")
+
+    @property
+    def num_train_samples(self) -> int:
+        """Length of the pretraining train set (after ``train_subset``): InstDisc's memory-bank size."""
+        return len(self._require(self.train_dataset))
+
+    def _require(self, ds: Dataset | None) -> Dataset:
+        if ds is None:
+            raise RuntimeError("SSLDataModule.setup() must be called before using the data sets")
+        return ds
+
+    def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,  # queues and BatchNorm need full batches; evaluation must see every image
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, ``drop_last`` batches of ``(list of views, labels, indices)``."""
+        train = self._require(self.train_dataset)
+        if len(train) == 0:
+            raise ValueError(f"the {self.name} train set is empty (root={self.root!r})")
+        if len(train) < self.batch_size:
+            raise ValueError(
+                f"the {self.name} train set has {len(train)} samples, fewer than one batch of data.batch_size="
+                f"{self.batch_size}, so drop_last would yield no batches; use a smaller data.batch_size "
+                f"(or a larger data.train_subset / data.synthetic_size)."
+            )
+        return self._loader(IndexedDataset(train, self.train_transform), self.batch_size, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last."""
+        loaders = []
+        for ds in (self._require(self.knn_train_dataset), self._require(self.test_dataset)):
+            if len(ds) == 0:
+                raise ValueError(f"an evaluation split of {self.name} is empty (root={self.root!r})")
+            loaders.append(self._loader(IndexedDataset(ds, self.eval_transform), self.eval_batch_size, train=False))
+        return loaders

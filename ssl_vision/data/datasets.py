@@ -1,0 +1,274 @@
+"""Data sets that yield ``(PIL.Image, int label)``: local Fashion-MNIST, CIFAR-10/100, STL-10, ImageFolder, synthetic.
+
+Every data set returns PIL images so that one family of PIL transforms (``views.py``) serves all of them; the
+transforms, not the data sets, decide the channel count the model sees.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+SPLITS = ("train", "test")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs the files
+DEFAULT_TORCHVISION_ROOT = "./data"
+
+# IDX type byte -> numpy dtype (big-endian for multi-byte types), from the MNIST file-format description.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# --------------------------------------------------------------------------------------------------------- IDX files
+def read_idx(path: str) -> np.ndarray:
+    """Parse one IDX file (raw or ``.gz``) into a native-endian numpy array.
+
+    Layout: two zero bytes, a type byte, a byte with the number of dimensions ``n``, ``n`` big-endian uint32 sizes,
+    then the data in C order. Images are ``(N, H, W)`` uint8, labels ``(N,)`` uint8.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (magic must start with two zero bytes)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX type byte 0x{type_code:02x}; valid: {sorted(_IDX_DTYPES)}")
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but {len(raw) - header} data bytes follow")
+    # astype copies into a writable, native-endian array (torch.from_numpy rejects read-only / big-endian buffers).
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: str, stem: str) -> str | None:
+    """Return ``directory/stem.gz`` or ``directory/stem`` if either exists (gzip first: that is what Debian ships)."""
+    for candidate in (os.path.join(directory, stem + ".gz"), os.path.join(directory, stem)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+class InMemoryImageDataset(Dataset):
+    """Grayscale images held as one uint8 tensor.
+
+    Args:
+        data: ``(N, H, W)`` uint8 images.
+        targets: ``(N,)`` integer labels.
+    """
+
+    def __init__(self, data: torch.Tensor, targets: torch.Tensor) -> None:
+        if data.ndim != 3 or data.dtype != torch.uint8:
+            raise ValueError(f"data must be (N, H, W) uint8, got {tuple(data.shape)} {data.dtype}")
+        if len(data) != len(targets):
+            raise ValueError(f"{len(data)} images but {len(targets)} labels")
+        self.data = data
+        self.targets = targets.long()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index].numpy()), int(self.targets[index])
+
+
+def load_fashion_mnist(root: str | None, split: str, download: bool = False) -> Dataset:
+    """Fashion-MNIST from local IDX files (``train-*`` / ``t10k-*``); 'L' mode 28x28 images, labels 0..9.
+
+    Looks in ``root`` and in torchvision's layout ``root/FashionMNIST/raw``. Missing files fall back to torchvision's
+    downloader only when ``download`` is true.
+    """
+    root = root or FASHION_MNIST_ROOT
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    for directory in (root, os.path.join(root, "FashionMNIST", "raw")):
+        paths = [_find_idx(directory, stem) for stem in stems]
+        if all(paths):
+            images = torch.from_numpy(read_idx(paths[0]))
+            labels = torch.from_numpy(read_idx(paths[1]))
+            return InMemoryImageDataset(images, labels)
+    if download:
+        import torchvision
+
+        return torchvision.datasets.FashionMNIST(root, train=split == "train", download=True)
+    raise FileNotFoundError(
+        f"Fashion-MNIST {split} files not found: looked for {stems[0]}(.gz) and {stems[1]}(.gz) in {root!r} and "
+        f"{os.path.join(root, 'FashionMNIST', 'raw')!r}. Fix: `apt-get install dataset-fashion-mnist` (installs them "
+        f"in {FASHION_MNIST_ROOT}), or set data.download=true, or point data.root=... at a folder holding them."
+    )
+
+
+# --------------------------------------------------------------------------------------------- torchvision data sets
+def _torchvision_dataset(name: str, root: str | None, split: str, download: bool, stl_unlabeled: bool) -> Dataset:
+    """CIFAR-10/100 or STL-10 via torchvision; a missing download becomes a FileNotFoundError that says the fix."""
+    import torchvision.datasets as tvd
+
+    root = root or DEFAULT_TORCHVISION_ROOT
+    try:
+        if name == "cifar10":
+            return tvd.CIFAR10(root, train=split == "train", download=download)
+        if name == "cifar100":
+            return tvd.CIFAR100(root, train=split == "train", download=download)
+        # STL-10's 100k unlabeled images are for pretraining only; evaluation uses the 5k labeled train images.
+        stl_split = "train+unlabeled" if split == "train" and stl_unlabeled else split
+        return tvd.STL10(root, split=stl_split, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise FileNotFoundError(
+            f"{name} not found under root {os.path.abspath(root)!r} ({err}). Fix: set data.root=... to the folder "
+            f"that holds it, or data.download=true to fetch it there."
+        ) from err
+
+
+# -------------------------------------------------------------------------------------------------------- ImageFolder
+class PILLoader:
+    """Open an image file and convert it to ``mode`` (a class, not a lambda, so DataLoader workers can pickle it)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, path: str) -> Image.Image:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(self.mode)
+
+
+def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int, train_dir: str, val_dir: str):
+    import torchvision.datasets as tvd
+
+    if root is None:
+        raise ValueError("imagefolder needs data.root=... (a folder with train/ and val/ class sub-folders)")
+    folder = os.path.join(root, train_dir if split == "train" else val_dir)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"imagefolder: {folder!r} does not exist. Fix: set data.root=... to a folder containing "
+            f"{train_dir}/ and {val_dir}/ (one sub-folder per class), or data.train_dir / data.val_dir."
+        )
+    ds = tvd.ImageFolder(folder, loader=PILLoader("L" if in_chans == 1 else "RGB"))
+    if len(ds.classes) != num_classes:
+        raise ValueError(f"imagefolder: {folder!r} has {len(ds.classes)} class folders but data.num_classes={num_classes}")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------- synthetic
+class SyntheticDataset(Dataset):
+    """Deterministic images whose class is visible in the pixels, for tests and smoke runs without data files.
+
+    Class ``c`` sets the mean intensity (graded from dark to bright) and the stripe frequency and orientation; each
+    sample draws a random stripe phase, a random colour tint (a nuisance that colour jitter teaches invariance to) and
+    Gaussian noise. The class -> pattern mapping is the same in every split; the per-sample randomness depends only on
+    ``seed`` and the index, so every call returns the same image. Raw-pixel 1-NN reaches roughly 80% (chance 1/K):
+    clearly learnable, yet not saturated, so pretraining has room to help. Images are generated on access.
+    """
+
+    def __init__(self, size: int, image_size: int, in_chans: int, num_classes: int, seed: int) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"synthetic: in_chans must be 1 or 3, got {in_chans}")
+        if size < 1 or num_classes < 1 or image_size < 1:
+            raise ValueError(f"synthetic: size, num_classes, image_size must be >= 1, got {size}, {num_classes}, {image_size}")
+        self.image_size, self.in_chans, self.num_classes, self.seed = image_size, in_chans, num_classes, seed
+        rng = np.random.default_rng(seed)
+        labels = np.arange(size) % num_classes  # balanced: every class present when size >= num_classes
+        rng.shuffle(labels)
+        self.targets = labels.tolist()
+        self._level = 78.0 + 100.0 * np.arange(num_classes) / max(num_classes - 1, 1)  # mean grey 78..178
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        label = self.targets[index]
+        rng = np.random.default_rng((self.seed, index))
+        coords = np.arange(self.image_size) / self.image_size
+        freq = 1 + label % 4
+        wave = np.sin(2 * np.pi * freq * coords + rng.uniform(0, 2 * np.pi))
+        stripes = wave[None, :] if (label // 4) % 2 == 0 else wave[:, None]  # vertical or horizontal stripes
+        base = self._level[label] + 40.0 * np.broadcast_to(stripes, (self.image_size, self.image_size))
+        tint = rng.uniform(0.5, 1.0, self.in_chans)
+        img = base[..., None] * tint + rng.normal(0, 40.0, (self.image_size, self.image_size, self.in_chans))
+        img = np.clip(img, 0, 255).astype(np.uint8)
+        return Image.fromarray(img[..., 0] if self.in_chans == 1 else img), label
+
+
+# -------------------------------------------------------------------------------------------------------- entry point
+def build_dataset(
+    name: str,
+    split: str,
+    root: str | None,
+    download: bool = False,
+    image_size: int = 32,
+    in_chans: int = 3,
+    num_classes: int = 10,
+    synthetic_size: int = 512,
+    train_dir: str = "train",
+    val_dir: str = "val",
+    stl_unlabeled: bool = False,
+) -> Dataset:
+    """Build a data set of ``(PIL.Image, int label)`` items.
+
+    Args:
+        name: one of ``DATASET_NAMES``.
+        split: "train" or "test" (for imagefolder, "test" reads ``val_dir``).
+        root: data folder; ``None`` means the Debian Fashion-MNIST folder or ``./data`` for torchvision sets.
+        download: let torchvision fetch missing files.
+        image_size, in_chans, num_classes, synthetic_size: used by ``synthetic`` (``in_chans`` also picks the
+            ImageFolder mode, ``num_classes`` is checked against the ImageFolder classes).
+        train_dir, val_dir: ImageFolder sub-folders.
+        stl_unlabeled: STL-10 train split becomes ``train+unlabeled`` (105k images, label -1 for unlabeled);
+            for pretraining only, never for evaluation.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if name == "fashion_mnist":
+        return load_fashion_mnist(root, split, download)
+    if name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision_dataset(name, root, split, download, stl_unlabeled)
+    if name == "imagefolder":
+        return _image_folder(root, split, in_chans, num_classes, train_dir, val_dir)
+    # Test set: another seed (no overlap in noise) and a quarter of the size, but at least one image per class.
+    size = synthetic_size if split == "train" else max(synthetic_size // 4, num_classes)
+    return SyntheticDataset(size, image_size, in_chans, num_classes, seed=0 if split == "train" else 1)
+
+
+def take_subset(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
+    """Deterministic random subset of ``min(n, len(ds))`` items (``ds`` itself when ``n`` is None or covers it all).
+
+    Indices are sorted so that reading stays sequential on disk-backed data sets.
+    """
+    if n is None or n >= len(ds):
+        return ds
+    if n < 1:
+        raise ValueError(f"subset size must be >= 1 or null, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(ds), generator=generator)[:n].sort().values.tolist()
+    return Subset(ds, indices)
+
+
+class IndexedDataset(Dataset):
+    """Wrap a ``(img, label)`` data set to return ``(transform(img), label, index)``.
+
+    The index is the position in *this* data set; InstDisc uses it to address its memory bank.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], Any] | None = None) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        img, label = self.base[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(label), index

@@ -1,0 +1,104 @@
+"""The composition root: the only module that reads a Hydra config and turns it into objects.
+
+Everything else in ``ssl_vision`` takes explicit typed arguments; ``tools/*.py`` are thin Hydra entry points
+that call into here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_vision.backbones import create_backbone
+from ssl_vision.data import SSLDataModule
+from ssl_vision.module import EvalSpec, OptimSpec, SSLModule
+from ssl_vision.objectives import build_objective
+from ssl_vision.training import ThroughputTimer, find_resume_checkpoint, write_results
+
+
+def build_datamodule(cfg: DictConfig) -> SSLDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    views = OmegaConf.to_container(cfg.augment.views, resolve=True)
+    return SSLDataModule(views=views, seed=int(cfg.seed), **data)
+
+
+def build_module(cfg: DictConfig, run_info: dict | None = None) -> SSLModule:
+    b = cfg.backbone
+    backbone, dim = create_backbone(b.name, in_chans=cfg.data.in_chans, image_size=cfg.data.image_size,
+                                    width=b.width, channels=None if b.channels is None else list(b.channels),
+                                    small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
+                                    patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
+    kwargs = OmegaConf.to_container(cfg.method.kwargs, resolve=True)
+    objective = build_objective(cfg.method.name, dim, **kwargs)
+    optim = OptimSpec(**OmegaConf.to_container(cfg.method.optim, resolve=True))
+    ev = EvalSpec(knn_k=list(cfg.eval.knn_k), knn_temperature=cfg.eval.knn_temperature, probe_lr=cfg.eval.probe_lr)
+    return SSLModule(backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev,
+                     run_info=run_info)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    logger = False
+    if cfg.logger.get("_target_"):
+        logger = instantiate(cfg.logger)
+    sync_bn = bool(cfg.method.get("sync_batchnorm", False))
+    multi = (tcfg.get("devices") not in (1, "1") or tcfg.get("num_nodes", 1) != 1)
+    if sync_bn and multi and tcfg.get("accelerator") == "cpu":
+        warnings.warn("method asks for SyncBN but torch has no CPU SyncBatchNorm: BN stays per process on CPU",
+                      stacklevel=2)
+        sync_bn = False
+    return L.Trainer(**tcfg, logger=logger, callbacks=callbacks, sync_batchnorm=sync_bn and multi,
+                     use_distributed_sampler=False, default_root_dir=str(run_dir))
+
+
+def run_pretraining(cfg: DictConfig) -> dict:
+    """Pretrain as the config says; returns the results dict (also written to ``<run dir>/results.json``)."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_prefix = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.data.name}"
+    resume = find_resume_checkpoint(cfg.resume, Path(cfg.paths.output_root), run_prefix)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if resume is not None and resume.parent.name == "checkpoints":
+        run_dir = resume.parent.parent  # a resumed run continues writing where it started
+        print(f"[ssl_vision] resuming {resume}")
+    elif cfg.resume == "auto":
+        print(f"[ssl_vision] resume=auto: no earlier {run_prefix} run under {cfg.paths.output_root}; starting fresh")
+    run_info = {"method": cfg.method.name, "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+                "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, run_info)
+    timer = ThroughputTimer()
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
+                           auto_insert_metric_name=False, save_last=True, save_top_k=cfg.checkpoint.save_top_k,
+                           monitor="step", mode="max", every_n_epochs=cfg.checkpoint.every_n_epochs)
+    trainer = build_trainer(cfg, run_dir, [timer, ckpt])
+
+    knn_init = None
+    if cfg.eval.knn_at_init and resume is None:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        knn_init = module.val_results.get("knn_top1")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    if cfg.eval.final_eval and module.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=dm, verbose=False)
+
+    loss = trainer.callback_metrics.get("train/loss")
+    results = {
+        "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
+        "steps": int(trainer.global_step), "images_seen": int(timer.images_seen),
+        "wall_s": round(timer.wall_s, 2), "images_per_s": round(timer.images_per_s, 2),
+        "train_loss": None if loss is None else float(loss),
+        "knn_top1": module.val_results.get("knn_top1"), "knn_top1_init": knn_init,
+        "probe_top1": module.val_results.get("probe_top1"),
+        "checkpoint": str(Path(ckpt.last_model_path).resolve()) if ckpt.last_model_path else None,
+        "run_dir": str(run_dir.resolve()),
+    }
+    if trainer.is_global_zero:
+        write_results(run_dir, results)
+    return results

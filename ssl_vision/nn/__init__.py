@@ -1,0 +1,1 @@
+"""Reusable layers: projection/prediction heads (heads.py)."""

@@ -1,0 +1,46 @@
+"""SimCLR (Chen et al. 2020, https://arxiv.org/abs/2002.05709; v2: https://arxiv.org/abs/2006.10029).
+
+Two views through one encoder and projector, NT-Xent against all other 2B−2 samples of the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_vision import distributed as dist
+from ssl_vision.losses import nt_xent
+from ssl_vision.nn.heads import build_mlp
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo
+
+
+class SimCLR(Objective):
+    """Projector: ``proj_layers`` × (Linear → BN), ReLU between, last Linear without bias and its BN without β
+    (official ``center=False``), weights N(0, 0.01). v1 = 2 layers, v2 (code default) = 3.
+
+    Both views go through the backbone in one concatenated pass, as in the official code (BN statistics span
+    both views; with SyncBN the global batch).
+    """
+
+    num_views = 2
+
+    def __init__(self, feature_dim: int, temperature: float = 0.1, proj_hidden_dim: int = 2048,
+                 proj_out_dim: int = 128, proj_layers: int = 3):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"method.temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, bn=True, last_bn=True,
+                                   last_bn_shift=False, last_bias=False, init_std=0.01)
+
+    def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
+        if len(views) < 2:
+            raise ValueError(f"SimCLR needs 2 views per sample, the data gives {len(views)}; use augment=simclr")
+        x_a, x_b = views[0], views[1]
+        n = x_a.shape[0]
+        h = backbone(torch.cat([x_a, x_b]))                  # (2N, D)
+        z_a, z_b = self.projector(h).chunk(2)                # (N, E) each
+        # negatives come from the global batch: gather with gradient (backward sums over ranks, methods.md 0.3)
+        z_a_all, z_b_all = dist.gather_with_grad(z_a), dist.gather_with_grad(z_b)
+        loss = nt_xent(z_a, z_b, self.temperature, z_a_all, z_b_all, offset=n * dist.rank())
+        return ObjectiveOutput(loss=loss, features=h[:n], embedding=z_a)

@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Self-supervised pretraining: ``python tools/pretrain.py method=simclr backbone=resnet18 data=fashion_mnist``.
+
+Composes conf/pretrain.yaml with Hydra; writes checkpoints and results.json into the run directory and prints
+the results as one JSON line, the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+os.environ.setdefault("WANDB_MODE", "offline")                   # never wait on a login
+
+from ssl_vision.launch import run_pretraining  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    results = run_pretraining(cfg)
+    print(json.dumps(results), flush=True)
+    return results.get("knn_top1")  # Hydra multirun sweepers can optimise this
+
+
+if __name__ == "__main__":
+    main()
