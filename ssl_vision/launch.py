@@ -58,8 +58,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
                      use_distributed_sampler=False, default_root_dir=str(run_dir))
 
 
-def run_pretraining(cfg: DictConfig) -> dict:
-    """Pretrain as the config says; returns the results dict (also written to ``<run dir>/results.json``)."""
+def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
+    """Pretrain as the config says; returns the results dict (also written to ``<run dir>/results.json``).
+
+    ``extra_callbacks`` are added to the Trainer's (tests use one to stop a run part-way).
+    """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_prefix = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.data.name}"
     resume = find_resume_checkpoint(cfg.resume, Path(cfg.paths.output_root), run_prefix)
@@ -78,7 +81,7 @@ def run_pretraining(cfg: DictConfig) -> dict:
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
                            auto_insert_metric_name=False, save_last=True, save_top_k=cfg.checkpoint.save_top_k,
                            monitor="step", mode="max", every_n_epochs=cfg.checkpoint.every_n_epochs)
-    trainer = build_trainer(cfg, run_dir, [timer, ckpt])
+    trainer = build_trainer(cfg, run_dir, [timer, ckpt, *(extra_callbacks or [])])
 
     knn_init = None
     if cfg.eval.knn_at_init and resume is None:
@@ -88,7 +91,7 @@ def run_pretraining(cfg: DictConfig) -> dict:
     if cfg.eval.final_eval and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=dm, verbose=False)
 
-    loss = trainer.callback_metrics.get("train/loss")
+    loss = module.last_train_loss
     results = {
         "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
         "steps": int(trainer.global_step), "images_seen": int(timer.images_seen),

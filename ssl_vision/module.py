@@ -73,6 +73,7 @@ class SSLModule(L.LightningModule):
         self._val: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.last_val_step = -1
         self._total_steps: int | None = None
+        self.last_train_loss: torch.Tensor | None = None
         self.val_results: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------- progress
@@ -129,6 +130,7 @@ class SSLModule(L.LightningModule):
                 "likely causes: learning rate too high, temperature too low, or fp16 overflow (try bf16/32). "
                 "The last good checkpoint is kept.")
         self._probe_batch = (out.features.detach(), labels)
+        self.last_train_loss = out.loss.detach()  # a tensor: no device sync per step
         n = views[0].shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)

@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_vision.data.datasets import IndexedDataset, build_dataset, take_subset
+from ssl_vision.data.sampling import GlobalBatchSampler, SeededViews
 from ssl_vision.data.views import build_eval_transform, build_multiview
 
 
@@ -122,7 +123,7 @@ class SSLDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, ``drop_last`` batches of ``(list of views, labels, indices)``."""
+        """Shuffled, ``drop_last`` batches of ``(list of views, labels, indices)`` (see :mod:`.sampling`)."""
         train = self._require(self.train_dataset)
         if len(train) == 0:
             raise ValueError(f"the {self.name} train set is empty (root={self.root!r})")
@@ -132,7 +133,12 @@ class SSLDataModule(L.LightningDataModule):
                 f"{self.batch_size}, so drop_last would yield no batches; use a smaller data.batch_size "
                 f"(or a larger data.train_subset / data.synthetic_size)."
             )
-        return self._loader(IndexedDataset(train, self.train_transform), self.batch_size, train=True)
+        # Data order from (seed, epoch) over the *global* batch and augmentation from (seed, epoch, index):
+        # identical for any number of processes or workers, and a resumed run sees what an uninterrupted one would.
+        sampler = GlobalBatchSampler(len(train), self.batch_size, seed=self.seed, shuffle=True)
+        return DataLoader(SeededViews(train, self.train_transform, seed=self.seed), batch_size=self.batch_size,
+                          sampler=sampler, drop_last=True, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last."""

@@ -206,7 +206,13 @@ class MultiView:
         return [t(img) for t in self.transforms]
 
     def __repr__(self) -> str:
-        inner = "\n".join(f"  {t}" for t in self.transforms)
+        groups: list[list] = []  # consecutive repeats of one transform (a spec's ``count``) are printed once
+        for t in self.transforms:
+            if groups and groups[-1][0] is t:
+                groups[-1][1] += 1
+            else:
+                groups.append([t, 1])
+        inner = "\n".join(f"  {n} x {t}" for t, n in groups)
         return f"{type(self).__name__}([\n{inner}\n])"
 
 

@@ -1,0 +1,123 @@
+"""End-to-end pretraining through the real configs: smoke runs, results.json, resume equality, config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from ssl_vision.launch import run_pretraining
+from ssl_vision.training import RESULT_KEYS, load_checkpoint
+from tests.conftest import FAST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (method, backbone) combinations meant to work; each gets a one-step smoke run
+SMOKE = [
+    ("simclr", "resnet18", ["backbone.width=0.125"]),
+    ("simclr", "vit_tiny", ["backbone.patch_size=8"]),
+]
+
+
+@pytest.mark.parametrize("method,backbone,extra", SMOKE, ids=[f"{m}-{b}" for m, b, _ in SMOKE])
+def test_one_step_smoke(make_cfg, method, backbone, extra):
+    cfg = make_cfg([f"method={method}", f"backbone={backbone}", "trainer.max_steps=1", *FAST, *extra])
+    res = run_pretraining(cfg)
+    assert res["steps"] == 1 and res["images_seen"] == 16
+    assert res["train_loss"] is not None and res["train_loss"] == res["train_loss"]  # finite, not NaN
+    on_disk = json.loads((Path(res["run_dir"]) / "results.json").read_text())
+    assert set(RESULT_KEYS) <= set(on_disk)
+    assert Path(on_disk["checkpoint"]).is_file() and 0.0 <= on_disk["knn_top1"] <= 100.0
+
+
+class StopAfter(L.Callback):
+    """Stop a run after ``steps`` optimizer steps without changing its schedule length."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def _backbone_state(ckpt_path):
+    state = load_checkpoint(Path(ckpt_path))["state_dict"]
+    return {k: v for k, v in state.items() if not k.startswith("online_probe")}, state
+
+
+def test_resume_equals_uninterrupted(make_cfg, tmp_path):
+    """N steps straight == N/2 steps, checkpoint, resume, N/2 steps (weights equal within float tolerance)."""
+    common = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "trainer.max_epochs=2",
+              "eval.final_eval=false", "checkpoint.save_top_k=-1"]
+    straight = run_pretraining(make_cfg(common, tmp_path / "straight"))
+    assert straight["steps"] == 8  # 64 samples / 16 per batch × 2 epochs
+    half = run_pretraining(make_cfg(common, tmp_path / "half"), extra_callbacks=[StopAfter(4)])
+    assert half["steps"] == 4
+    resumed = run_pretraining(make_cfg([*common, f"resume={half['checkpoint']}"], tmp_path / "other"))
+    assert resumed["steps"] == 8
+    assert resumed["run_dir"] == half["run_dir"]  # a resumed run continues in its own directory
+    a, full_a = _backbone_state(straight["checkpoint"])
+    b, full_b = _backbone_state(resumed["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the online probe and its own optimizer state continue too
+    torch.testing.assert_close(full_a["online_probe.weight"], full_b["online_probe.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_auto_finds_last_run(make_cfg, tmp_path):
+    common = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "trainer.max_epochs=2",
+              "eval.final_eval=false"]
+    runs = tmp_path / "outputs" / "simclr-resnet18-synthetic"   # <output_root>/<method>-<backbone>-<data>/<time>
+    first = run_pretraining(make_cfg(common, runs / "t1"), extra_callbacks=[StopAfter(4)])
+    again = run_pretraining(make_cfg([*common, "resume=auto"], runs / "t2"))
+    assert again["run_dir"] == first["run_dir"] and again["steps"] == 8
+    kept = list(Path(first["run_dir"]).glob("results.*.json"))
+    assert len(kept) == 1, "the earlier results.json must be kept, not overwritten"
+
+
+def test_unknown_method_lists_choices(make_cfg):
+    with pytest.raises(MissingConfigException) as err:
+        make_cfg(["method=simclrr"])
+    assert "simclr" in str(err.value) and "Available options" in str(err.value)
+
+
+def test_unknown_backbone_and_data_list_choices(make_cfg):
+    for override in ("backbone=resnet999", "data=imagenett"):
+        with pytest.raises(MissingConfigException, match="Available options"):
+            make_cfg([override])
+
+
+def test_misspelt_key_is_an_error(make_cfg):
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(["trainer.max_epoch=3"])
+    assert "max_epoch" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_timm_backbone_name_is_clear(make_cfg):
+    cfg = make_cfg([*FAST, "backbone.name=not_a_model"])
+    with pytest.raises(ValueError, match="unknown backbone 'not_a_model'"):
+        run_pretraining(cfg)
+
+
+def test_cli_prints_results_json_last_and_cfg_job(tmp_path):
+    cmd = [sys.executable, str(ROOT / "tools/pretrain.py"), *FAST, "backbone.width=0.125", "trainer.max_steps=1",
+           f"paths.output_root={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["steps"] == 1 and last["method"] == "simclr"
+    job = subprocess.run([sys.executable, str(ROOT / "tools/pretrain.py"), "--cfg", "job"], capture_output=True,
+                         text=True, timeout=120)
+    assert job.returncode == 0 and "method:" in job.stdout and "trainer:" in job.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "tools/pretrain.py"), "method=nope", "--cfg", "job"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Available options in 'method'" in bad.stderr
