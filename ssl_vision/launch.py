@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_vision import distributed as dist
 from ssl_vision.backbones import create_backbone
 from ssl_vision.data import SSLDataModule
 from ssl_vision.module import EvalSpec, OptimSpec, SSLModule
@@ -92,6 +93,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
         trainer.validate(module, datamodule=dm, verbose=False)
 
     loss = module.last_train_loss
+    if loss is not None:
+        loss = dist.all_reduce_mean(loss)  # the global mean, not one process's share
     results = {
         "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
         "steps": int(trainer.global_step), "images_seen": int(timer.images_seen),
@@ -101,7 +104,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
         "probe_top1": module.val_results.get("probe_top1"),
         "checkpoint": str(Path(ckpt.last_model_path).resolve()) if ckpt.last_model_path else None,
         "run_dir": str(run_dir.resolve()),
+        "is_global_zero": trainer.is_global_zero,
     }
     if trainer.is_global_zero:
-        write_results(run_dir, results)
+        write_results(run_dir, {k: v for k, v in results.items() if k != "is_global_zero"})
     return results

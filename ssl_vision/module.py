@@ -201,7 +201,7 @@ class SSLModule(L.LightningModule):
             results[f"{prefix}_top5"] = res[k]["top5"]
         results["probe_top1"] = 100.0 * (cat[1]["p"] == test_y).float().mean().item()
         for name, value in results.items():
-            self.log(f"val/{name}", value, rank_zero_only=True)
+            self.log(f"val/{name}", value, sync_dist=True)  # identical on every rank (computed on gathered features)
         self.val_results = results
         self.last_val_step = self.global_step
         self._val = {}

@@ -121,3 +121,16 @@ def test_cli_prints_results_json_last_and_cfg_job(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools/pretrain.py"), "method=nope", "--cfg", "job"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Available options in 'method'" in bad.stderr
+
+
+def test_two_process_cpu_run_end_to_end(tmp_path):
+    """trainer=ddp_cpu: Lightning DDP over gloo; one results line, the global step count and images seen."""
+    cmd = [sys.executable, str(ROOT / "tools/pretrain.py"), "trainer=ddp_cpu", *FAST, "data.num_workers=0",
+           "backbone.width=0.125", "trainer.max_steps=2", f"paths.output_root={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, "only the global-zero process prints the results line"
+    res = json.loads(lines[0])
+    assert res["steps"] == 2 and res["images_seen"] == 2 * 2 * 16  # steps × processes × per-process batch
+    assert json.loads((Path(res["run_dir"]) / "results.json").read_text())["steps"] == 2

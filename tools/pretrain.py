@@ -24,7 +24,8 @@ from ssl_vision.launch import run_pretraining  # noqa: E402
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     results = run_pretraining(cfg)
-    print(json.dumps(results), flush=True)
+    if results.pop("is_global_zero"):  # one JSON line per run, not one per process
+        print(json.dumps(results), flush=True)
     return results.get("knn_top1")  # Hydra multirun sweepers can optimise this
 
 
