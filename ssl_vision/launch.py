@@ -30,14 +30,14 @@ def build_datamodule(cfg: DictConfig) -> SSLDataModule:
     return SSLDataModule(views=views, seed=int(cfg.seed), **data)
 
 
-def build_module(cfg: DictConfig, run_info: dict | None = None) -> SSLModule:
+def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int | None = None) -> SSLModule:
     b = cfg.backbone
     backbone, dim = create_backbone(b.name, in_chans=cfg.data.in_chans, image_size=cfg.data.image_size,
                                     width=b.width, channels=None if b.channels is None else list(b.channels),
                                     small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
                                     patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
     kwargs = OmegaConf.to_container(cfg.method.kwargs, resolve=True)
-    objective = build_objective(cfg.method.name, dim, **kwargs)
+    objective = build_objective(cfg.method.name, dim, num_samples=num_samples, **kwargs)
     optim = OptimSpec(**OmegaConf.to_container(cfg.method.optim, resolve=True))
     ev = EvalSpec(knn_k=list(cfg.eval.knn_k), knn_temperature=cfg.eval.knn_temperature, probe_lr=cfg.eval.probe_lr)
     return SSLModule(backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev,
@@ -77,7 +77,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
                 "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     dm = build_datamodule(cfg)
-    module = build_module(cfg, run_info)
+    dm.setup()  # the training-set size is part of some objectives (InstDisc's memory bank)
+    module = build_module(cfg, run_info, num_samples=dm.num_train_samples)
     timer = ThroughputTimer()
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
                            auto_insert_metric_name=False, save_last=True, save_top_k=cfg.checkpoint.save_top_k,

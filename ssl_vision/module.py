@@ -20,7 +20,7 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.eval.knn import knn_accuracy
 from ssl_vision.objectives.base import Objective, StepInfo
-from ssl_vision.optim import WarmupCosineLR, build_optimizer, linear_scaled_lr, param_groups
+from ssl_vision.optim import WarmupCosineLR, build_optimizer, cosine_between, linear_scaled_lr, param_groups
 
 
 @dataclass
@@ -38,6 +38,7 @@ class OptimSpec:
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.0  # warmup starts at base × this
     final_factor: float = 0.0         # cosine ends at base × this
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (DINO 0.04 → 0.4)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class SSLModule(L.LightningModule):
 
     def step_info(self, indices: torch.Tensor | None = None) -> StepInfo:
         return StepInfo(global_step=self.global_step, total_steps=self.total_steps(), epoch=self.current_epoch,
-                        max_epochs=max(1, self.trainer.max_epochs or 1), indices=indices)
+                        max_epochs=max(1, self.trainer.max_epochs or 1), steps_per_epoch=self.steps_per_epoch(),
+                        indices=indices)
 
     def global_batch_size(self, per_device: int) -> int:
         t = self.trainer
@@ -115,11 +117,25 @@ class SSLModule(L.LightningModule):
         opt = build_optimizer(spec.name, groups, lr=lr, momentum=spec.momentum, betas=tuple(spec.betas),
                               nesterov=spec.nesterov, trust_coefficient=spec.trust_coefficient)
         warmup = int(round(spec.warmup_epochs * self.steps_per_epoch()))
+        for g in opt.param_groups:
+            g["initial_weight_decay"] = g.get("weight_decay", 0.0)
         sched = WarmupCosineLR(opt, total_steps=self.total_steps(), warmup_steps=min(warmup, self.total_steps()),
                                warmup_start_factor=spec.warmup_start_factor, final_factor=spec.final_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # ----------------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        spec = self.optim_spec
+        if spec.weight_decay_end is None:
+            return
+        for g in self.trainer.optimizers[0].param_groups:
+            if g["initial_weight_decay"] > 0:  # 1-D params stay at 0
+                g["weight_decay"] = cosine_between(self.global_step, self.total_steps(), g["initial_weight_decay"],
+                                                   spec.weight_decay_end)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.objective.before_optimizer_step(self.step_info())
+
     def training_step(self, batch, batch_idx):
         views, labels, indices = batch
         views = views[: self.objective.num_views] if self.objective.num_views else views

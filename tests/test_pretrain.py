@@ -22,13 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # (method, backbone) combinations meant to work; each gets a one-step smoke run
 SMOKE = [
     ("simclr", "resnet18", ["backbone.width=0.125"]),
+    ("simclr", "resnet18", ["backbone.width=0.125", "trainer.precision=bf16-mixed", "logger=tensorboard"]),
+    ("simclr", "resnet18", ["backbone.width=0.125", "logger=none", "augment=byol"]),
+    ("simclr", "resnet18", ["backbone.width=0.125", "augment=moco_v1", "method.optim.name=adamw"]),
+    ("simclr", "resnet18", ["backbone.width=0.125", "augment=moco_v2", "method.optim.name=sgd"]),
+    ("simclr", "resnet50", ["backbone.channels=[8,16,32,64]"]),
     ("simclr", "vit_tiny", ["backbone.patch_size=8"]),
+    ("simclr", "vit_small", []),
+    ("simclr", "vit_s", []),
+    ("simclr", "vit_b", ["backbone.patch_size=16"]),
 ]
 
 
-@pytest.mark.parametrize("method,backbone,extra", SMOKE, ids=[f"{m}-{b}" for m, b, _ in SMOKE])
+@pytest.mark.parametrize("method,backbone,extra", SMOKE, ids=[f"{m}-{b}-{i}" for i, (m, b, _) in enumerate(SMOKE)])
 def test_one_step_smoke(make_cfg, method, backbone, extra):
-    cfg = make_cfg([f"method={method}", f"backbone={backbone}", "trainer.max_steps=1", *FAST, *extra])
+    cfg = make_cfg([f"method={method}", f"backbone={backbone}", *FAST, "trainer.max_steps=1", *extra])
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and res["images_seen"] == 16
     assert res["train_loss"] is not None and res["train_loss"] == res["train_loss"]  # finite, not NaN
@@ -134,3 +142,13 @@ def test_two_process_cpu_run_end_to_end(tmp_path):
     res = json.loads(lines[0])
     assert res["steps"] == 2 and res["images_seen"] == 2 * 2 * 16  # steps × processes × per-process batch
     assert json.loads((Path(res["run_dir"]) / "results.json").read_text())["steps"] == 2
+
+
+def test_one_step_on_real_fashion_mnist(make_cfg):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    cfg = make_cfg(["experiment=fmnist_simclr", *FAST, "data=fashion_mnist", "data.train_subset=64",
+                    "data.knn_train_subset=256", "data.batch_size=16", "data.num_workers=0", "trainer.max_steps=1",
+                    "eval.knn_at_init=false"])
+    res = run_pretraining(cfg)
+    assert res["steps"] == 1 and res["data"] == "fashion_mnist" and 0 <= res["knn_top1"] <= 100

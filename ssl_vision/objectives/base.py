@@ -10,6 +10,23 @@ from torch import nn
 from ssl_vision.optim import param_groups
 
 
+#: method name -> objective class, filled by :func:`register`.
+OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+def register(*names: str):
+    """Class decorator: make the objective available as ``method=<name>`` (one class may serve several names)."""
+
+    def deco(cls):
+        for name in names:
+            if name in OBJECTIVES and OBJECTIVES[name] is not cls:
+                raise ValueError(f"method name {name!r} registered twice")
+            OBJECTIVES[name] = cls
+        return cls
+
+    return deco
+
+
 @dataclass
 class StepInfo:
     """Training progress, so objectives compute schedules from progress, never from wall time.
@@ -21,7 +38,13 @@ class StepInfo:
     total_steps: int
     epoch: int
     max_epochs: int
+    steps_per_epoch: int = 1
     indices: torch.Tensor | None = None
+
+    @property
+    def progress_epochs(self) -> float:
+        """Fractional epoch ``epoch + i/iters`` (MoCo v3 / MAE schedules)."""
+        return self.global_step / max(1, self.steps_per_epoch)
 
 
 @dataclass
@@ -46,8 +69,8 @@ class Objective(nn.Module):
     The backbone is *not* registered here: the module owns it and passes it to :meth:`forward`.
     """
 
-    #: which sample views the objective consumes: first ``num_views`` of the batch (multi-crop methods override).
-    num_views: int = 2
+    #: how many of the batch's views the objective consumes (the first ones); None = all (multi-crop methods).
+    num_views: int | None = 2
 
     def bind(self, backbone: nn.Module) -> None:
         """Called once with the online backbone (momentum methods copy it here)."""
@@ -55,9 +78,28 @@ class Objective(nn.Module):
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         raise NotImplementedError  # abstract: each objective implements it
 
+    def before_optimizer_step(self, step: StepInfo) -> None:
+        """After backward, before the step, on unscaled gradients: gradient cancellation (SwAV prototypes,
+        DINO last layer), per-parameter clipping."""
+
     def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:
         """EMA teachers, queue/bank writes, centres: state updates that follow the optimizer step."""
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the objective's own parameters (heads). Override for special groups."""
         return param_groups(self.named_parameters(), weight_decay, name="objective")
+
+
+def forward_by_resolution(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of all views, one pass per run of consecutive same-size views (multi-crop, SwAV/DINO).
+
+    views: V tensors (N, C, H_v, W_v), ordered large → small. Returns (V·N, D) in view order.
+    """
+    out, start = [], 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        out.append(backbone(torch.cat(views[start:end])))
+        start = end
+    return torch.cat(out)

@@ -11,9 +11,10 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.losses import nt_xent
 from ssl_vision.nn.heads import build_mlp
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
 
 
+@register("simclr")
 class SimCLR(Objective):
     """Projector: ``proj_layers`` × (Linear → BN), ReLU between, last Linear without bias and its BN without β
     (official ``center=False``), weights N(0, 0.01). v1 = 2 layers, v2 (code default) = 3.

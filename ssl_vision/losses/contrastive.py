@@ -1,4 +1,4 @@
-"""Pure loss functions: tensors in, scalar out. No state, no Lightning, no communication.
+"""Contrastive losses (SimCLR NT-Xent; MoCo InfoNCE and InstDisc NCE join them here).
 
 Communication (gathering negatives across processes) is done by the caller with
 :mod:`ssl_vision.distributed`; the functions take the already-gathered tensors.
