@@ -8,11 +8,12 @@
 Overrides are those of ``tools/pretrain.py`` (composed from ``conf/pretrain.yaml``). No Lightning Trainer: the
 module and datamodule come from :mod:`ssl_vision.launch` and a plain loop is timed, so the numbers are the method's
 own cost. The optimizer is the method's own (``method.optim.name``: SGD / LARS / AdamW via
-:func:`~ssl_vision.optim.build_optimizer`, same param groups, linearly scaled lr, no schedule); the online probe,
-logging and the non-finite-loss check of ``SSLModule.training_step`` are left out. After ``--warmup`` untimed steps,
-each rate (images/s; a sample counts once whatever its number of views) is taken over ``--steps`` steps:
+:func:`~ssl_vision.optim.build_optimizer`, same param groups, scaled lr; no lr / weight-decay schedule); the online
+probe, logging and the non-finite-loss check of ``SSLModule.training_step`` are left out. After ``--warmup``
+untimed steps, each rate (images/s; a sample counts once whatever its number of views) is taken over ``--steps`` steps:
 
-* ``full_step``     next(train loader) + objective forward/backward + optimizer step + ``after_optimizer_step``;
+* ``full_step``     next(train loader) + objective forward/backward + ``before_optimizer_step`` + optimizer step
+                    + ``after_optimizer_step``;
 * ``no_aug_step``   the same step on one pre-fetched batch reused (model only);
 * ``aug_only``      iterating the train loader alone (``data.num_workers`` workers, no model);
 * ``bare_fwd_bwd``  backbone forward + backward alone, one pass per view, loss = sum of the outputs' means.
@@ -106,7 +107,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
 
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    module = build_module(cfg).to(device).train()
+    module = build_module(cfg, num_samples=dm.num_train_samples).to(device).train()
     backbone, objective, bs = module.backbone, module.objective, dm.batch_size
     spec = module.optim_spec
     groups = param_groups(backbone.named_parameters(), spec.weight_decay, name="backbone")
@@ -114,7 +115,11 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
     opt = build_optimizer(spec.name, groups, lr=linear_scaled_lr(spec.base_lr, bs, rule=spec.lr_scaling),
                           momentum=spec.momentum, betas=tuple(spec.betas), nesterov=spec.nesterov,
                           trust_coefficient=spec.trust_coefficient)
-    total, done = 2 * (warmup + steps), [0]
+    total, done, per_epoch = 2 * (warmup + steps), [0], len(dm.train_dataloader())
+
+    def info(indices: torch.Tensor | None = None) -> StepInfo:
+        return StepInfo(global_step=done[0], total_steps=total, epoch=done[0] // per_epoch, max_epochs=1,
+                        steps_per_epoch=per_epoch, indices=indices)
 
     def to_device(batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         views, _, indices = batch
@@ -122,16 +127,16 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
         return [v.to(device, non_blocking=True) for v in views], indices.to(device, non_blocking=True)
 
     def train_step(views: list[torch.Tensor], indices: torch.Tensor) -> None:
-        info = StepInfo(global_step=done[0], total_steps=total, epoch=0, max_epochs=1, indices=indices)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = objective(views, backbone, info).loss
+            loss = objective(views, backbone, info(indices)).loss
         scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # before_optimizer_step sees unscaled gradients (a no-op unless 16-mixed)
+        objective.before_optimizer_step(info())
         scaler.step(opt)
         scaler.update()
         done[0] += 1  # as Lightning's global_step, already counts this step when after_optimizer_step runs
-        objective.after_optimizer_step(backbone, StepInfo(global_step=done[0], total_steps=total, epoch=0,
-                                                          max_epochs=1))
+        objective.after_optimizer_step(backbone, info())
 
     def bare_step(views: list[torch.Tensor]) -> None:
         backbone.zero_grad(set_to_none=True)
