@@ -92,3 +92,50 @@ def average_gradients(params) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= world_size()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# MoCo v1/v2 shuffle-BN (facebookresearch/moco builder.py ``_batch_shuffle_ddp`` / ``_batch_unshuffle_ddp``)
+# ------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``x`` in place with rank ``src``'s tensor and return it (identity on one process)."""
+    if is_distributed():
+        dist.broadcast(x, src)
+    return x
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle the global batch across processes for the key encoder's BatchNorm.
+
+    All-gathers the key images (B = N·W, ...), draws a permutation of B on rank 0 (from ``generator``, a CPU
+    generator, or the global RNG) and broadcasts it, and returns this rank's slice of the shuffled batch plus the
+    permutation. Row j of the shuffled global batch is sample ``perm[j]``; this rank holds its rows
+    ``[rank·N, (rank+1)·N)``.
+    x: (N, ...) -> ((N, ...), perm (B,) int64 on x.device). Every rank must hold the same N.
+    """
+    x_all = gather_no_grad(x)
+    b, n = x_all.shape[0], x.shape[0]
+    if b != n * world_size():
+        raise ValueError(f"batch_shuffle needs the same batch on every process; got {n} here, {b} in total over "
+                         f"{world_size()} processes (use drop_last=True)")
+    if rank() == 0:
+        perm = torch.randperm(b, generator=generator).to(x.device)
+    else:
+        perm = torch.empty(b, dtype=torch.long, device=x.device)  # filled by the broadcast
+    broadcast(perm, 0)
+    r = rank()
+    return x_all[perm[r * n:(r + 1) * n]], perm
+
+
+@torch.no_grad()
+def batch_unshuffle(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`batch_shuffle` on its outputs: (N, ...) per rank in shuffled order -> (B, ...) global batch in the
+    original sample order (row i belongs to sample i; this rank's own samples are rows ``[rank·N, (rank+1)·N)``)."""
+    y_all = gather_no_grad(y)
+    if y_all.shape[0] != perm.shape[0]:
+        raise ValueError(f"batch_unshuffle: {y_all.shape[0]} gathered rows for a permutation of {perm.shape[0]}")
+    out = torch.empty_like(y_all)
+    out[perm] = y_all  # shuffled row j is sample perm[j]
+    return out

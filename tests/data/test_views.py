@@ -134,6 +134,10 @@ def test_every_augment_preset_builds_with_all_fields_written():
     assert {f.stem for f in files} >= {"simclr", "moco_v1", "moco_v2", "byol", "multicrop", "dino", "mae", "none"}
     for path in files:
         cfg = yaml.safe_load(path.read_text())
+        if "defaults" in cfg:  # an alias preset: `defaults: [<other preset>, _self_]` plus its own name
+            assert set(cfg) == {"defaults", "name"} and cfg["defaults"][-1] == "_self_", path.name
+            (base,) = cfg["defaults"][:-1]
+            cfg = {**yaml.safe_load((AUGMENT_DIR / f"{base}.yaml").read_text()), "name": cfg["name"]}
         assert cfg["name"] == path.stem and set(cfg) == {"name", "views"}
         assert all(set(view) == fields for view in cfg["views"]), path.name
         for image_size, in_chans, stats in ((32, 3, RGB_STATS), (28, 1, ([0.3], [0.3]))):

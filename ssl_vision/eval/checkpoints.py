@@ -1,0 +1,201 @@
+"""Read a frozen backbone back from a checkpoint, and write result files beside it.
+
+Two inputs are understood:
+
+* a **training checkpoint** (``.ckpt`` written by :func:`ssl_vision.launch.run_pretraining`): the backbone is
+  rebuilt with :func:`~ssl_vision.backbones.create_backbone` from ``checkpoint["ssl_vision"]["run_info"]``
+  (its ``backbone`` config and ``data`` in_chans / image_size) and loaded from the ``backbone.*`` keys of
+  ``state_dict``, or, with ``use_teacher``, from the teacher / momentum copy that DINO (and BYOL's target)
+  keep under ``objective.*`` (DINO evaluates its teacher, methods.md 10.1);
+* an **exported backbone** (``<stem>.backbone.safetensors`` + ``<stem>.backbone.json``, see
+  :mod:`ssl_vision.eval.export`).
+
+Nothing here unpickles arbitrary objects: torch files go through ``torch.load(weights_only=True)``
+(:func:`ssl_vision.training.load_checkpoint`), exports are safetensors + JSON. A file that would need a full
+unpickler (and could therefore run code) is refused with a ``ValueError`` that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ssl_vision.backbones import create_backbone
+from ssl_vision.training import load_checkpoint, write_json_atomic
+
+__all__ = ["load_backbone", "create_kwargs", "beside", "keep_existing", "write_json_keeping_old",
+           "STUDENT_PREFIX", "TEACHER_PREFIXES", "EXPORT_FORMAT"]
+
+#: where SSLModule keeps the trained backbone in its state_dict
+STUDENT_PREFIX = "backbone."
+#: momentum / teacher copies of the backbone kept by objectives, in the order they are looked for
+TEACHER_PREFIXES = ("objective.teacher_backbone.", "objective.momentum_backbone.", "objective.target_backbone.",
+                    "objective.key_backbone.")
+#: backbone-config keys passed on to create_backbone (besides name, in_chans, image_size from the data)
+_BACKBONE_KEYS = ("width", "channels", "small_stem", "zero_init_residual", "patch_size", "drop_path_rate")
+#: the ``format`` field of an export's JSON sidecar
+EXPORT_FORMAT = "ssl_vision.backbone/1"
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+def beside(path: str | Path, suffix: str) -> Path:
+    """``runs/x/last.ckpt`` + ``.knn.json`` -> ``runs/x/last.knn.json`` (the checkpoint's stem plus ``suffix``)."""
+    path = Path(path)
+    return path.with_name(path.stem + suffix)
+
+
+def keep_existing(path: Path, stamp: str | None = None) -> Path | None:
+    """Rename an existing ``path`` to ``<name>.<mtime stamp><ext>`` (never overwrite silently); return the new
+    name, or None when there was nothing to keep. ``last.knn.json`` -> ``last.knn.20250101-120000.json``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    stem, ext = path.name[: -len(path.suffix)] if path.suffix else path.name, path.suffix
+    kept = path.with_name(f"{stem}.{stamp}{ext}")
+    n = 1
+    while kept.exists():  # two runs within the same second
+        kept = path.with_name(f"{stem}.{stamp}-{n}{ext}")
+        n += 1
+    os.replace(path, kept)
+    print(f"[ssl_vision] {path} existed; kept the previous one as {kept.name}")
+    return kept
+
+
+def write_json_keeping_old(path: Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically; an existing file is first kept under a stamped name."""
+    keep_existing(Path(path))
+    write_json_atomic(Path(path), payload)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ building
+def create_kwargs(backbone_cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``create_backbone`` keyword arguments (including ``name``) from a backbone config and the data's
+    ``in_chans`` / ``image_size``, exactly as :func:`ssl_vision.launch.build_module` builds it."""
+    kw: dict[str, Any] = {"name": backbone_cfg["name"], "in_chans": int(data["in_chans"]),
+                          "image_size": int(data["image_size"])}
+    for key in _BACKBONE_KEYS:
+        if key in backbone_cfg:
+            value = backbone_cfg[key]
+            kw[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return kw
+
+
+def _check_expected(name: str, expect_backbone: str | None, path: Path) -> None:
+    if expect_backbone is not None and name != expect_backbone:
+        raise ValueError(f"{path}: the checkpoint holds a {name!r} backbone, but {expect_backbone!r} was expected "
+                         f"(expect_backbone={expect_backbone!r} vs checkpoint backbone {name!r})")
+
+
+def _build(kw: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, int]:
+    """Rebuild the backbone and load ``state`` strictly; a key mismatch is a clear error, not a silent skip."""
+    model, dim = create_backbone(**kw)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: the stored weights do not fit {kw['name']} built with {kw}: "
+                         f"missing {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
+                         f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}")
+    model.eval().requires_grad_(False)
+    return model, dim
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _pick_weights(state: dict[str, torch.Tensor], use_teacher: bool, path: Path) -> tuple[dict, str, str]:
+    """-> (backbone state, "student" | "teacher", the state_dict prefix it came from)."""
+    if use_teacher:
+        for prefix in TEACHER_PREFIXES:
+            sub = _sub_state(state, prefix)
+            if sub:
+                return sub, "teacher", prefix
+        warnings.warn(f"use_teacher=true but {path} holds no teacher/momentum backbone (looked for "
+                      f"{', '.join(p + '*' for p in TEACHER_PREFIXES)}); evaluating the student backbone instead",
+                      stacklevel=3)
+    sub = _sub_state(state, STUDENT_PREFIX)
+    if not sub:
+        raise ValueError(f"{path}: state_dict has no '{STUDENT_PREFIX}*' keys; is this an ssl_vision checkpoint?")
+    return sub, "student", STUDENT_PREFIX
+
+
+# ------------------------------------------------------------------------------------------------- readers
+def _from_training_checkpoint(path: Path, expect_backbone: str | None, use_teacher: bool):
+    ckpt = load_checkpoint(path)  # weights_only=True; raises ValueError for anything that needs unpickling
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict'); expected a .ckpt written by "
+                         f"tools/pretrain.py or a .backbone.safetensors written by tools/export.py")
+    run_info = (ckpt.get("ssl_vision") or {}).get("run_info")
+    if not run_info or "backbone" not in run_info or "data" not in run_info:
+        raise ValueError(f"{path}: no checkpoint['ssl_vision']['run_info'] with 'backbone' and 'data'; it was not "
+                         f"written by ssl_vision's run_pretraining, so the backbone cannot be rebuilt")
+    _check_expected(run_info["backbone"]["name"], expect_backbone, path)
+    kw = create_kwargs(run_info["backbone"], run_info["data"])
+    state, weights, prefix = _pick_weights(ckpt["state_dict"], use_teacher, path)
+    model, dim = _build(kw, state, path)
+    data = dict(run_info.get("config", {}).get("data") or run_info["data"])  # the full data config when stored
+    info = {"path": str(path), "format": "checkpoint", "method": run_info.get("method"), "backbone": kw["name"],
+            "create_kwargs": kw, "feature_dim": dim, "weights": weights, "weights_prefix": prefix, "data": data,
+            "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+    return model, dim, info
+
+
+def _from_export(path: Path, expect_backbone: str | None, use_teacher: bool):
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{path}: the sidecar {sidecar.name} (how to build the backbone) is missing; "
+                                f"re-run tools/export.py on the training checkpoint")
+    meta = json.loads(sidecar.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{sidecar}: format {meta.get('format')!r} is not {EXPORT_FORMAT!r}")
+    kw = dict(meta["create_kwargs"])
+    _check_expected(kw["name"], expect_backbone, path)
+    if use_teacher and meta.get("weights") != "teacher":
+        warnings.warn(f"use_teacher=true but {path} holds the {meta.get('weights')} backbone (an export holds one "
+                      f"backbone; export with use_teacher=true to get the teacher); using it", stacklevel=3)
+    model, dim = _build(kw, load_file(str(path)), path)
+    if dim != meta.get("feature_dim", dim):
+        raise ValueError(f"{sidecar}: feature_dim {meta['feature_dim']} but the rebuilt backbone gives {dim}")
+    info = {"path": str(path), "format": "export", "method": meta.get("method"), "backbone": kw["name"],
+            "create_kwargs": kw, "feature_dim": dim, "weights": meta.get("weights"),
+            "weights_prefix": meta.get("weights_prefix"), "data": dict(meta.get("data") or {}),
+            "global_step": meta.get("global_step"), "epoch": meta.get("epoch")}
+    return model, dim, info
+
+
+def load_backbone(path: str | Path, expect_backbone: str | None = None,
+                  use_teacher: bool = False) -> tuple[nn.Module, int, dict[str, Any]]:
+    """Rebuild a trained backbone from a training checkpoint or an export.
+
+    Args:
+        path: a ``.ckpt`` (any torch file loadable with ``weights_only=True``), or an exported
+            ``.backbone.safetensors`` (or its ``.backbone.json`` sidecar).
+        expect_backbone: when given, the stored backbone name must equal it (e.g. ``"resnet18"``).
+        use_teacher: take the teacher / momentum backbone (``objective.teacher_backbone.*`` and friends, see
+            ``TEACHER_PREFIXES``) instead of ``backbone.*``; falls back to the student with a warning if absent.
+
+    Returns:
+        ``(backbone, feature_dim, info)``: the module maps (B, C, H, W) to (B, feature_dim), on CPU, in
+        ``eval()`` mode with ``requires_grad`` off (frozen). ``info`` holds ``path``, ``format``
+        (checkpoint | export), ``method``, ``backbone``, ``create_kwargs``, ``feature_dim``, ``weights``
+        (student | teacher), ``weights_prefix``, ``data`` (the pretraining data config), ``global_step``, ``epoch``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (the weights beside the sidecar JSON) does not exist")
+    if path.suffix == ".safetensors":
+        return _from_export(path, expect_backbone, use_teacher)
+    return _from_training_checkpoint(path, expect_backbone, use_teacher)

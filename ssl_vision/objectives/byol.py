@@ -1,0 +1,90 @@
+"""BYOL (Grill et al. 2020, https://arxiv.org/abs/2006.07733; deepmind-research/byol).
+
+An online network (backbone → projector → predictor) regresses the projection of the *other* view made by a
+target network (backbone → projector, no predictor), which is an EMA of the online one. methods.md section 6.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_vision.losses.regression import byol_loss
+from ssl_vision.nn.momentum import ema_update_, momentum_copy
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.optim import momentum_schedule
+
+
+def byol_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """BYOL's MLP: Linear(in, hidden, **with** bias) → BN → ReLU → Linear(hidden, out, no bias). (N, in) -> (N, out).
+
+    The official haiku MLP keeps the bias before BN (it is redundant there, and excluded from weight decay and
+    LARS like every 1-D tensor); ``build_mlp`` drops it, so the head is written out here. BN keeps torch's
+    defaults (momentum 0.1 = haiku decay 0.9, eps 1e-5), as in the official config.
+    """
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=True), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+@register("byol")
+class BYOL(Objective):
+    """Online projector and predictor (same shape, 2048→4096→256 and 256→4096→256 at ImageNet scale), a target
+    = EMA copy of backbone + projector (never the predictor), and the symmetric ``2 − 2cos`` loss.
+
+    Each view goes through the networks in its own pass, so BN statistics are per view as in the official code
+    (lucidrains/byol-pytorch concatenates the views, mixing their statistics; methods.md 6 pitfalls).
+    The target is updated after every optimizer step with ``τ = 1 − (1 − τ_base)·½(1 + cos(π·k/K))``, k the
+    optimizer steps taken so far (gradient accumulation counted once) and K their total, so the last update uses
+    exactly τ = 1. (The official code evaluates τ at the step index before the increment, k − 1; this is one
+    step later so that τ reaches 1.0 at the end, as the schedule in methods.md 0.1 says.)
+    """
+
+    num_views = 2
+
+    def __init__(self, feature_dim: int, proj_hidden_dim: int = 4096, proj_out_dim: int = 256,
+                 pred_hidden_dim: int = 4096, base_momentum: float = 0.99):
+        super().__init__()
+        if not 0.0 <= base_momentum <= 1.0:
+            raise ValueError(f"method.kwargs.base_momentum (τ_base) must be in [0, 1], got {base_momentum}; "
+                             "BYOL uses 0.99 (0.996 for 1000 epochs)")
+        self.base_momentum = base_momentum
+        self.projector = byol_mlp(feature_dim, proj_hidden_dim, proj_out_dim)
+        self.predictor = byol_mlp(proj_out_dim, pred_hidden_dim, proj_out_dim)
+        # created in bind(): submodules, so checkpoints hold them and a resume continues the same target
+        self.target_backbone: nn.Module | None = None
+        self.target_projector: nn.Module | None = None
+        self.last_momentum: float | None = None  # τ of the latest EMA update (for tests and inspection)
+
+    def bind(self, backbone: nn.Module) -> None:
+        # requires_grad=False everywhere: param_groups skips these, so the target never reaches the optimizer
+        self.target_backbone = momentum_copy(backbone)
+        self.target_projector = momentum_copy(self.projector)
+
+    def momentum_at(self, step: StepInfo) -> float:
+        """τ for an EMA update made when ``step.global_step`` optimizer steps have been taken."""
+        return momentum_schedule(step.global_step, step.total_steps, self.base_momentum)
+
+    def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
+        if self.target_backbone is None or self.target_projector is None:
+            raise RuntimeError("BYOL.bind(backbone) must be called before forward (SSLModule does it) "
+                               "to create the target network")
+        if len(views) < 2:
+            raise ValueError(f"BYOL needs 2 views per sample, the data gives {len(views)}; use augment=byol")
+        x1, x2 = views[0], views[1]
+        h1, h2 = backbone(x1), backbone(x2)                    # (N, D) each, one pass per view
+        z1, z2 = self.projector(h1), self.projector(h2)        # (N, E)
+        p1, p2 = self.predictor(z1), self.predictor(z2)        # (N, E)
+        with torch.no_grad():  # stop-gradient on the target branch (and no activations kept for it)
+            t1 = self.target_projector(self.target_backbone(x1))
+            t2 = self.target_projector(self.target_backbone(x2))
+        loss = byol_loss(p1, p2, t1, t2)
+        logs = {"ema_momentum": torch.tensor(self.momentum_at(step), device=loss.device)}
+        return ObjectiveOutput(loss=loss, features=h1, embedding=z1, logs=logs)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:
+        """EMA of parameters only; the target's BN running statistics come from its own forward passes."""
+        tau = self.momentum_at(step)
+        ema_update_(self.target_backbone, backbone, tau)
+        ema_update_(self.target_projector, self.projector, tau)
+        self.last_momentum = tau

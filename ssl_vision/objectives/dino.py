@@ -1,0 +1,153 @@
+"""DINO (Caron et al. 2021, https://arxiv.org/abs/2104.14294; facebookresearch/dino ``main_dino.py``).
+
+Self-distillation without labels: a student (backbone + DINO head) matches the centred, sharpened output
+distribution of a teacher that is an EMA of the student. The teacher sees only the two global crops, the student
+every crop (multi-crop, one backbone pass per resolution); no pair compares a view with itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_vision import distributed as dist
+from ssl_vision.losses.dino import dino_cross_entropy, teacher_temperature
+from ssl_vision.nn.dino_head import DINOHead
+from ssl_vision.nn.momentum import ema_update_, momentum_copy
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
+from ssl_vision.optim import clip_grad_per_param, momentum_schedule
+
+#: DINO's teacher sees this many crops: the global ones, which the data puts first.
+NUM_GLOBAL_CROPS = 2
+
+
+def _without_drop_path(module: nn.Module) -> nn.Module:
+    """Replace stochastic-depth modules (timm ``DropPath``, torchvision ``StochasticDepth``) by identities in place.
+
+    DINO builds its teacher with ``drop_path_rate=0`` (the student keeps 0.1); neither has parameters, so the
+    teacher's parameter names still match the student's for the EMA.
+    """
+    for name, child in list(module.named_children()):
+        if type(child).__name__ in ("DropPath", "StochasticDepth"):
+            setattr(module, name, nn.Identity())
+        else:
+            _without_drop_path(child)
+    return module
+
+
+@register("dino")
+class DINO(Objective):
+    """Student head :class:`~ssl_vision.nn.dino_head.DINOHead`; teacher = EMA copy of backbone + head (made in
+    :meth:`bind`), centre of the teacher logits in a buffer.
+
+    Args (``conf/method/dino.yaml: kwargs``; defaults = DINO's ImageNet ViT-S/16 values):
+        out_dim: K, prototypes of the last layer (65536). hidden_dim / bottleneck_dim / head_layers: 2048 / 256 / 3.
+        use_bn_in_head: BN in the head MLP (off). norm_last_layer: freeze the last layer's weight_g at 1 (on).
+        student_temp: τ_s (0.1). warmup_teacher_temp → teacher_temp over warmup_teacher_temp_epochs epochs:
+            τ_t 0.04 → 0.07 over 30 epochs (paper / README best; the code default is 0.04 constant).
+        center_momentum: m of the centre EMA (0.9). momentum_teacher: teacher EMA m₀, cosine to 1 per step (0.996;
+            README: 0.9995 for B = 256).
+        freeze_last_layer: epochs during which the student's last layer gets no update (1).
+        clip_grad: per-parameter gradient-norm clip of the student (3.0; 0 = off).
+    """
+
+    num_views = None  # multi-crop: all views
+
+    def __init__(self, feature_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 head_layers: int = 3, use_bn_in_head: bool = False, norm_last_layer: bool = True,
+                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: int = 30, center_momentum: float = 0.9, momentum_teacher: float = 0.996,
+                 freeze_last_layer: int = 1, clip_grad: float = 3.0):
+        super().__init__()
+        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
+            raise ValueError(f"DINO temperatures must be > 0, got student_temp={student_temp}, "
+                             f"teacher_temp={teacher_temp}, warmup_teacher_temp={warmup_teacher_temp}")
+        if not 0 <= center_momentum < 1 or not 0 <= momentum_teacher <= 1:
+            raise ValueError(f"method.center_momentum must be in [0, 1) and momentum_teacher in [0, 1] "
+                             f"(DINO: 0.9, 0.996), got {center_momentum} and {momentum_teacher}")
+        if clip_grad < 0 or freeze_last_layer < 0 or warmup_teacher_temp_epochs < 0:
+            raise ValueError(f"method.clip_grad, freeze_last_layer and warmup_teacher_temp_epochs must be >= 0, got "
+                             f"{clip_grad}, {freeze_last_layer}, {warmup_teacher_temp_epochs}")
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.center_momentum = center_momentum
+        self.momentum_teacher = momentum_teacher
+        self.freeze_last_layer = freeze_last_layer
+        self.clip_grad = clip_grad
+        self.head = DINOHead(feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, use_bn_in_head,
+                             norm_last_layer)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_backbone: nn.Module | None = None
+        self.teacher_head: nn.Module | None = None
+        self._student_backbone: tuple[nn.Module, ...] = ()  # a reference, not a submodule (the module owns it)
+
+    def bind(self, backbone: nn.Module) -> None:
+        # teacher = student at init, never optimised (requires_grad False keeps it out of the optimizer)
+        self.teacher_backbone = _without_drop_path(momentum_copy(backbone))
+        self.teacher_head = momentum_copy(self.head)
+        self._student_backbone = (backbone,)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
+        if self.teacher_backbone is None:
+            raise RuntimeError("DINO.bind(backbone) must be called before forward (SSLModule does it)")
+        if len(views) < NUM_GLOBAL_CROPS or views[0].shape != views[1].shape:
+            raise ValueError(f"DINO needs >= 2 views whose first 2 are same-size global crops; got sizes "
+                             f"{[tuple(v.shape[-2:]) for v in views]}; use augment=dino (multi-crop) or "
+                             f"augment=simclr / byol (2 crops)")
+        num_crops, n = len(views), views[0].shape[0]
+        with torch.no_grad():  # the teacher: only the global crops, one pass
+            t = self.teacher_head(self.teacher_backbone(torch.cat(views[:NUM_GLOBAL_CROPS])))  # (2N, K)
+        h = forward_by_resolution(backbone, views)                         # (V·N, D)
+        bottleneck = self.head.bottleneck(h)                               # (V·N, 256), unit norm
+        s = self.head.last_layer(bottleneck)                               # (V·N, K)
+        temp = self.current_teacher_temp(step)
+        loss = dino_cross_entropy(s.view(num_crops, n, -1), t.view(NUM_GLOBAL_CROPS, n, -1), self.center,
+                                  self.student_temp, temp)
+        logs = {"teacher_temp": torch.tensor(temp),
+                "teacher_momentum": torch.tensor(self.current_teacher_momentum(step)),
+                "teacher_entropy": _mean_entropy(t.float(), self.center, temp)}
+        self._update_center(t)  # after the loss, from the raw (un-centred) teacher logits
+        return ObjectiveOutput(loss=loss, features=h[:n], embedding=bottleneck[:n], logs=logs)
+
+    def current_teacher_temp(self, step: StepInfo) -> float:
+        """τ_t, warmed up by *epoch* (DINO's teacher_temp_schedule)."""
+        return teacher_temperature(step.epoch, self.warmup_teacher_temp, self.teacher_temp,
+                                   self.warmup_teacher_temp_epochs)
+
+    def current_teacher_momentum(self, step: StepInfo) -> float:
+        """Cosine m₀ → 1 over the optimizer steps; exactly 1.0 at the last step."""
+        return momentum_schedule(step.global_step, step.total_steps, self.momentum_teacher)
+
+    @torch.no_grad()
+    def _update_center(self, teacher: torch.Tensor) -> None:
+        """c ← m·c + (1−m)·Σ(teacher logits over all processes)/(2N·W): the centre is the *global* batch mean."""
+        batch_center = dist.all_reduce_sum(teacher.sum(dim=0, keepdim=True).float()) / (
+            teacher.shape[0] * dist.world_size())
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def before_optimizer_step(self, step: StepInfo) -> None:
+        """On unscaled gradients: per-parameter clipping of the student, then cancel its last layer's gradients
+        during the first ``freeze_last_layer`` epochs (the *student's*, not the teacher's: lightly#1586)."""
+        if self.clip_grad > 0:
+            student = [p for m in (*self._student_backbone, self.head) for p in m.parameters() if p.requires_grad]
+            clip_grad_per_param(student, self.clip_grad)
+        if step.epoch < self.freeze_last_layer:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:
+        """Teacher ← EMA of the student (parameters only), momentum from the step count."""
+        m = self.current_teacher_momentum(step)
+        ema_update_(self.teacher_backbone, backbone, m)
+        ema_update_(self.teacher_head, self.head, m)
+
+
+@torch.no_grad()
+def _mean_entropy(teacher: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """Mean entropy of the teacher distributions (ln K = uniform collapse, 0 = one-hot collapse). (R, K) -> scalar."""
+    log_p = torch.log_softmax((teacher - center) / temp, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()

@@ -1,0 +1,155 @@
+"""SwAV (Caron et al. 2020, https://arxiv.org/abs/2006.09882; facebookresearch/swav ``main_swav.py``).
+
+Online clustering: embeddings of all crops are scored against K learnable unit prototypes; the two global crops get
+equipartitioned soft codes from Sinkhorn-Knopp over the *global* batch (plus an optional queue of past embeddings),
+and each crop's code is predicted from every other crop ("swapped prediction"). Multi-crop: the data gives views
+ordered large → small, the backbone runs once per resolution and the heads once on the concatenation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_vision import distributed as dist
+from ssl_vision.losses.swav import sinkhorn_knopp, swapped_prediction
+from ssl_vision.nn.heads import build_mlp
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
+
+
+@register("swav")
+class SwAV(Objective):
+    """Projector Linear(D, hidden) → BN → ReLU → Linear(hidden, E) → L2 normalise → prototypes Linear(E, K, no bias).
+
+    Args (``conf/method/swav.yaml: kwargs``; defaults = the official B=256 ImageNet recipe):
+        num_prototypes: K (3000). proj_hidden_dim / proj_out_dim: 2048 / 128.
+        temperature: τ of the swapped prediction (0.1).
+        sinkhorn_epsilon / sinkhorn_iterations: ε (0.05) and iterations (3) of Sinkhorn-Knopp.
+        crops_for_assign: crops that receive codes (the two global crops ``[0, 1]``; never the small ones).
+        freeze_prototypes_niters: optimizer steps during which the prototypes get no update (5005 at B=256 ≈ one
+            epoch; 313 at B=4096).
+        queue_length: total queue rows over all processes (0 = no queue); each process uses ``queue_length / W``
+            rows holding its own past embeddings. Must be a multiple of the global batch B.
+        queue_start_epoch: epoch from which the queue is filled; it joins Sinkhorn only once full (official rule).
+
+    The queue is stored as one (|A|, queue_length, E) buffer that is identical on every process: rank r's rows are
+    the block ``[r·L/W, (r+1)·L/W)`` and every process writes every block from all-gathered embeddings. Each rank
+    still *uses* only its own block (the official per-rank queue), but the checkpoint written by rank 0 holds every
+    rank's queue and DDP's buffer broadcast from rank 0 cannot overwrite the other ranks' queues.
+    """
+
+    num_views = None  # multi-crop: all views
+
+    def __init__(self, feature_dim: int, num_prototypes: int = 3000, proj_hidden_dim: int = 2048,
+                 proj_out_dim: int = 128, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05,
+                 sinkhorn_iterations: int = 3, crops_for_assign: Sequence[int] = (0, 1),
+                 freeze_prototypes_niters: int = 5005, queue_length: int = 0, queue_start_epoch: int = 15):
+        super().__init__()
+        if temperature <= 0 or sinkhorn_epsilon <= 0:
+            raise ValueError(f"method.temperature and method.sinkhorn_epsilon must be > 0 (SwAV: 0.1, 0.05), got "
+                             f"{temperature} and {sinkhorn_epsilon}")
+        if sinkhorn_iterations < 1:
+            raise ValueError(f"method.sinkhorn_iterations must be >= 1 (SwAV: 3), got {sinkhorn_iterations}")
+        if not crops_for_assign or len(set(crops_for_assign)) != len(crops_for_assign) or min(crops_for_assign) < 0:
+            raise ValueError(f"method.crops_for_assign must list distinct crop indices, e.g. [0, 1]; got "
+                             f"{list(crops_for_assign)}")
+        if queue_length < 0 or queue_start_epoch < 0 or freeze_prototypes_niters < 0:
+            raise ValueError(f"method.queue_length, queue_start_epoch and freeze_prototypes_niters must be >= 0; got "
+                             f"{queue_length}, {queue_start_epoch}, {freeze_prototypes_niters}")
+        if num_prototypes < proj_out_dim:
+            # K < E: every embedding can turn orthogonal to all prototypes (all scores 0, uniform codes and
+            # predictions, loss = ln K): a collapsed solution that a K = 100, E = 128 trial run fell into.
+            warnings.warn(f"SwAV with fewer prototypes ({num_prototypes}) than embedding dimensions ({proj_out_dim}) "
+                          f"admits a collapsed solution at loss ln K; use num_prototypes >= proj_out_dim",
+                          stacklevel=2)
+        self.temperature = temperature
+        self.epsilon = sinkhorn_epsilon
+        self.iterations = sinkhorn_iterations
+        self.crops_for_assign = [int(c) for c in crops_for_assign]
+        self.freeze_prototypes_niters = freeze_prototypes_niters
+        self.queue_length = queue_length
+        self.queue_start_epoch = queue_start_epoch
+        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, 2, bn=True)
+        self.prototypes = nn.Linear(proj_out_dim, num_prototypes, bias=False)
+        # queue of past L2-normalised embeddings of the assigned crops, newest first (see the class docstring)
+        self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, proj_out_dim))
+        self.register_buffer("queue_fill", torch.zeros((), dtype=torch.long))  # rows written, all ranks, ≤ length
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
+        num_crops = len(views)
+        if num_crops < 2 or max(self.crops_for_assign) >= num_crops:
+            raise ValueError(f"SwAV needs >= 2 views covering crops_for_assign={self.crops_for_assign}, the data "
+                             f"gives {num_crops}; use augment=swav (multi-crop) or augment=simclr (2 crops)")
+        n = views[0].shape[0]
+        self._normalize_prototypes()
+        h = forward_by_resolution(backbone, views)                       # (V·N, D)
+        z = F.normalize(self.projector(h), dim=1)                        # (V·N, E)
+        scores = self.prototypes(z).view(num_crops, n, -1)               # (V, N, K)
+        z_assigned = z.detach().view(num_crops, n, -1)[self.crops_for_assign]  # (A, N, E)
+        use_queue = self._queue_active(step) and self._queue_full(n)
+        codes = self._codes(scores.detach()[self.crops_for_assign], use_queue)  # (A, N, K), no grad
+        if self._queue_active(step):
+            self._enqueue(z_assigned)                                    # after its use, as the official code
+        loss = swapped_prediction(scores, codes, self.crops_for_assign, self.temperature)
+        logs = {"queue_in_use": torch.tensor(float(use_queue))}
+        return ObjectiveOutput(loss=loss, features=h[:n], embedding=z[:n], logs=logs)
+
+    @torch.no_grad()
+    def _normalize_prototypes(self) -> None:
+        """C ← n(C): the prototypes are unit vectors, so scores are cosine similarities (official, every step)."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    @torch.no_grad()
+    def _codes(self, scores: torch.Tensor, use_queue: bool) -> torch.Tensor:
+        """(A, N, K) scores of the assigned crops -> (A, N, K) Sinkhorn codes over the global batch (+ queue)."""
+        n = scores.shape[1]
+        codes = []
+        for i, s in enumerate(scores.float()):  # float32 whatever the autocast dtype (exp(1/ε) overflows fp16)
+            if use_queue:  # queue scores with the *current* prototypes, in front of the batch
+                s = torch.cat([self._local_queue(i) @ self.prototypes.weight.t(), s])
+            q = sinkhorn_knopp(s, self.epsilon, self.iterations, dist.all_reduce_sum, dist.world_size())
+            codes.append(q[-n:])  # only the current batch's rows
+        return torch.stack(codes)
+
+    # ------------------------------------------------------------------------------------------ queue
+    def _queue_active(self, step: StepInfo) -> bool:
+        return self.queue_length > 0 and step.epoch >= self.queue_start_epoch
+
+    def _queue_full(self, n: int) -> bool:
+        world = dist.world_size()
+        if self.queue_length % (n * world):
+            raise ValueError(f"method.queue_length={self.queue_length} must be a multiple of the global batch "
+                             f"B = {n} per process × {world} processes = {n * world} (official SwAV trims it to "
+                             f"{self.queue_length - self.queue_length % (n * world)}); set queue_length accordingly")
+        return int(self.queue_fill) >= self.queue_length
+
+    def _local_queue(self, i: int) -> torch.Tensor:
+        """(L/W, E) this process's block of the queue of assigned crop ``i``."""
+        per_rank = self.queue_length // dist.world_size()
+        r = dist.rank()
+        return self.queue[i, r * per_rank:(r + 1) * per_rank]
+
+    @torch.no_grad()
+    def _enqueue(self, z: torch.Tensor) -> None:
+        """Push (A, N, E) local embeddings into every rank's block (identical on all ranks), newest first."""
+        a, n, e = z.shape
+        world = dist.world_size()
+        new = dist.gather_no_grad(z.transpose(0, 1).contiguous())            # (W·N, A, E) in rank order
+        new = new.view(world, n, a, e).permute(2, 0, 1, 3)                    # (A, W, N, E)
+        blocks = self.queue.view(a, world, self.queue_length // world, e)
+        blocks[:, :, n:] = blocks[:, :, :-n].clone()
+        blocks[:, :, :n] = new.to(blocks.dtype)
+        self.queue_fill.fill_(min(int(self.queue_fill) + n * world, self.queue_length))
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def before_optimizer_step(self, step: StepInfo) -> None:
+        """Cancel the prototypes' gradients during the first ``freeze_prototypes_niters`` steps (official)."""
+        if step.global_step < self.freeze_prototypes_niters:
+            for p in self.prototypes.parameters():
+                p.grad = None

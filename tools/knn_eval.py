@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Weighted kNN of a frozen backbone (methods.md 10.1): ``python tools/knn_eval.py checkpoint=<path>``.
+
+Options (conf/knn.yaml): ``ks=[10,20,100,200] temperature=0.07 use_teacher=true batch_size=... num_workers=...
+device=auto train_subset=... expect_backbone=resnet18``; data from the checkpoint unless ``data=<name>`` or
+``+data.root=/path``. Every k comes from one faiss search. Prints top-1 / top-5 per k, writes
+``<checkpoint stem>.knn.json`` beside the checkpoint (an existing one is kept renamed) and prints that JSON as
+the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ssl_vision.eval.checkpoints import beside, load_backbone, write_json_keeping_old  # noqa: E402
+from ssl_vision.eval.features import (build_eval_loaders, extract_features, resolve_device,  # noqa: E402
+                                      resolve_eval_data)
+from ssl_vision.eval.knn import knn_accuracy  # noqa: E402
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    ckpt = Path(cfg.checkpoint)
+    backbone, dim, info = load_backbone(ckpt, cfg.expect_backbone, cfg.use_teacher)
+    kw = info["create_kwargs"]
+    data = resolve_eval_data(info["data"], OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
+                             kw["in_chans"], kw["image_size"])
+    device = resolve_device(cfg.device)
+    train_loader, test_loader = build_eval_loaders(data, cfg.batch_size, cfg.num_workers, cfg.train_subset)
+    t0 = time.perf_counter()
+    backbone.to(device)
+    train_f, train_y = extract_features(backbone, train_loader, device)
+    test_f, test_y = extract_features(backbone, test_loader, device)
+    t1 = time.perf_counter()
+    ks = [int(k) for k in cfg.ks]
+    acc = knn_accuracy(train_f, train_y, test_f, test_y, data.num_classes, ks=ks, temperature=cfg.temperature,
+                       chunk_size=cfg.chunk_size)
+    return {"checkpoint": str(ckpt.resolve()), "method": info["method"], "backbone": info["backbone"],
+            "weights": info["weights"], "global_step": info["global_step"], "data": data.name,
+            "num_classes": data.num_classes, "train_samples": int(train_f.shape[0]),
+            "test_samples": int(test_f.shape[0]), "feature_dim": dim, "temperature": float(cfg.temperature),
+            "ks": ks, "knn": {str(k): acc[k] for k in ks}, "extract_s": round(t1 - t0, 3),
+            "knn_s": round(time.perf_counter() - t1, 3), "device": str(device)}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate, write the JSON beside the checkpoint, print per-k lines and the JSON last."""
+    results = evaluate(cfg)
+    out = write_json_keeping_old(beside(cfg.checkpoint, ".knn.json"), results)
+    for k, acc in results["knn"].items():
+        print(f"knn k={k:>4} T={results['temperature']}: top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}")
+    print(f"[ssl_vision] wrote {out}")
+    print(json.dumps(results), flush=True)
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="knn", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    results = run(cfg)
+    return results["knn"][str(results["ks"][0])]["top1"]  # Hydra sweepers can optimise this
+
+
+if __name__ == "__main__":
+    main()

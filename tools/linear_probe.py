@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Linear probe on a frozen backbone (methods.md 10.2): ``python tools/linear_probe.py checkpoint=<path>``.
+
+Options (conf/linear.yaml): ``protocol=sgd_cosine|sgd_step|lars_bn lr=... epochs=... batch_size=...
+weight_decay=... report_best_on_test=true augment=true use_teacher=true cache_features=false device=auto``; data
+from the checkpoint unless ``data=<name>`` or ``+data.root=/path``. Features are cached beside the checkpoint
+(``<stem>.features.<split>.pt``). Writes ``<checkpoint stem>.linear.json`` (an existing one is kept renamed) and
+prints it as the last line of stdout. ``finetune=true`` is not implemented yet (issue 6).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ssl_vision.eval.checkpoints import beside, load_backbone, write_json_keeping_old  # noqa: E402
+from ssl_vision.eval.features import resolve_eval_data  # noqa: E402
+from ssl_vision.eval.linear import FINETUNE_ERROR, make_probe_spec, probe_checkpoint  # noqa: E402
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if cfg.finetune:
+        raise NotImplementedError(FINETUNE_ERROR)
+    spec = make_probe_spec(cfg.protocol, OmegaConf.to_container(cfg.protocols, resolve=True), cfg.lr, cfg.epochs,
+                           cfg.batch_size, cfg.weight_decay, cfg.seed)
+    ckpt = Path(cfg.checkpoint)
+    backbone, _, info = load_backbone(ckpt, cfg.expect_backbone, cfg.use_teacher)
+    kw = info["create_kwargs"]
+    data = resolve_eval_data(info["data"], OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
+                             kw["in_chans"], kw["image_size"])
+    res = probe_checkpoint(ckpt, spec, data, backbone, info, cfg.extract_batch_size, cfg.num_workers, cfg.device,
+                           cfg.augment, cfg.cache_features, cfg.report_best_on_test, cfg.train_subset)
+    return {"checkpoint": str(ckpt.resolve()), "method": info["method"], "backbone": info["backbone"],
+            "weights": info["weights"], "global_step": info["global_step"], "data": data.name, **res}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Probe, write the JSON beside the checkpoint, print the result line and the JSON last."""
+    results = evaluate(cfg)
+    out = write_json_keeping_old(beside(cfg.checkpoint, ".linear.json"), results)
+    print(f"linear probe {results['protocol']} (rule={results['rule']}: last epoch): top1 {results['top1']:.2f}  "
+          f"top5 {results['top5']:.2f}")
+    if "best_on_test" in results:
+        b = results["best_on_test"]
+        print(f"  best on TEST (selected on the test split, optimistic): top1 {b['top1']:.2f} at epoch {b['epoch']}")
+    print(f"[ssl_vision] wrote {out}")
+    print(json.dumps(results), flush=True)
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="linear", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)["top1"]  # Hydra sweepers can optimise this
+
+
+if __name__ == "__main__":
+    main()
