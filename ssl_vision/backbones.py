@@ -95,7 +95,8 @@ def _timm(name: str, in_chans: int, image_size: int, patch_size: int | str | Non
         p = auto_patch_size(image_size) if patch_size in (None, "auto") else int(patch_size)
         if image_size % p:
             raise ValueError(f"backbone.patch_size={p} does not divide data.image_size={image_size}")
-        kw.update(img_size=image_size, patch_size=p, drop_path_rate=drop_path_rate, dynamic_img_size=True)
+        kw.update(img_size=image_size, patch_size=p, drop_path_rate=drop_path_rate, dynamic_img_size=True,
+                  dynamic_img_pad=True)  # multi-crop sizes need not be multiples of the patch
     model = timm.create_model(timm_name, **kw)
     return model, int(model.num_features)
 

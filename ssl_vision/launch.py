@@ -83,7 +83,13 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
                            auto_insert_metric_name=False, save_last=True, save_top_k=cfg.checkpoint.save_top_k,
                            monitor="step", mode="max", every_n_epochs=cfg.checkpoint.every_n_epochs)
-    trainer = build_trainer(cfg, run_dir, [timer, ckpt, *(extra_callbacks or [])])
+    callbacks = [timer, ckpt]
+    if cfg.method.name == "mae":  # a PNG grid of original / masked / reconstruction in the run directory
+        from ssl_vision.mae_viz import MAEReconstructionCallback
+        callbacks.append(MAEReconstructionCallback(every_n_epochs=cfg.checkpoint.every_n_epochs, num_images=8,
+                                                   out_dir=run_dir, mean=list(cfg.data.mean),
+                                                   std=list(cfg.data.std)))
+    trainer = build_trainer(cfg, run_dir, [*callbacks, *(extra_callbacks or [])])
 
     knn_init = None
     if cfg.eval.knn_at_init and resume is None:

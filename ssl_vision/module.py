@@ -35,6 +35,7 @@ class OptimSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     nesterov: bool = False
     trust_coefficient: float = 0.001  # LARS η
+    trust_clip: bool = False          # LARC clipping of the LARS rate (solo-learn's clip_lr): min(η‖w‖/‖g‖, lr)/lr
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.0  # warmup starts at base × this
     final_factor: float = 0.0         # cosine ends at base × this
@@ -115,7 +116,8 @@ class SSLModule(L.LightningModule):
         groups = param_groups(self.backbone.named_parameters(), spec.weight_decay, name="backbone")
         groups += self.objective.parameter_groups(spec.weight_decay)
         opt = build_optimizer(spec.name, groups, lr=lr, momentum=spec.momentum, betas=tuple(spec.betas),
-                              nesterov=spec.nesterov, trust_coefficient=spec.trust_coefficient)
+                              nesterov=spec.nesterov, trust_coefficient=spec.trust_coefficient,
+                              trust_clip=spec.trust_clip)
         warmup = int(round(spec.warmup_epochs * self.steps_per_epoch()))
         for g in opt.param_groups:
             g["initial_weight_decay"] = g.get("weight_decay", 0.0)

@@ -98,3 +98,12 @@ def test_schedule_needs_a_length(make_cfg):
     cfg = make_cfg([*BASE, "trainer.max_epochs=-1", "trainer.max_time=00:00:00:05"])
     with pytest.raises(ValueError, match="set trainer.max_epochs or trainer.max_steps"):
         run_pretraining(cfg)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_trust_clip_reaches_the_optimizer(make_cfg, clip):
+    cap = Capture()
+    cfg = make_cfg([*BASE, "trainer.max_steps=1", "method.optim.name=lars", f"method.optim.trust_clip={clip}",
+                    "method.optim.trust_coefficient=0.02"])
+    run_pretraining(cfg, extra_callbacks=[cap])
+    assert cap.groups and all(g["trust_clip"] is clip and g["trust_coefficient"] == 0.02 for g in cap.groups)
