@@ -90,6 +90,15 @@ class Objective(nn.Module):
         return param_groups(self.named_parameters(), weight_decay, name="objective")
 
 
+def num_global_crops(views: list[torch.Tensor]) -> int:
+    """How many leading views share the first view's size: the global crops of a multi-crop batch (ordered
+    large → small), or all of them when every view has one size."""
+    n = 1
+    while n < len(views) and views[n].shape[-2:] == views[0].shape[-2:]:
+        n += 1
+    return n
+
+
 def forward_by_resolution(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
     """Backbone features of all views, one pass per run of consecutive same-size views (multi-crop, SwAV/DINO).
 

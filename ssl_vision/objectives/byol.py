@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_vision.losses.regression import byol_loss
+from ssl_vision.losses.regression import byol_loss, regression_loss
 from ssl_vision.nn.momentum import ema_update_, momentum_copy
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, num_global_crops, register
 from ssl_vision.optim import momentum_schedule
 
 
@@ -37,9 +37,14 @@ class BYOL(Objective):
     optimizer steps taken so far (gradient accumulation counted once) and K their total, so the last update uses
     exactly τ = 1. (The official code evaluates τ at the step index before the increment, k − 1; this is one
     step later so that τ reaches 1.0 at the end, as the schedule in methods.md 0.1 says.)
+
+    Multi-crop (``augment=multicrop``, an option; not in the paper, solo-learn's formulation): the target sees
+    the global crops (the leading crops at the first crop's size) and every crop's prediction regresses the
+    target of every *other* global crop, ``Σ_{g global} Σ_{v≠g} ℓ(p_v, sg z'_g)``; with 2 views this is the
+    symmetric loss above. Each crop is still forwarded on its own.
     """
 
-    num_views = 2
+    num_views = None  # two views, or all crops of a multi-crop preset
 
     def __init__(self, feature_dim: int, proj_hidden_dim: int = 4096, proj_out_dim: int = 256,
                  pred_hidden_dim: int = 4096, base_momentum: float = 0.99):
@@ -70,6 +75,16 @@ class BYOL(Objective):
                                "to create the target network")
         if len(views) < 2:
             raise ValueError(f"BYOL needs 2 views per sample, the data gives {len(views)}; use augment=byol")
+        if len(views) > 2:  # multi-crop
+            n_global = num_global_crops(views)
+            hs = [backbone(x) for x in views]                  # one pass per crop (BN statistics per crop)
+            zs = [self.projector(h) for h in hs]
+            ps = [self.predictor(z) for z in zs]
+            with torch.no_grad():
+                ts = [self.target_projector(self.target_backbone(x)) for x in views[:n_global]]
+            loss = sum(regression_loss(ps[v], ts[g]) for g in range(n_global) for v in range(len(views)) if v != g)
+            logs = {"ema_momentum": torch.tensor(self.momentum_at(step), device=loss.device)}
+            return ObjectiveOutput(loss=loss, features=hs[0], embedding=zs[0], logs=logs)
         x1, x2 = views[0], views[1]
         h1, h2 = backbone(x1), backbone(x2)                    # (N, D) each, one pass per view
         z1, z2 = self.projector(h1), self.projector(h2)        # (N, E)

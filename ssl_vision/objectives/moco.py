@@ -25,7 +25,7 @@ from ssl_vision.nn.heads import build_mlp
 from ssl_vision.nn.memory import KeyQueue
 from ssl_vision.nn.momentum import ema_update_, momentum_copy
 from ssl_vision.nn.pos_embed import sincos_2d_pos_embed
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, num_global_crops, register
 from ssl_vision.optim import cosine_between
 
 
@@ -230,9 +230,13 @@ class MoCoV3(Objective):
     start of each forward with the cosine schedule ``momentum → momentum_end``. For ViTs, :meth:`bind` applies the
     paper's stabilisers to the online backbone before copying it: MoCo v3 init, fixed sin-cos position embedding,
     frozen random patch projection (``requires_grad=False``, so they never reach the optimizer).
+
+    Multi-crop (``augment=multicrop``, an option; not in the paper, solo-learn's formulation): keys come from the
+    global crops (the leading crops at the first crop's size), every crop's query is contrasted with the keys of
+    every *other* global crop, ``Σ_{g global} Σ_{v≠g} ctr(q_v, k_g)``; with 2 views this is the paper's loss.
     """
 
-    num_views = 2
+    num_views = None  # two views, or all crops of a multi-crop preset
 
     def __init__(self, feature_dim: int, temperature: float = 1.0, proj_hidden_dim: int = 4096,
                  proj_out_dim: int = 256, proj_layers: int = 2, pred_hidden_dim: int = 4096, pred_layers: int = 2,
@@ -270,6 +274,19 @@ class MoCoV3(Objective):
         m = momentum_at(step, self.momentum, self.momentum_end)
         _update_momentum_encoder(self.ema_step, [(self.momentum_backbone, backbone),
                                                  (self.momentum_projector, self.projector)], step, m)
+        if len(views) > 2:  # multi-crop
+            n_global = num_global_crops(views)
+            hs = [backbone(x) for x in views]                  # one pass per crop, as per view above
+            zs = [self.projector(h) for h in hs]
+            qs = [self.predictor(z) for z in zs]
+            with torch.no_grad():
+                ks = [dist.gather_no_grad(self.momentum_projector(self.momentum_backbone(x)))
+                      for x in views[:n_global]]
+            offset = x1.shape[0] * dist.rank()
+            loss = sum(moco_v3_contrastive(qs[v], ks[g], self.temperature, offset)
+                       for g in range(n_global) for v in range(len(views)) if v != g)
+            logs = {"ema_momentum": torch.tensor(m, dtype=torch.float64)}
+            return ObjectiveOutput(loss=loss, features=hs[0], embedding=zs[0], logs=logs)
         # one pass per view, as the official code: BN statistics are per view
         h1, h2 = backbone(x1), backbone(x2)                        # (N, D)
         z1, z2 = self.projector(h1), self.projector(h2)            # (N, E)

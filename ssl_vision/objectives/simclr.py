@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ssl_vision import distributed as dist
-from ssl_vision.losses import nt_xent
+from ssl_vision.losses import multi_positive_nt_xent, nt_xent
 from ssl_vision.nn.heads import build_mlp
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
 
 
 @register("simclr")
@@ -21,9 +21,13 @@ class SimCLR(Objective):
 
     Both views go through the backbone in one concatenated pass, as in the official code (BN statistics span
     both views; with SyncBN the global batch).
+
+    Multi-crop (``augment=multicrop``, an option; not in the paper): all V crops are used, one backbone pass per
+    resolution, and every other crop of the same image is a positive (:func:`multi_positive_nt_xent`,
+    solo-learn's multi-crop SimCLR); with V = 2 it is exactly NT-Xent.
     """
 
-    num_views = 2
+    num_views = None  # two views, or all crops of a multi-crop preset
 
     def __init__(self, feature_dim: int, temperature: float = 0.1, proj_hidden_dim: int = 2048,
                  proj_out_dim: int = 128, proj_layers: int = 3):
@@ -37,8 +41,14 @@ class SimCLR(Objective):
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         if len(views) < 2:
             raise ValueError(f"SimCLR needs 2 views per sample, the data gives {len(views)}; use augment=simclr")
+        n = views[0].shape[0]
+        if len(views) > 2:  # multi-crop: one pass per resolution, every other crop of the image is a positive
+            h = forward_by_resolution(backbone, views)          # (V·N, D)
+            z = self.projector(h).reshape(len(views), n, -1)    # (V, N, E)
+            z_all = dist.gather_with_grad(z.transpose(0, 1).contiguous()).transpose(0, 1)   # (V, B, E)
+            loss = multi_positive_nt_xent(z, self.temperature, z_all, offset=n * dist.rank())
+            return ObjectiveOutput(loss=loss, features=h[:n], embedding=z[0])
         x_a, x_b = views[0], views[1]
-        n = x_a.shape[0]
         h = backbone(torch.cat([x_a, x_b]))                  # (2N, D)
         z_a, z_b = self.projector(h).chunk(2)                # (N, E) each
         # negatives come from the global batch: gather with gradient (backward sums over ranks, methods.md 0.3)
