@@ -13,7 +13,6 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_vision import distributed as dist
@@ -21,13 +20,15 @@ from ssl_vision.backbones import create_backbone
 from ssl_vision.data import SSLDataModule
 from ssl_vision.module import EvalSpec, OptimSpec, SSLModule
 from ssl_vision.objectives import build_objective
-from ssl_vision.training import ThroughputTimer, find_resume_checkpoint, write_results
+from ssl_vision.training import (AtomicCheckpointIO, RunCheckpoint, ThroughputTimer, check_resume_compatible,
+                                 find_resume_checkpoint, write_results)
 
 
 def build_datamodule(cfg: DictConfig) -> SSLDataModule:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     views = OmegaConf.to_container(cfg.augment.views, resolve=True)
-    return SSLDataModule(views=views, seed=int(cfg.seed), **data)
+    dm = SSLDataModule(views=views, seed=int(cfg.seed), **data)
+    return dm.with_backend(cfg.augment.get("backend", "per_sample"))  # per_sample | batched (data/batched.py)
 
 
 def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int | None = None) -> SSLModule:
@@ -55,8 +56,31 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
         warnings.warn("method asks for SyncBN but torch has no CPU SyncBatchNorm: BN stays per process on CPU",
                       stacklevel=2)
         sync_bn = False
+    # AtomicCheckpointIO: a crash while saving leaves the previous checkpoint intact (temp file + fsync + rename)
     return L.Trainer(**tcfg, logger=logger, callbacks=callbacks, sync_batchnorm=sync_bn and multi,
-                     use_distributed_sampler=False, default_root_dir=str(run_dir))
+                     use_distributed_sampler=False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+
+
+def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
+    """Periodic checkpoints (the newest ``save_top_k`` kept) plus ``last.ckpt``.
+
+    ``checkpoint.every_n_steps`` (optimizer steps) replaces ``checkpoint.every_n_epochs`` when set: Lightning takes
+    one trigger per callback, and two callbacks would fight over ``last.ckpt``. ``last.ckpt`` is written with every
+    periodic checkpoint and at the end of training (:class:`~ssl_vision.training.RunCheckpoint`). A resume from a
+    mid-epoch checkpoint continues with the next unseen batch (``ResumableLoader`` in :mod:`ssl_vision.data`).
+    Such a checkpoint is written in the callbacks' ``on_train_batch_end``, i.e. before ``SSLModule``'s, so it lacks
+    that batch's probe step and ``objective.after_optimizer_step`` (EMA teachers, InstDisc's bank).
+    """
+    c = cfg.checkpoint
+    every_steps = c.get("every_n_steps")
+    if every_steps is not None and int(every_steps) < 1:
+        raise ValueError(f"checkpoint.every_n_steps must be a positive number of optimizer steps or null, got "
+                         f"{every_steps}")
+    trigger = ({"every_n_train_steps": int(every_steps), "every_n_epochs": None} if every_steps
+               else {"every_n_epochs": c.every_n_epochs})
+    return RunCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
+                         auto_insert_metric_name=False, save_last=True, save_top_k=c.save_top_k,
+                         monitor="step", mode="max", **trigger)
 
 
 def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
@@ -76,13 +100,13 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     run_info = {"method": cfg.method.name, "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
                 "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
                 "config": OmegaConf.to_container(cfg, resolve=True)}
+    if resume is not None:  # before anything is built: a pickle is refused without running it, a mismatch named
+        check_resume_compatible(resume, cfg.method.name, run_info["backbone"], run_info["data"])
     dm = build_datamodule(cfg)
     dm.setup()  # the training-set size is part of some objectives (InstDisc's memory bank)
     module = build_module(cfg, run_info, num_samples=dm.num_train_samples)
     timer = ThroughputTimer()
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
-                           auto_insert_metric_name=False, save_last=True, save_top_k=cfg.checkpoint.save_top_k,
-                           monitor="step", mode="max", every_n_epochs=cfg.checkpoint.every_n_epochs)
+    ckpt = build_checkpoint_callback(cfg, run_dir)
     callbacks = [timer, ckpt]
     if cfg.method.name == "mae":  # a PNG grid of original / masked / reconstruction in the run directory
         from ssl_vision.mae_viz import MAEReconstructionCallback
@@ -95,7 +119,7 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     if cfg.eval.knn_at_init and resume is None:
         trainer.validate(module, datamodule=dm, verbose=False)
         knn_init = module.val_results.get("knn_top1")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     if cfg.eval.final_eval and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=dm, verbose=False)
 

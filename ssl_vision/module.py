@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vision import distributed as dist
+from ssl_vision.data.batched import is_raw_batch
 from ssl_vision.eval.knn import knn_accuracy
 from ssl_vision.objectives.base import Objective, StepInfo
 from ssl_vision.optim import WarmupCosineLR, build_optimizer, cosine_between, linear_scaled_lr, param_groups
@@ -138,6 +139,16 @@ class SSLModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.objective.before_optimizer_step(self.step_info())
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """``augment.backend=batched``: the train loader gives raw uint8 images (``ssl_vision.data.batched``); the
+        datamodule's ``batch_views`` turns them into ``(views, labels, indices)`` here, on this module's device."""
+        if is_raw_batch(batch):
+            make_views = getattr(self.trainer.datamodule, "batch_views", None)
+            if make_views is None:
+                raise RuntimeError("a raw-image batch (augment.backend=batched) needs the SSLDataModule's batch_views")
+            return make_views(batch)
+        return batch
+
     def training_step(self, batch, batch_idx):
         views, labels, indices = batch
         views = views[: self.objective.num_views] if self.objective.num_views else views
@@ -145,8 +156,10 @@ class SSLModule(L.LightningModule):
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite loss {out.loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
-                "likely causes: learning rate too high, temperature too low, or fp16 overflow (try bf16/32). "
-                "The last good checkpoint is kept.")
+                "likely causes: learning rate too high (lower method.optim.base_lr or lengthen warmup_epochs), "
+                "temperature too low, or fp16 overflow (use trainer.precision=bf16-mixed or 32-true). Training "
+                "stopped here; the last good checkpoint is kept (checkpoints/last.ckpt, written before this step): "
+                "fix the cause and continue with resume=auto.")
         self._probe_batch = (out.features.detach(), labels)
         self.last_train_loss = out.loss.detach()  # a tensor: no device sync per step
         n = views[0].shape[0]

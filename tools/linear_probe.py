@@ -5,7 +5,10 @@ Options (conf/linear.yaml): ``protocol=sgd_cosine|sgd_step|lars_bn lr=... epochs
 weight_decay=... report_best_on_test=true augment=true use_teacher=true cache_features=false device=auto``; data
 from the checkpoint unless ``data=<name>`` or ``+data.root=/path``. Features are cached beside the checkpoint
 (``<stem>.features.<split>.pt``). Writes ``<checkpoint stem>.linear.json`` (an existing one is kept renamed) and
-prints it as the last line of stdout. ``finetune=true`` is not implemented yet (issue 6).
+prints it as the last line of stdout.
+
+``finetune=true``: end-to-end fine-tuning instead (methods.md 10.3, recipe under ``finetuning:``; ``lr epochs
+batch_size weight_decay`` override it), written to ``<checkpoint stem>.finetune.json``.
 """
 
 from __future__ import annotations
@@ -21,31 +24,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ssl_vision.eval.checkpoints import beside, load_backbone, write_json_keeping_old  # noqa: E402
 from ssl_vision.eval.features import resolve_eval_data  # noqa: E402
-from ssl_vision.eval.linear import FINETUNE_ERROR, make_probe_spec, probe_checkpoint  # noqa: E402
+from ssl_vision.eval.finetune import finetune_backbone, make_finetune_spec  # noqa: E402
+from ssl_vision.eval.linear import make_probe_spec, probe_checkpoint  # noqa: E402
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    if cfg.finetune:
-        raise NotImplementedError(FINETUNE_ERROR)
-    spec = make_probe_spec(cfg.protocol, OmegaConf.to_container(cfg.protocols, resolve=True), cfg.lr, cfg.epochs,
-                           cfg.batch_size, cfg.weight_decay, cfg.seed)
+def _load(cfg: DictConfig):
     ckpt = Path(cfg.checkpoint)
     backbone, _, info = load_backbone(ckpt, cfg.expect_backbone, cfg.use_teacher)
     kw = info["create_kwargs"]
     data = resolve_eval_data(info["data"], OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
                              kw["in_chans"], kw["image_size"])
+    head = {"checkpoint": str(ckpt.resolve()), "method": info["method"], "backbone": info["backbone"],
+            "weights": info["weights"], "global_step": info["global_step"], "data": data.name}
+    return ckpt, backbone, info, data, head
+
+
+def finetune(cfg: DictConfig) -> dict:
+    if cfg.report_best_on_test or cfg.augment:
+        raise ValueError("report_best_on_test / augment are linear-probe options; fine-tuning always augments and "
+                         "reports the last epoch")
+    spec = make_finetune_spec(OmegaConf.to_container(cfg.finetuning, resolve=True), cfg.lr, cfg.epochs,
+                              cfg.batch_size, cfg.weight_decay, cfg.seed)
+    _, backbone, info, data, head = _load(cfg)
+    res, _ = finetune_backbone(backbone, info["create_kwargs"], data, spec, cfg.extract_batch_size,
+                               cfg.num_workers, cfg.device, cfg.train_subset)
+    return {**head, "mode": "finetune", **res}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if cfg.finetune:
+        return finetune(cfg)
+    spec = make_probe_spec(cfg.protocol, OmegaConf.to_container(cfg.protocols, resolve=True), cfg.lr, cfg.epochs,
+                           cfg.batch_size, cfg.weight_decay, cfg.seed)
+    ckpt, backbone, info, data, head = _load(cfg)
     res = probe_checkpoint(ckpt, spec, data, backbone, info, cfg.extract_batch_size, cfg.num_workers, cfg.device,
                            cfg.augment, cfg.cache_features, cfg.report_best_on_test, cfg.train_subset)
-    return {"checkpoint": str(ckpt.resolve()), "method": info["method"], "backbone": info["backbone"],
-            "weights": info["weights"], "global_step": info["global_step"], "data": data.name, **res}
+    return {**head, **res}
 
 
 def run(cfg: DictConfig) -> dict:
-    """Probe, write the JSON beside the checkpoint, print the result line and the JSON last."""
+    """Probe (or fine-tune), write the JSON beside the checkpoint, print the result line and the JSON last."""
     results = evaluate(cfg)
-    out = write_json_keeping_old(beside(cfg.checkpoint, ".linear.json"), results)
-    print(f"linear probe {results['protocol']} (rule={results['rule']}: last epoch): top1 {results['top1']:.2f}  "
-          f"top5 {results['top5']:.2f}")
+    out = write_json_keeping_old(beside(cfg.checkpoint, ".finetune.json" if cfg.finetune else ".linear.json"),
+                                 results)
+    if cfg.finetune:
+        print(f"fine-tuning ({results['epochs']} epochs, {results['steps']} steps, layer_decay "
+              f"{results['layer_decay']}): top1 {results['top1']:.2f}  top5 {results['top5']:.2f}")
+    else:
+        print(f"linear probe {results['protocol']} (rule={results['rule']}: last epoch): top1 {results['top1']:.2f}"
+              f"  top5 {results['top5']:.2f}")
     if "best_on_test" in results:
         b = results["best_on_test"]
         print(f"  best on TEST (selected on the test split, optimistic): top1 {b['top1']:.2f} at epoch {b['epoch']}")

@@ -2,15 +2,69 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_vision.data.datasets import IndexedDataset, build_dataset, take_subset
+from ssl_vision.data.batched import BatchedViews, RawImages, collate_raw, load_side
+from ssl_vision.data.datasets import BAD_IMAGE_POLICIES, IndexedDataset, build_dataset, take_subset
 from ssl_vision.data.sampling import GlobalBatchSampler, SeededViews
 from ssl_vision.data.views import build_eval_transform, build_multiview
+
+
+class ResumableLoader(DataLoader):
+    """The train loader: it starts an epoch where the trainer says the epoch stands, and starts it late.
+
+    * **Late**: ``iter()`` returns a stub; the real iterator (the sampler's pass, the workers' prefetch) is made at
+      the first ``next()``. Lightning calls ``iter()`` early -- ``trainer.estimated_stepping_batches`` in
+      ``configure_optimizers`` sets up the train data before a checkpoint is restored and before the sampler gets its
+      epoch -- and does not call it again for the first epoch of a resumed run; an eager iterator (always, with
+      workers) would then replay epoch 0's order and augmentations.
+    * **Where the trainer stands**: at that first ``next()``, ``batches_done()`` (the trainer's count of batches
+      already run this epoch: 0 normally, k after a resume from a mid-epoch checkpoint) makes the sampler leave out
+      the first k global batches. Lightning counts them itself, so ``len()`` stays the full epoch.
+    * ``state_dict`` / ``load_state_dict`` expose the same position, so Lightning records it in checkpoints and
+      treats the loader as resumable.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def __iter__(self) -> _LateIterator:
+        return _LateIterator(self)
+
+    def _start(self):
+        done = self._batches_done()
+        if done is not None:  # None: no trainer; keep what load_state_dict set
+            self.sampler.skip_batches(done)
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict(self._batches_done() or 0)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class _LateIterator:
+    """Makes the loader's real iterator at the first ``next()`` (see :class:`ResumableLoader`)."""
+
+    def __init__(self, loader: ResumableLoader) -> None:
+        self.loader, self.iterator = loader, None
+
+    def __iter__(self) -> _LateIterator:
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self.iterator = self.loader._start()
+        return next(self.iterator)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -21,7 +75,8 @@ class SSLDataModule(L.LightningDataModule):
     in the pretraining train set (InstDisc's memory-bank rows). Validation: ``[kNN bank loader, test loader]``, both
     with the deterministic eval transform and items ``(img (B, C, H, W), label (B,), index (B,))``.
 
-    Args mirror ``conf/data/*.yaml`` plus ``views`` (``conf/augment/*.yaml``) and ``seed`` (subset choice).
+    Args mirror ``conf/data/*.yaml`` plus ``views`` (``conf/augment/*.yaml``) and ``seed`` (subset choice). The
+    augmentation backend (``augment.backend``) is chosen with :meth:`with_backend`.
     """
 
     def __init__(
@@ -48,11 +103,15 @@ class SSLDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        on_bad_image: str = "error",
         seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.on_bad_image={on_bad_image!r}; valid: {', '.join(BAD_IMAGE_POLICIES)}")
+        self.on_bad_image = on_bad_image
         self.name, self.root, self.download = name, root, download
         self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -64,10 +123,24 @@ class SSLDataModule(L.LightningDataModule):
         self.train_dir, self.val_dir = train_dir, val_dir
         # Built now so that a bad augmentation config fails at construction, before any data is read.
         self.train_transform = build_multiview(list(views), image_size, in_chans, mean, std)
+        self.views, self.mean, self.std = list(views), mean, std
+        self.backend, self.batch_views = "per_sample", None
         self.eval_transform = build_eval_transform(image_size, in_chans, mean, std, eval_crop_ratio)
         self.train_dataset: Dataset | None = None  # untransformed (img, label) items, after train_subset
         self.knn_train_dataset: Dataset | None = None  # labeled train images for the kNN bank
         self.test_dataset: Dataset | None = None
+
+    def with_backend(self, backend: str) -> SSLDataModule:
+        """``per_sample`` (default): views made image by image in the loader workers (PIL, :mod:`.views`).
+        ``batched``: train batches are raw uint8 images (``collate_raw``) and :attr:`batch_views` turns them into
+        ``(views, labels, indices)`` on the model's device (``SSLModule.on_after_batch_transfer`` calls it); see
+        :mod:`.batched`. Returns ``self``."""
+        if backend not in ("per_sample", "batched"):
+            raise ValueError(f"augment.backend must be 'per_sample' or 'batched', got {backend!r}")
+        self.backend = backend
+        self.batch_views = None if backend == "per_sample" else BatchedViews(
+            self.views, self.image_size, self.in_chans, self.mean, self.std, self.seed)
+        return self
 
     def _build(self, split: str, stl_unlabeled: bool = False) -> Dataset:
         return build_dataset(
@@ -82,6 +155,7 @@ class SSLDataModule(L.LightningDataModule):
             train_dir=self.train_dir,
             val_dir=self.val_dir,
             stl_unlabeled=stl_unlabeled,
+            on_bad_image=self.on_bad_image,
         )
 
     def prepare_data(self) -> None:
@@ -136,9 +210,23 @@ class SSLDataModule(L.LightningDataModule):
         # Data order from (seed, epoch) over the *global* batch and augmentation from (seed, epoch, index):
         # identical for any number of processes or workers, and a resumed run sees what an uninterrupted one would.
         sampler = GlobalBatchSampler(len(train), self.batch_size, seed=self.seed, shuffle=True)
-        return DataLoader(SeededViews(train, self.train_transform, seed=self.seed), batch_size=self.batch_size,
-                          sampler=sampler, drop_last=True, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers)
+        if self.backend == "batched":  # un-augmented uint8 images; the views are made on the device
+            dataset, collate = RawImages(train, self.in_chans, load_side(self.image_size)), collate_raw
+        else:
+            dataset, collate = SeededViews(train, self.train_transform, seed=self.seed), None
+        # ResumableLoader: its position in the epoch goes into checkpoints, so a mid-epoch resume continues exactly.
+        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                               collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.persistent_workers, batches_done=self._train_batches_done)
+
+    def _train_batches_done(self) -> int | None:
+        """Train batches of the current epoch already run, while a trainer fits (None otherwise, e.g. a loop over
+        the loader after ``fit``). Lightning's loop progress, as restored from a checkpoint: ``ready`` equals the
+        completed batches when the loader starts an epoch."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
+            return None
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
 
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
 SPLITS = ("train", "test")
@@ -130,20 +132,95 @@ def _torchvision_dataset(name: str, root: str | None, split: str, download: bool
 
 
 # -------------------------------------------------------------------------------------------------------- ImageFolder
+#: ``data.on_bad_image``: ``error`` stops at the first unreadable file, naming it; ``skip`` replaces it (see below)
+BAD_IMAGE_POLICIES = ("error", "skip")
+_WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# what PIL raises for a file it cannot decode: unknown format (UnidentifiedImageError is an OSError), truncated data,
+# broken headers (some plugins raise SyntaxError / ValueError / EOFError), an absurd size (DecompressionBombError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be read; the message names the file and the fix."""
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert a PIL image of any mode to ``mode`` ('RGB' or 'L').
+
+    16-bit and 32-bit integer images ('I;16*', 'I': how PIL opens 16-bit PNG / TIFF) are scaled from [0, 65535] to
+    8 bits (``v // 257``); PIL's own ``convert`` would clip them at 255, turning a 16-bit image nearly white.
+    Float images ('F') are clipped to [0, 255]. CMYK, palette, 1-bit, YCbCr and alpha modes go through PIL's convert
+    (alpha is dropped, as torchvision's ``pil_loader`` does).
+    """
+    if img.mode in _WIDE_INT_MODES:
+        wide = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(wide, 0, 65535) // 257).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    return img if img.mode == mode else img.convert(mode)
+
+
 class PILLoader:
-    """Open an image file and convert it to ``mode`` (a class, not a lambda, so DataLoader workers can pickle it)."""
+    """Open an image file and convert it to ``mode`` (a class, not a lambda, so DataLoader workers can pickle it).
+
+    A file PIL cannot decode (corrupt, truncated, zero bytes, not an image) raises :class:`BadImageError` naming it.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def __call__(self, path: str) -> Image.Image:
-        with open(path, "rb") as f:
-            return Image.open(f).convert(self.mode)
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img.load()  # decode now, inside the try: PIL opens lazily
+                return to_mode(img, self.mode)
+        except _DECODE_ERRORS as err:
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            raise BadImageError(
+                f"cannot read image {path!r} ({size} bytes): {type(err).__name__}: {err}. Fix or remove the file, or "
+                f"set data.on_bad_image=skip to replace unreadable images by the next readable one (with a warning)"
+            ) from err
 
 
-def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int, train_dir: str, val_dir: str):
-    import torchvision.datasets as tvd
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder, images converted to ``mode`` (:func:`to_mode`), unreadable files per policy.
 
+    ``on_bad_image="error"``: reading an unreadable file raises :class:`BadImageError` naming it (from a
+    DataLoader worker, PyTorch re-raises it in the main process with the same message).
+    ``on_bad_image="skip"``: the sample is replaced by the next readable one (index + 1, + 2, ... cyclically),
+    the same for any worker count, so runs stay reproducible; each process warns once per bad file with its
+    count so far (``bad_files`` holds them). Files are checked when read, not scanned up front: a scan would
+    decode (or at least stat) every file before training -- minutes on ImageNet over a network file system.
+    """
+
+    def __init__(self, root: str, mode: str, on_bad_image: str = "error") -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.on_bad_image={on_bad_image!r}; valid: {', '.join(BAD_IMAGE_POLICIES)}")
+        super().__init__(root, loader=PILLoader(mode))
+        self.on_bad_image = on_bad_image
+        self.bad_files: dict[str, str] = {}  # path -> reason, in this process
+
+    def __getitem__(self, index: int):
+        if self.on_bad_image == "error":
+            return super().__getitem__(index)
+        n = len(self.samples)
+        for step in range(n):
+            j = (index + step) % n
+            try:
+                return super().__getitem__(j)
+            except BadImageError as err:
+                path = self.samples[j][0]
+                if path not in self.bad_files:
+                    self.bad_files[path] = str(err)
+                    warnings.warn(f"data.on_bad_image=skip: skipped unreadable image {path!r} (sample {j}), using "
+                                  f"the next readable one; {len(self.bad_files)} bad file(s) so far in this "
+                                  f"process. {err.__cause__}", stacklevel=2)
+        raise BadImageError(f"imagefolder {self.root!r}: none of its {n} images can be read")
+
+
+def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int, train_dir: str, val_dir: str,
+                  on_bad_image: str = "error"):
     if root is None:
         raise ValueError("imagefolder needs data.root=... (a folder with train/ and val/ class sub-folders)")
     folder = os.path.join(root, train_dir if split == "train" else val_dir)
@@ -152,7 +229,13 @@ def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int,
             f"imagefolder: {folder!r} does not exist. Fix: set data.root=... to a folder containing "
             f"{train_dir}/ and {val_dir}/ (one sub-folder per class), or data.train_dir / data.val_dir."
         )
-    ds = tvd.ImageFolder(folder, loader=PILLoader("L" if in_chans == 1 else "RGB"))
+    try:
+        ds = CheckedImageFolder(folder, "L" if in_chans == 1 else "RGB", on_bad_image)
+    except FileNotFoundError as err:  # torchvision: no class folder, or class folders without image files
+        raise FileNotFoundError(
+            f"imagefolder: {folder!r} holds no usable images ({err}). Fix: one sub-folder per class with the images "
+            f"in it ({folder}/<class>/<name>.jpg), or point data.root=... at such a folder."
+        ) from err
     if len(ds.classes) != num_classes:
         raise ValueError(f"imagefolder: {folder!r} has {len(ds.classes)} class folders but data.num_classes={num_classes}")
     return ds
@@ -211,6 +294,7 @@ def build_dataset(
     train_dir: str = "train",
     val_dir: str = "val",
     stl_unlabeled: bool = False,
+    on_bad_image: str = "error",
 ) -> Dataset:
     """Build a data set of ``(PIL.Image, int label)`` items.
 
@@ -224,6 +308,7 @@ def build_dataset(
         train_dir, val_dir: ImageFolder sub-folders.
         stl_unlabeled: STL-10 train split becomes ``train+unlabeled`` (105k images, label -1 for unlabeled);
             for pretraining only, never for evaluation.
+        on_bad_image: ImageFolder only (the other sets are arrays): ``error`` or ``skip`` unreadable files.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -234,7 +319,7 @@ def build_dataset(
     if name in ("cifar10", "cifar100", "stl10"):
         return _torchvision_dataset(name, root, split, download, stl_unlabeled)
     if name == "imagefolder":
-        return _image_folder(root, split, in_chans, num_classes, train_dir, val_dir)
+        return _image_folder(root, split, in_chans, num_classes, train_dir, val_dir, on_bad_image)
     # Test set: another seed (no overlap in noise) and a quarter of the size, but at least one image per class.
     size = synthetic_size if split == "train" else max(synthetic_size // 4, num_classes)
     return SyntheticDataset(size, image_size, in_chans, num_classes, seed=0 if split == "train" else 1)

@@ -28,6 +28,10 @@ __all__ = ["knn_classify", "knn_accuracy"]
 _FLOAT32_LOG_MAX = 88.0
 # Elements of the (rows, k, D) gather used to recompute similarities; bounds that temporary to 64 MiB.
 _GATHER_BUDGET = 1 << 24
+# faiss' exact search multiplies blocks of (<= 4096 queries) x (this many bank rows) and merges each block into the
+# running top-k. At k = 200 the merge dominates faiss' default 1024-row blocks (~60% of the plain sgemm rate on a
+# 1.28M bank); 8192 rows (a 128 MiB block) reach the sgemm rate (benchmarks/knn_bench.py, RESULTS.md issue 8).
+_FAISS_DATABASE_BLOCK = 8192
 
 
 def _check_inputs(
@@ -98,15 +102,31 @@ def _rowwise_similarity(queries: Tensor, train: Tensor, idx: Tensor) -> Tensor:
     Recomputed in torch rather than taken from faiss: faiss switches between BLAS and SIMD kernels
     depending on how many queries a call holds, so its similarities (and hence the votes) would change in
     the last bits with ``chunk_size``. A per-pair multiply-and-sum is the same computation for every
-    chunking. Done in row blocks so the (rows, k, D) temporary stays bounded.
+    chunking. Done in row blocks so the (rows, k, D) temporary stays bounded; that one buffer is reused (gather
+    into it, multiply in place, sum into ``out``), which gives the same bits as ``(q[:, None] * train[idx]).sum(-1)``
+    at about a third of the time (no fresh 64 MiB allocations to page in per block).
     """
     m, k = idx.shape
-    rows = max(1, _GATHER_BUDGET // max(1, k * train.shape[1]))
+    dim = train.shape[1]
+    rows = max(1, _GATHER_BUDGET // max(1, k * dim))
     out = torch.empty(m, k, dtype=torch.float32)
+    buf = torch.empty(min(rows, m) * k, dim, dtype=train.dtype)
     for s in range(0, m, rows):
-        neigh = train[idx[s : s + rows]]  # (rows, k, D)
-        out[s : s + rows] = (queries[s : s + rows, None, :] * neigh).sum(-1)
+        part = idx[s : s + rows]
+        n = part.shape[0]
+        neigh = torch.index_select(train, 0, part.reshape(-1), out=buf[: n * k]).view(n, k, dim)  # (rows, k, D)
+        torch.sum(neigh.mul_(queries[s : s + n, None, :]), dim=-1, out=out[s : s + n])
     return out
+
+
+def _search(index: faiss.IndexFlatIP, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with bank blocks of ``_FAISS_DATABASE_BLOCK`` rows (faiss' global setting, restored after)."""
+    before = faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_database_bs = max(before, _FAISS_DATABASE_BLOCK)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = before
 
 
 def _neighbours(train: Tensor, test: Tensor, k: int, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -120,7 +140,7 @@ def _neighbours(train: Tensor, test: Tensor, k: int, chunk_size: int) -> Iterato
     index.add(np.ascontiguousarray(train.numpy()))
     for s in range(0, test.shape[0], chunk_size):
         q = test[s : s + chunk_size]
-        _, found = index.search(np.ascontiguousarray(q.numpy()), k)
+        _, found = _search(index, np.ascontiguousarray(q.numpy()), k)
         if (found < 0).any():  # faiss pads with -1 when it cannot rank a row, e.g. NaN features
             raise ValueError("knn: faiss found no neighbours for some test rows; are the features finite?")
         idx = torch.from_numpy(found).long().sort(dim=1).values  # canonical order before the stable sort

@@ -15,6 +15,9 @@ Protocols (the recipe values live in ``conf/linear.yaml: protocols``):
 The classifier is ``Linear(d, C)`` with weight N(0, 0.01) and zero bias. The reported number follows the rule
 ``"last"``: top-1 / top-5 on the test split after the last epoch. ``report_best_on_test`` adds, clearly flagged,
 the best epoch *selected on the test split* (optimistic; some papers report it, never silently here).
+
+End-to-end fine-tuning (methods.md 10.3, ``tools/linear_probe.py finetune=true``) lives in
+:mod:`ssl_vision.eval.finetune`; it reuses :func:`topk_accuracy` from here.
 """
 
 from __future__ import annotations
@@ -36,13 +39,11 @@ from ssl_vision.eval.features import (EvalData, augmented_loader, build_eval_loa
 from ssl_vision.optim import LARS, linear_scaled_lr, param_groups, warmup_cosine
 
 __all__ = ["ProbeSpec", "make_probe_spec", "build_head", "train_linear_probe", "probe_checkpoint",
-           "topk_accuracy", "PROTOCOLS", "FINETUNE_ERROR"]
+           "topk_accuracy", "PROTOCOLS"]
 
 PROTOCOLS = ("sgd_cosine", "sgd_step", "lars_bn")
 _SCHEDULES = ("cosine", "step")
 _OPTIMIZERS = ("sgd", "lars")
-FINETUNE_ERROR = ("finetune=true (end-to-end fine-tuning, methods.md 10.3) is not implemented yet; see issue 6. "
-                  "This tool trains a linear probe on a frozen backbone only.")
 BEST_ON_TEST_NOTE = "epoch selected on the test split: optimistic, not a held-out number; the result is 'last'"
 
 

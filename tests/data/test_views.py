@@ -138,7 +138,8 @@ def test_every_augment_preset_builds_with_all_fields_written():
             assert set(cfg) == {"defaults", "name"} and cfg["defaults"][-1] == "_self_", path.name
             (base,) = cfg["defaults"][:-1]
             cfg = {**yaml.safe_load((AUGMENT_DIR / f"{base}.yaml").read_text()), "name": cfg["name"]}
-        assert cfg["name"] == path.stem and set(cfg) == {"name", "views"}
+        assert cfg["name"] == path.stem and set(cfg) == {"name", "backend", "views"}
+        assert cfg["backend"] in ("per_sample", "batched"), path.name  # augment.backend (data/batched.py)
         assert all(set(view) == fields for view in cfg["views"]), path.name
         for image_size, in_chans, stats in ((32, 3, RGB_STATS), (28, 1, ([0.3], [0.3]))):
             mv = build_multiview(cfg["views"], image_size, in_chans, *stats)

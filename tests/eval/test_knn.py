@@ -140,3 +140,44 @@ def test_errors(kwargs, match):
 def test_accuracy_checks_test_labels():
     with pytest.raises(ValueError, match="test_labels"):
         knn_accuracy(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.randn(3, 4), torch.tensor([0, 5, 1]), 3)
+
+
+# ------------------------------------------------------------------------------- issue 8: chunking and speed
+@pytest.mark.parametrize("budget", [1 << 24, 3 * 10 * 16])  # one block, and blocks of 3 rows (last one partial)
+def test_rowwise_similarity_is_the_plain_per_pair_dot_product(monkeypatch, budget):
+    """The buffered gather gives the very same bits as the straightforward (q[:, None] * train[idx]).sum(-1)."""
+    import ssl_vision.eval.knn as knn
+
+    monkeypatch.setattr(knn, "_GATHER_BUDGET", budget)
+    g = torch.Generator().manual_seed(3)
+    train, queries = torch.randn(50, 16, generator=g), torch.randn(8, 16, generator=g)
+    idx = torch.randint(0, 50, (8, 10), generator=g)
+    assert torch.equal(knn._rowwise_similarity(queries, train, idx), (queries[:, None, :] * train[idx]).sum(-1))
+
+
+def test_faiss_sees_at_most_chunk_size_queries_per_call(monkeypatch):
+    """Bounded memory: each search holds one chunk of queries, whatever the size of the test set."""
+    import faiss
+
+    sizes = []
+    search = faiss.IndexFlatIP.search
+
+    def recording_search(self, x, k, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return search(self, x, k, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.IndexFlatIP, "search", recording_search)
+    train, labels, test, _ = random_problem(m=57)
+    out = knn_classify(train, labels, test, 7, ks=(5,), chunk_size=16)
+    assert sizes == [16, 16, 16, 9] and out[5].shape == (57, 7)
+    torch.testing.assert_close(out[5], brute_force_scores(train, labels, test, 7, 5, 0.1), rtol=1e-4, atol=1e-4)
+
+
+def test_bank_larger_than_a_faiss_block_matches_brute_force_and_restores_faiss_setting():
+    import faiss
+
+    before = faiss.cvar.distance_compute_blas_database_bs
+    train, labels, test, _ = random_problem(n=20_000, m=300, d=8, c=7)  # > 2 blocks of 8192 bank rows, BLAS path
+    out = knn_classify(train, labels, test, 7, ks=(20,), chunk_size=256)
+    torch.testing.assert_close(out[20], brute_force_scores(train, labels, test, 7, 20, 0.1), rtol=1e-4, atol=1e-4)
+    assert faiss.cvar.distance_compute_blas_database_bs == before

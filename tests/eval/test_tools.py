@@ -144,7 +144,7 @@ def test_linear_probe_tool(ckpt, tmp_path):
     assert again["feature_cache"] == {"test": "hit", "train": "hit"} and again["spec"]["lr"] == 30.0
     assert len(list(tmp_path.glob("last.linear.2*.json"))) == 1
 
-    with pytest.raises(NotImplementedError, match="not implemented yet; see issue 6"):
+    with pytest.raises(ValueError, match="finetuning.warmup_epochs=5 exceeds epochs=3"):
         probe.evaluate(compose_cfg("linear", [*base, "finetune=true"]))
     with pytest.raises(ValueError, match="unknown linear-probe protocol 'mae'"):
         probe.evaluate(compose_cfg("linear", [*base, "protocol=mae"]))

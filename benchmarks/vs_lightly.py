@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Training-step speed of ssl_vision vs lightly, method by method, on the same backbone, batch and views.
+
+    pip install -e '.[bench]'                               # lightly (optional extra)
+    python benchmarks/vs_lightly.py                          # all methods, resnet18 x0.25 at 32 px, batch 64
+    python benchmarks/vs_lightly.py --methods simclr byol --steps 10 --rounds 3 --json vs_lightly.json
+    python benchmarks/vs_lightly.py --quick --methods simclr --steps 1      # smoke test
+
+* **Same inputs.** One batch of views is made once with the per-sample pipeline (``conf/augment`` preset of the
+  method at ``--image-size``; multi-crop 2 global + 6 local for SwAV / DINO) and fed unchanged to both sides, so
+  augmentation and data loading are excluded.
+* **Ours** is the real thing: ``SSLModule`` (from :mod:`ssl_vision.launch`, the method's config) run by a Lightning
+  ``Trainer`` (CPU, fp32, no logger / checkpoints / validation); a callback times ``on_train_batch_start`` ->
+  ``on_train_batch_end``: ``training_step`` through the objective, backward, the method's optimizer step and its
+  hooks (EMA, queues, clipping), the online linear probe and ``self.log``.
+* **lightly** is a plain PyTorch loop in the style of lightly's ``examples/pytorch`` scripts, built from lightly's
+  heads, losses and utilities (``update_momentum``, ``LARS``) with our backbone (same factory, same seed) and the
+  same head sizes, lr and optimizer type (LARS / SGD / AdamW). lightly has no MoCo v3 model: ``moco_v3`` is
+  lightly's MoCo projection + BYOL prediction heads with a symmetric ``NTXentLoss`` (2N-2 in-batch negatives
+  instead of MoCo v3's N-1; same cost order). MAE uses lightly's timm masked ViT and decoder on our ViT.
+* Heads are shrunk for a CPU (``SMALL`` below, both sides alike; ``--paper-heads`` keeps the configs' sizes).
+  Our MAE runs with ``norm_pix_loss=false`` and ``probe_features=visible`` (lightly's MSE target, no extra pass).
+
+Each round times ``--steps`` steps of ours then of lightly's (after ``--warmup`` untimed ones), ``--rounds``
+rounds alternating. images/s = batch / median step time; ``ratio`` = ours / lightly (> 1: ours faster).
+Prints a table and one JSON line (also ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from ssl_vision.backbones import create_backbone  # noqa: E402
+from ssl_vision.data.views import build_multiview  # noqa: E402
+from ssl_vision.launch import build_module  # noqa: E402
+from ssl_vision.optim import linear_scaled_lr  # noqa: E402
+
+METHODS = ("simclr", "moco_v2", "moco_v3", "byol", "simsiam", "swav", "dino", "mae")
+AUGMENT = {"swav": "multicrop", "dino": "multicrop", "mae": "mae"}  # others: their own 2-view preset
+SMALL = {  # head sizes for a CPU run, applied to ours (config overrides) and read back for lightly's heads
+    "simclr": ["proj_hidden_dim=512"],
+    "moco_v2": ["proj_hidden_dim=512", "queue_size=4096"],
+    "moco_v3": ["proj_hidden_dim=512", "pred_hidden_dim=512", "proj_out_dim=128"],
+    "byol": ["proj_hidden_dim=512", "pred_hidden_dim=512", "proj_out_dim=128"],
+    "simsiam": ["proj_hidden_dim=512", "proj_out_dim=512", "pred_hidden_dim=128"],
+    "swav": ["proj_hidden_dim=512", "num_prototypes=512", "queue_length=0"],
+    "dino": ["hidden_dim=512", "bottleneck_dim=128", "out_dim=4096"],
+    "mae": ["decoder_dim=128", "decoder_depth=2", "decoder_heads=4"],
+}
+ALWAYS = {"mae": ["norm_pix_loss=false", "probe_features=visible"]}
+
+
+def compose_cfg(method: str, args: argparse.Namespace) -> Any:
+    kw = (SMALL.get(method, []) if not args.paper_heads else []) + ALWAYS.get(method, [])
+    backbone = ["backbone=vit_tiny", "backbone.patch_size=4"] if method == "mae" else [
+        "backbone=resnet18", f"backbone.width={args.width}"]
+    overrides = [f"method={method}", f"augment={AUGMENT.get(method, method)}", *backbone, "data=synthetic",
+                 f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", "trainer=cpu", "logger=none",
+                 *[f"method.kwargs.{k}" for k in kw]]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("pretrain", overrides=overrides)
+
+
+def make_views(cfg: Any, batch: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One batch of augmented views (per-sample pipeline on random images), reused for every step of both sides."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    size = cfg.data.image_size
+    mv = build_multiview(OmegaConf.to_container(cfg.augment.views), size, 3, cfg.data.mean, cfg.data.std)
+    per_image = [mv(Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()))
+                 for _ in range(batch)]
+    views = [torch.stack([p[v] for p in per_image]) for v in range(len(per_image[0]))]
+    return views, torch.arange(batch) % 10, torch.arange(batch)
+
+
+# -------------------------------------------------------------------------------------------------------- ours
+class _Repeat(Dataset):
+    def __init__(self, batch: tuple, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.batch
+
+
+class _Premade(L.LightningDataModule):
+    def __init__(self, batch: tuple, batch_size: int, steps: int) -> None:
+        super().__init__()
+        self.batch, self.batch_size, self.steps = batch, batch_size, steps
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Repeat(self.batch, self.steps), batch_size=None, shuffle=False)
+
+
+class _StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def time_ours(module: L.LightningModule, batch: tuple, batch_size: int, warmup: int, steps: int) -> list[float]:
+    timer = _StepTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps, max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=_Premade(batch, batch_size, warmup + steps))
+    return timer.times[warmup:]
+
+
+# -------------------------------------------------------------------------------------------------------- lightly
+class LightlyMethod(nn.Module):
+    """A lightly model + loss + optimizer; ``step(views)`` is one training step as in lightly's examples."""
+
+    def __init__(self, method: str, cfg: Any, backbone: nn.Module, dim: int, lr: float) -> None:
+        super().__init__()
+        from lightly import loss as LL
+        from lightly.models import modules as LM
+        self.method, self.backbone, self.k = method, backbone, cfg.method.kwargs
+        k, m = self.k, method
+        if m == "simclr":
+            self.head = LM.SimCLRProjectionHead(dim, k.proj_hidden_dim, k.proj_out_dim, num_layers=k.proj_layers)
+            self.criterion = LL.NTXentLoss(temperature=k.temperature)
+        elif m in ("moco_v2", "moco_v3", "byol"):
+            if m == "moco_v2":
+                self.head = LM.MoCoProjectionHead(dim, k.proj_hidden_dim, k.embed_dim)
+                self.criterion = LL.NTXentLoss(temperature=k.temperature, memory_bank_size=(k.queue_size, k.embed_dim))
+            else:
+                out = k.proj_out_dim
+                self.head = (LM.BYOLProjectionHead(dim, k.proj_hidden_dim, out) if m == "byol" else
+                             LM.MoCoProjectionHead(dim, k.proj_hidden_dim, out, num_layers=2, batch_norm=True))
+                self.predictor = LM.BYOLPredictionHead(out, k.pred_hidden_dim, out)
+                self.criterion = (LL.NegativeCosineSimilarity() if m == "byol" else
+                                  LL.NTXentLoss(temperature=k.temperature))
+            self.backbone_m, self.head_m = copy.deepcopy(backbone), copy.deepcopy(self.head)
+            for p in [*self.backbone_m.parameters(), *self.head_m.parameters()]:
+                p.requires_grad = False
+        elif m == "simsiam":
+            self.head = LM.SimSiamProjectionHead(dim, k.proj_hidden_dim, k.proj_out_dim)
+            self.predictor = LM.SimSiamPredictionHead(k.proj_out_dim, k.pred_hidden_dim, k.proj_out_dim)
+            self.criterion = LL.NegativeCosineSimilarity()
+        elif m == "swav":
+            self.head = LM.SwaVProjectionHead(dim, k.proj_hidden_dim, k.proj_out_dim)
+            self.prototypes = LM.SwaVPrototypes(k.proj_out_dim, k.num_prototypes)
+            self.criterion = LL.SwaVLoss(temperature=k.temperature, sinkhorn_iterations=k.sinkhorn_iterations,
+                                         sinkhorn_epsilon=k.sinkhorn_epsilon)
+        elif m == "dino":
+            def head() -> nn.Module:
+                return LM.DINOProjectionHead(dim, k.hidden_dim, k.bottleneck_dim, k.out_dim,
+                                             norm_last_layer=k.norm_last_layer)
+
+            self.head, self.head_m = head(), head()  # weight-normed: not deep-copyable; a second one, as lightly
+            self.head_m.load_state_dict(self.head.state_dict())
+            self.backbone_m = copy.deepcopy(backbone)
+            for p in [*self.backbone_m.parameters(), *self.head_m.parameters()]:
+                p.requires_grad = False
+            self.criterion = LL.DINOLoss(output_dim=k.out_dim, warmup_teacher_temp=k.warmup_teacher_temp,
+                                         teacher_temp=k.teacher_temp,
+                                         warmup_teacher_temp_epochs=k.warmup_teacher_temp_epochs,
+                                         student_temp=k.student_temp, center_momentum=k.center_momentum)
+        elif m == "mae":
+            from lightly.models.modules.masked_autoencoder_timm import MAEDecoderTIMM
+            from lightly.models.modules.masked_vision_transformer_timm import MaskedVisionTransformerTIMM
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # MAEDecoderTIMM is deprecated in lightly 1.6 (same computation)
+                self.encoder = MaskedVisionTransformerTIMM(vit=backbone)
+                self.decoder = MAEDecoderTIMM(num_patches=backbone.patch_embed.num_patches,
+                                              patch_size=backbone.patch_embed.patch_size[0],
+                                              embed_dim=backbone.embed_dim, decoder_embed_dim=k.decoder_dim,
+                                              decoder_depth=k.decoder_depth, decoder_num_heads=k.decoder_heads,
+                                              mlp_ratio=k.decoder_mlp_ratio)
+            self.criterion = nn.MSELoss()
+        else:
+            raise ValueError(f"no lightly counterpart for {method!r}; valid: {', '.join(METHODS)}")
+        o = cfg.method.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if o.name == "lars":
+            from lightly.utils.lars import LARS
+            self.opt = LARS(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                            trust_coefficient=o.trust_coefficient)
+        elif o.name == "sgd":
+            self.opt = torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+    def _embed(self, x: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        if momentum:
+            with torch.no_grad():
+                return self.head_m(self.backbone_m(x).flatten(1))
+        return self.head(self.backbone(x).flatten(1))
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        m, k = self.method, self.k
+        if m == "simclr":
+            return self.criterion(self._embed(views[0]), self._embed(views[1]))
+        if m == "moco_v2":
+            return self.criterion(self._embed(views[0]), self._embed(views[1], momentum=True))
+        if m in ("moco_v3", "byol"):
+            p0, p1 = self.predictor(self._embed(views[0])), self.predictor(self._embed(views[1]))
+            z0, z1 = self._embed(views[0], momentum=True), self._embed(views[1], momentum=True)
+            return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        if m == "simsiam":
+            z0, z1 = self._embed(views[0]), self._embed(views[1])
+            p0, p1 = self.predictor(z0), self.predictor(z1)
+            return 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
+        if m == "swav":
+            self.prototypes.normalize()
+            out = [self.prototypes(nn.functional.normalize(self._embed(v), dim=1)) for v in views]
+            return self.criterion(out[:2], out[2:])
+        if m == "dino":
+            teacher = [self._embed(v, momentum=True) for v in views[:2]]
+            student = [self._embed(v) for v in views]
+            return self.criterion(teacher, student, epoch=0)
+        # mae
+        from lightly.models import utils as LU
+        images = views[0]
+        b, seq = images.shape[0], self.encoder.sequence_length
+        idx_keep, idx_mask = LU.random_token_mask(size=(b, seq), mask_ratio=k.mask_ratio, device=images.device)
+        encoded = self.encoder.encode(images=images, idx_keep=idx_keep)
+        masked = LU.repeat_token(self.decoder.mask_token, (b, seq))
+        masked = LU.set_at_index(masked, idx_keep, self.decoder.embed(encoded).type_as(masked))
+        pred = self.decoder.predict(LU.get_at_index(self.decoder.decode(masked), idx_mask))
+        patches = LU.patchify(images, self.encoder.vit.patch_embed.patch_size[0])
+        target = LU.get_at_index(patches, idx_mask - 1)  # idx_mask counts the class token
+        return self.criterion(pred, target)
+
+    def step(self, views: list[torch.Tensor]) -> None:
+        if self.method in ("moco_v2", "moco_v3", "byol", "dino"):
+            from lightly.models.utils import update_momentum
+            mom = {"moco_v2": self.k.get("momentum", 0.999), "moco_v3": self.k.get("momentum", 0.99),
+                   "byol": self.k.get("base_momentum", 0.99), "dino": self.k.get("momentum_teacher", 0.996)}
+            update_momentum(self.backbone, self.backbone_m, m=mom[self.method])
+            update_momentum(self.head, self.head_m, m=mom[self.method])
+        loss = self.loss(views)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def time_lightly(model: LightlyMethod, views: list[torch.Tensor], warmup: int, steps: int) -> list[float]:
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        model.step(views)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# -------------------------------------------------------------------------------------------------------- driver
+def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    cfg = compose_cfg(method, args)
+    views, labels, indices = make_views(cfg, args.batch)
+    torch.manual_seed(0)
+    ours = build_module(cfg, num_samples=args.batch)
+    b = cfg.backbone
+    torch.manual_seed(0)  # the same initial backbone weights on both sides
+    backbone, dim = create_backbone(b.name, in_chans=3, image_size=cfg.data.image_size, width=b.width,
+                                    channels=None, small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
+                                    patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
+    lr = linear_scaled_lr(cfg.method.optim.base_lr, args.batch, rule=cfg.method.optim.lr_scaling)
+    theirs = LightlyMethod(method, cfg, backbone, dim, lr)
+    t_ours: list[float] = []
+    t_theirs: list[float] = []
+    for _ in range(args.rounds):
+        t_ours += time_ours(ours, (views, labels, indices), args.batch, args.warmup, args.steps)
+        t_theirs += time_lightly(theirs, views[: 2 if method not in ("swav", "dino", "mae") else None], args.warmup,
+                                 args.steps)
+    ips_ours, ips_theirs = args.batch / statistics.median(t_ours), args.batch / statistics.median(t_theirs)
+    sides = [int(v.shape[-1]) for v in views]
+    shown = "+".join(f"{sides.count(s)}x{s}" for s in sorted(set(sides), reverse=True))
+    return {"method": method, "views": shown, "ours_img_s": round(ips_ours, 1),
+            "lightly_img_s": round(ips_theirs, 1), "ratio": round(ips_ours / ips_theirs, 3),
+            "timed_steps": len(t_ours)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--width", type=float, default=0.25, help="ResNet-18 width multiplier")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed run")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations ours / lightly")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--paper-heads", action="store_true", help="keep the configs' head sizes (slow on a CPU)")
+    ap.add_argument("--quick", action="store_true", help="batch 16, 1 round, 1 warm-up step (smoke test)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        ap.error("lightly is not installed: pip install -e '.[bench]' (or pip install lightly)")
+    if args.quick:
+        args.batch, args.rounds, args.warmup = 16, 1, 1
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per round: no banners
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure(m, args) for m in args.methods]
+    head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}"
+    print(f"batch {args.batch}, {args.image_size} px, resnet18 x{args.width} (mae: vit_tiny/4), "
+          f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}")
+    print(head)
+    for r in rows:
+        print(f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}")
+    res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
+           "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
+           "rows": rows}
+    if args.json is not None:
+        args.json.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()

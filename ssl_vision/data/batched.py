@@ -1,0 +1,389 @@
+"""Batched augmentation backend (``augment.backend=batched``): views made on whole batches, on the model's device.
+
+The train loader returns *un-augmented* uint8 images (:class:`RawImages` + :func:`collate_raw`: images padded to the
+batch's largest height and width, with each image's own size kept), and :class:`BatchedViews` turns a batch into the
+same list of views as the per-sample PIL pipeline of :mod:`.views` (one ``ViewSpec`` per crop family, ``count``
+views each, ordered large -> small). ``SSLModule.on_after_batch_transfer`` calls it once the batch is on the
+device, so on a GPU the augmentation runs there as a handful of batched kernels instead of in loader workers.
+
+Split of the work:
+
+* **Parameters on the CPU, per sample.** Every random number of a sample comes from a ``torch.Generator`` seeded
+  with :func:`~ssl_vision.data.sampling.sample_seed` ``(seed, epoch, index)`` -- the same key as the per-sample
+  path. The views are therefore reproducible from ``(seed, step)`` (the sampler fixes which ``(epoch, index)``
+  keys make up step ``step``) and do not depend on batch size, number of processes or workers, device, or on what
+  else is in the batch. Drawing on the CPU also means no device synchronisation to pick the samples that get an op.
+* **Pixels on the device, per batch.** The sampling follows torchvision exactly; the pixel operations are tensor
+  ops (``F.grid_sample`` for the crops, kornia's ``gaussian_blur2d`` with per-sample sigma and its grayscale,
+  torchvision's jitter formulas written out with per-sample factors).
+
+Semantics, op by op, against the per-sample pipeline (torchvision on PIL images):
+
+* ``RandomResizedCrop``: box sampling is torchvision's ``get_params`` -- area uniform in ``scale`` times the image's
+  area, log aspect ratio uniform, ``round`` (half to even, as Python's), up to 10 tries, first fitting box, else
+  the centre-crop fallback -- on the image's own (un-padded) size. Resampling is the crop resized like
+  ``torchvision.transforms.v2.functional.resized_crop`` on a float tensor with ``antialias=False``: bilinear is the
+  same computation (``grid_sample`` at pixel centres, coordinates clamped to the box); bicubic reads the real
+  neighbouring pixels where torchvision, having cut the crop out first, repeats the crop's edge. PIL (per-sample
+  path) low-pass filters when it shrinks a crop; this backend does not, so downscaled crops alias a little more.
+  Flip is folded into the sampling grid (same result as flipping the resized crop).
+* Colour jitter: per sample an independent random order of brightness / contrast / saturation / hue, factors
+  drawn as ``ColorJitter.get_params``, the formulas of torchvision's tensor ops with per-sample factors (hue as one
+  fused HSV-shift formula, ~3x fewer passes than kornia's ``adjust_hue``, same values). kornia's ``ColorJitter``
+  module draws one order per *batch* (not per sample, as torchvision does), so it is not used; its
+  ``RandomResizedCrop`` samples like torchvision but takes one image size per batch, and its other modules draw
+  from the global RNG, which would not give per-sample seeding.
+  PIL (per-sample path) rounds to uint8 after each op, uses the rounded mean for contrast and shifts hue in 8-bit
+  HSV; here everything stays float32, so values differ by those roundings.
+* Grayscale (ITU-R 601 weights, as PIL and torchvision), Gaussian blur (kernel as :func:`.views.blur_kernel_size`,
+  sigma uniform in [0.1, 2] per sample, reflect padding, kornia's ``gaussian_blur2d``), solarize (``x >= 0.5 ->
+  1 - x``, which on floats is PIL's ``>= 128`` on the rounded value), normalisation.
+* One-channel data: brightness and contrast only, no grayscale (as :func:`.views.build_view_transform`).
+
+The loader keeps images small: an image whose shorter side exceeds ``round(8/7 * image_size)`` (256 for 224 px)
+or whose longer side exceeds twice that is downscaled (PIL, antialiased) before batching. Data sets stored at the
+training resolution (CIFAR, STL-10, Fashion-MNIST, synthetic) are passed through untouched. For large photos
+the crops are thus taken from a 256-px version of the image rather than from the original file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kornia
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from ssl_vision.data.sampling import sample_seed
+from ssl_vision.data.views import BLUR_SIGMA, ViewSpec, _mode, _stats, blur_kernel_size, crop_size
+
+__all__ = ["RawImages", "collate_raw", "is_raw_batch", "BatchedViews", "sample_crop_boxes", "resized_crop",
+           "load_side"]
+
+TRIES = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes before its centre-crop fallback
+# Uniforms per view: [0, 10) areas, [10, 20) log aspect ratios, 20 top, 21 left, 22 flip, 23 jitter on/off,
+# [24, 28) jitter factors (b, c, s, h), [28, 32) keys whose argsort is the jitter order, 32 gray, 33 blur on/off,
+# 34 blur sigma, 35 solarize.
+_AREA, _LOGR, _TOP, _LEFT, _FLIP, _JIT, _FAC, _ORD, _GRAY, _BLUR, _SIGMA, _SOL = (
+    0, 10, 20, 21, 22, 23, 24, 28, 32, 33, 34, 35)
+U_PER_VIEW = 36
+RAW_KEY = "raw_images"  # marks a train batch of the batched backend
+
+
+def load_side(image_size: int) -> int:
+    """Shorter side above which the loader downscales: ``round(8/7 * image_size)`` (ImageNet's 256 for 224)."""
+    return max(image_size, round(image_size * 8 / 7))
+
+
+# ------------------------------------------------------------------------------------------------------ loader side
+class RawImages(Dataset):
+    """``dataset[(index, epoch)] -> {"image": uint8 (C, h, w), "label": int, "index": int, "epoch": int}``.
+
+    No augmentation: the mode conversion to ``in_chans`` channels and, for images larger than the training size
+    needs, an antialiased downscale (shorter side to ``max_short``, longer side at most ``2 * max_short``).
+    """
+
+    def __init__(self, base: Dataset, in_chans: int, max_short: int) -> None:
+        self.base, self.mode, self.max_short = base, _mode(in_chans), max_short
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (int(key), 0)
+        img, label = self.base[index]
+        if img.mode != self.mode:
+            img = img.convert(self.mode)
+        w, h = img.size
+        factor = min(1.0, self.max_short / min(w, h), 2 * self.max_short / max(w, h))
+        if factor < 1.0:
+            img = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+        return {"image": pil_to_tensor(img), "label": int(label), "index": int(index), "epoch": int(epoch)}
+
+
+def collate_raw(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pad the images to the batch's largest (h, w) by repeating their last row / column; keep each size.
+
+    Returns ``{RAW_KEY: uint8 (B, C, H, W), "labels": (B,), "indices": (B,), "sizes": [(h, w), ...],
+    "keys": [(index, epoch), ...]}``; ``sizes`` and ``keys`` are plain lists so that they stay on the CPU when
+    Lightning moves the batch (the crop parameters are drawn there). Edge padding (not zeros) keeps the padding out
+    of bicubic taps at a crop's border.
+    """
+    sizes = [(int(it["image"].shape[-2]), int(it["image"].shape[-1])) for it in items]
+    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    images = []
+    for it in items:
+        img = it["image"]
+        ph, pw = height - img.shape[-2], width - img.shape[-1]
+        if ph or pw:
+            img = F.pad(img[None].float(), (0, pw, 0, ph), mode="replicate")[0].to(torch.uint8)
+        images.append(img)
+    return {RAW_KEY: torch.stack(images), "sizes": sizes,
+            "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "keys": [(it["index"], it["epoch"]) for it in items]}
+
+
+def is_raw_batch(batch: Any) -> bool:
+    return isinstance(batch, Mapping) and RAW_KEY in batch
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+def sample_crop_boxes(u: Tensor, heights: Tensor, widths: Tensor, scale: Sequence[float],
+                      ratio: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torchvision ``RandomResizedCrop.get_params`` for a batch, from uniforms instead of torch's global RNG.
+
+    ``u``: (B, 22) uniforms in [0, 1) (10 areas, 10 log ratios, top, left); ``heights``, ``widths``: (B,) image
+    sizes. Returns ``(top, left, h, w)``, each (B,) int64: the first of 10 tries with ``0 < w <= W`` and
+    ``0 < h <= H``, else the centre crop of the whole image clipped to the ratio range.
+    """
+    u = u.double()
+    big_h, big_w = heights.double(), widths.double()
+    area = (big_h * big_w)[:, None] * (scale[0] + u[:, _AREA:_AREA + TRIES] * (scale[1] - scale[0]))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + u[:, _LOGR:_LOGR + TRIES] * (hi - lo))
+    w = torch.round(torch.sqrt(area * aspect))  # torch.round is half-to-even, like Python's round
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= big_w[:, None]) & (h > 0) & (h <= big_h[:, None])
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    found = fits.any(1)
+    in_ratio = big_w / big_h
+    lo_r, hi_r = min(ratio), max(ratio)
+    fb_w = torch.where(in_ratio > hi_r, torch.round(big_h * hi_r), big_w)
+    fb_h = torch.where(in_ratio < lo_r, torch.round(big_w / lo_r), big_h)
+    w = torch.where(found, w.gather(1, first)[:, 0], fb_w)
+    h = torch.where(found, h.gather(1, first)[:, 0], fb_h)
+    # randint(0, n) as floor(u * n), clipped for the float rounding of u close to 1
+    top = torch.where(found, torch.minimum(torch.floor(u[:, _TOP] * (big_h - h + 1)), big_h - h),
+                      torch.div(big_h - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.minimum(torch.floor(u[:, _LEFT] * (big_w - w + 1)), big_w - w),
+                       torch.div(big_w - w, 2, rounding_mode="floor"))
+    return top.long(), left.long(), h.long(), w.long()
+
+
+def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, size: int,
+                 interpolation: str = "bilinear", flip: Tensor | None = None) -> Tensor:
+    """(B, C, H, W) float, per-sample boxes (B,) -> (B, C, size, size): each box resized, optionally flipped.
+
+    The sampling points are those of ``F.interpolate(crop, align_corners=False)`` -- pixel centres, clamped to the
+    box -- so bilinear output equals torchvision's ``resized_crop(..., antialias=False)`` of the float image.
+    Bicubic output is clamped to [0, 1] (PIL's uint8 result is); nearest uses ``grid_sample``'s rounding. Box
+    tensors may live on the CPU.
+    """
+    dev = images.device
+    big_h, big_w = images.shape[-2:]
+    if size == big_h == big_w and bool(((top == 0) & (left == 0) & (h == big_h) & (w == big_w)).all()):
+        out = images.clone()  # every box is the whole image at the output size (e.g. augment=none): exact copy
+        if flip is not None and (rows := _rows(flip.cpu(), dev)) is not None:
+            out.index_copy_(0, rows, out.index_select(0, rows).flip(-1))
+        return out
+    steps = torch.arange(size, dtype=torch.float64) + 0.5
+
+    def coords(start: Tensor, extent: Tensor, n: int) -> Tensor:
+        start, extent = start.double()[:, None], extent.double()[:, None]
+        c = start + steps[None] * (extent / size) - 0.5
+        c = torch.minimum(torch.maximum(c, start), start + extent - 1)
+        return ((2 * c + 1) / n - 1).float()  # grid_sample's normalised coordinate, align_corners=False
+
+    xs, ys = coords(left, w, big_w), coords(top, h, big_h)
+    if flip is not None:
+        xs = torch.where(flip.cpu()[:, None], xs.flip(1), xs)
+    xs, ys = xs.to(dev, non_blocking=True), ys.to(dev, non_blocking=True)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    mode = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}[interpolation]
+    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
+
+
+# ------------------------------------------------------------------------------------------------------ colour ops
+def _rows(mask: Tensor, device: torch.device) -> Tensor | None:
+    """Indices of the True entries of a CPU mask, on ``device``; None when there are none."""
+    idx = mask.nonzero()[:, 0]
+    return idx.to(device, non_blocking=True) if idx.numel() else None
+
+
+def _brightness(x: Tensor, f: Tensor) -> Tensor:
+    return (x * f[:, None, None, None]).clamp_(0.0, 1.0)
+
+
+def _gray(x: Tensor) -> Tensor:
+    return kornia.color.rgb_to_grayscale(x) if x.shape[1] == 3 else x
+
+
+def _contrast(x: Tensor, f: Tensor) -> Tensor:
+    f = f[:, None, None, None]
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
+
+
+def _saturation(x: Tensor, f: Tensor) -> Tensor:
+    f = f[:, None, None, None]
+    return (f * x + (1 - f) * _gray(x)).clamp_(0.0, 1.0)
+
+
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0])[:, None, None]  # R, G, B in the k-form of HSV -> RGB
+
+
+def _hue(x: Tensor, f: Tensor) -> Tensor:
+    """torchvision's ``adjust_hue`` (RGB -> HSV, ``h = (h + f) mod 1``, HSV -> RGB) in one fused formula.
+
+    Value ``M = max(r, g, b)`` and chroma ``C = M - min(r, g, b)`` are unchanged by a hue shift, so the output is
+    ``M - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6h') mod 6``, ``n = 5, 3, 1`` for R, G, B -- the
+    same function as torchvision's six-case ``_hsv2rgb``, in about a third of the passes of kornia's
+    ``adjust_hue`` (which gives the same values; the test compares with torchvision).
+    """
+    r, g, b = x.unbind(1)
+    top, bottom = x.amax(1), x.amin(1)
+    chroma = top - bottom
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    num = torch.where(top == r, g - b, torch.where(top == g, b - r + 2 * safe, r - g + 4 * safe))
+    # hue in sixths of a turn, shifted: num / safe is in [-1, 5] and 6f in [-3, 3], so +6 keeps it positive and one
+    # remainder (after adding the channel offsets) wraps it
+    h6 = num.div_(safe).add_((6.0 * f + 6.0)[:, None, None])
+    k = (h6[:, None] + _HUE_OFFSETS.to(x.device)).remainder_(6.0)
+    t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return top[:, None].sub(t.mul_(chroma[:, None])).clamp_(0.0, 1.0)
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
+
+
+class _ViewFamily:
+    """The batched pipeline of one ``ViewSpec`` (all ``count`` views of it)."""
+
+    def __init__(self, spec: ViewSpec, image_size: int, in_chans: int) -> None:
+        self.spec, self.in_chans = spec, in_chans
+        self.side = crop_size(spec, image_size)
+        self.kernel = blur_kernel_size(self.side)
+        b, c, s, h = spec.jitter
+        if h > 0.5:
+            raise ValueError(f"jitter hue must be in [0, 0.5] (as torchvision's ColorJitter), got {h}")
+        if in_chans == 1:
+            s, h = 0.0, 0.0
+        # ColorJitter's ranges; an op of strength 0 is None there (never applied)
+        self.ranges = [(max(0.0, 1 - b), 1 + b) if b else None, (max(0.0, 1 - c), 1 + c) if c else None,
+                       (max(0.0, 1 - s), 1 + s) if s else None, (-h, h) if h else None]
+        self.jitter_on = any(r is not None for r in self.ranges) and spec.jitter_p > 0
+        self.gray_on = spec.gray_p > 0 and in_chans == 3
+
+    def __call__(self, images: Tensor, sizes: Tensor, u: Tensor) -> list[Tensor]:
+        """images (B, C, H, W) floats in [0, 1], sizes (B, 2) (h, w) and u (count, B, 36) on the CPU
+        -> ``count`` views (B, C, S, S)."""
+        spec, count, batch = self.spec, u.shape[0], images.shape[0]
+        crops = []
+        for v in range(count):
+            top, left, h, w = sample_crop_boxes(u[v], sizes[:, 0], sizes[:, 1], spec.scale, spec.ratio)
+            flip = u[v, :, _FLIP] < spec.flip_p
+            crops.append(resized_crop(images, top, left, h, w, self.side, spec.interpolation, flip))
+        x = torch.cat(crops) if count > 1 else crops[0]  # colour ops for all views of the family at once
+        u = u.reshape(count * batch, U_PER_VIEW)
+        if spec.gray_before_jitter:
+            x = self._grayscale(x, u)
+            x = self._jitter(x, u)
+        else:
+            x = self._jitter(x, u)
+            x = self._grayscale(x, u)
+        x = self._blur(x, u)
+        if spec.solarize_p > 0 and (rows := _rows(u[:, _SOL] < spec.solarize_p, x.device)) is not None:
+            sub = x.index_select(0, rows)
+            x.index_copy_(0, rows, torch.where(sub >= 0.5, 1.0 - sub, sub))
+        return list(x.chunk(count)) if count > 1 else [x]
+
+    def _jitter(self, x: Tensor, u: Tensor) -> Tensor:
+        """Per sample: with prob ``jitter_p``, the enabled ops in that sample's own random order (torchvision)."""
+        if not self.jitter_on:
+            return x
+        on = (u[:, _JIT] < self.spec.jitter_p).nonzero()[:, 0]
+        if on.numel() == 0:
+            return x
+        factors = torch.zeros(on.numel(), 4)
+        for k, r in enumerate(self.ranges):
+            if r is not None:
+                factors[:, k] = r[0] + u[on, _FAC + k] * (r[1] - r[0])
+        order = u[on, _ORD:_ORD + 4].argsort(dim=1)  # argsort of iid uniforms: a uniform random permutation
+        dev = x.device
+        for slot in range(4):  # slot by slot, each jittered sample gets the op its own order puts there
+            for k, op in enumerate(_JITTER_OPS):
+                if self.ranges[k] is None:
+                    continue
+                pick = order[:, slot] == k
+                if pick.any():
+                    rows = on[pick].to(dev, non_blocking=True)
+                    f = factors[pick, k].to(dev, non_blocking=True)
+                    x.index_copy_(0, rows, op(x.index_select(0, rows), f))
+        return x
+
+    def _grayscale(self, x: Tensor, u: Tensor) -> Tensor:
+        if not self.gray_on or (rows := _rows(u[:, _GRAY] < self.spec.gray_p, x.device)) is None:
+            return x
+        return x.index_copy_(0, rows, _gray(x.index_select(0, rows)).expand(-1, 3, -1, -1))
+
+    def _blur(self, x: Tensor, u: Tensor) -> Tensor:
+        if self.spec.blur_p <= 0:
+            return x
+        on = u[:, _BLUR] < self.spec.blur_p
+        if (rows := _rows(on, x.device)) is None:
+            return x
+        sigma = BLUR_SIGMA[0] + u[on, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+        sigma = sigma[:, None].expand(-1, 2).contiguous()  # left on the CPU: kornia checks it there, no GPU sync
+        blurred = kornia.filters.gaussian_blur2d(x.index_select(0, rows), self.kernel, sigma, border_type="reflect")
+        return x.index_copy_(0, rows, blurred)
+
+
+class BatchedViews:
+    """Raw uint8 batch -> ``(views, labels, indices)`` like the per-sample pipeline (see the module docstring).
+
+    ``specs`` as :func:`.views.build_multiview` (ordered large -> small crops); ``seed`` is the run's seed. Call it
+    on the batch of :func:`collate_raw` after it has been moved to the device; the views are float32 on that device.
+    """
+
+    def __init__(self, specs: Sequence[ViewSpec | Mapping[str, Any]], image_size: int, in_chans: int,
+                 mean: Sequence[float], std: Sequence[float], seed: int = 0) -> None:
+        if not specs:
+            raise ValueError("at least one view spec is required (see conf/augment/*.yaml)")
+        parsed = [s if isinstance(s, ViewSpec) else ViewSpec.from_dict(s) for s in specs]
+        sides = [crop_size(s, image_size) for s in parsed]
+        if any(later > earlier for earlier, later in zip(sides, sides[1:])):
+            raise ValueError(f"view specs must be ordered large -> small crops, got sizes {sides}")
+        mean, std = _stats(mean, std, in_chans)
+        _mode(in_chans)
+        self.families = [_ViewFamily(s, image_size, in_chans) for s in parsed]
+        self.counts = [s.count for s in parsed]
+        self.num_views = sum(self.counts)
+        self.in_chans, self.seed = in_chans, seed
+        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+    def uniforms(self, keys: Sequence[tuple[int, int]]) -> Tensor:
+        """(V, B, 36) CPU uniforms; sample ``b`` draws all of its numbers from ``sample_seed(seed, epoch, index)``."""
+        g = torch.Generator()
+        rows = []
+        for index, epoch in keys:
+            g.manual_seed(sample_seed(self.seed, int(epoch), int(index)))
+            rows.append(torch.rand(self.num_views, U_PER_VIEW, generator=g))
+        return torch.stack(rows, dim=1)
+
+    def __call__(self, batch: Mapping[str, Any]) -> tuple[list[Tensor], Tensor, Tensor]:
+        images = batch[RAW_KEY]
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(f"BatchedViews expects uint8 (B, {self.in_chans}, H, W) images, got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        sizes = torch.tensor(batch["sizes"], dtype=torch.long).reshape(-1, 2)
+        u = self.uniforms(batch["keys"])
+        x = images.float().div_(255.0)
+        scale, shift = (1.0 / self.std).to(x.device), (-self.mean / self.std).to(x.device)
+        views, start = [], 0
+        for family, count in zip(self.families, self.counts):
+            for v in family(x, sizes, u[start:start + count]):
+                views.append(torch.addcmul(shift, v, scale))  # (v - mean) / std in one pass
+            start += count
+        return views, batch["labels"], batch["indices"]
+
+    def __repr__(self) -> str:
+        inner = "\n".join(f"  {n} x {f.side}px {f.spec}" for f, n in zip(self.families, self.counts))
+        return f"{type(self).__name__}(seed={self.seed}, [\n{inner}\n])"
