@@ -61,6 +61,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
                      use_distributed_sampler=False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
 
 
+def save_init_checkpoint(module: SSLModule, path: Path) -> None:
+    """``checkpoints/init.ckpt``: the weights before the first optimizer step (the objective's own initialisation
+    included), in the format the evaluation tools read, so the random-init baseline of the *same* backbone can be
+    kNN-evaluated, linear-probed or fine-tuned like any checkpoint. Not resumable (no optimizer state)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": module.state_dict(), "global_step": 0, "epoch": 0,
+                                          "ssl_vision": {"run_info": module.run_info, "init": True}}, path)
+
+
 def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
     """Periodic checkpoints (the newest ``save_top_k`` kept) plus ``last.ckpt``.
 
@@ -68,8 +77,9 @@ def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
     one trigger per callback, and two callbacks would fight over ``last.ckpt``. ``last.ckpt`` is written with every
     periodic checkpoint and at the end of training (:class:`~ssl_vision.training.RunCheckpoint`). A resume from a
     mid-epoch checkpoint continues with the next unseen batch (``ResumableLoader`` in :mod:`ssl_vision.data`).
-    Such a checkpoint is written in the callbacks' ``on_train_batch_end``, i.e. before ``SSLModule``'s, so it lacks
-    that batch's probe step and ``objective.after_optimizer_step`` (EMA teachers, InstDisc's bank).
+    Such a checkpoint is written in the callbacks' ``on_train_batch_end``; ``SSLModule`` does all of a step's state
+    updates before that (probe step in ``training_step``, ``objective.after_optimizer_step`` in ``optimizer_step``),
+    so the checkpoint holds the complete state after the step.
     """
     c = cfg.checkpoint
     every_steps = c.get("every_n_steps")
@@ -119,6 +129,8 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     if cfg.eval.knn_at_init and resume is None:
         trainer.validate(module, datamodule=dm, verbose=False)
         knn_init = module.val_results.get("knn_top1")
+    if cfg.checkpoint.get("save_init") and resume is None and trainer.is_global_zero:
+        save_init_checkpoint(module, run_dir / "checkpoints" / "init.ckpt")
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     if cfg.eval.final_eval and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=dm, verbose=False)

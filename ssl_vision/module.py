@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import lightning as L
 import torch
@@ -160,7 +160,11 @@ class SSLModule(L.LightningModule):
                 "temperature too low, or fp16 overflow (use trainer.precision=bf16-mixed or 32-true). Training "
                 "stopped here; the last good checkpoint is kept (checkpoints/last.ckpt, written before this step): "
                 "fix the cause and continue with resume=auto.")
+        # The online probe steps here, on this micro-batch's detached features, not in on_train_batch_end: Lightning
+        # runs the checkpoint callback's on_train_batch_end before the module's, so state changed there would be
+        # missing from a mid-epoch checkpoint (and a resumed run would lag by that one update).
         self._probe_batch = (out.features.detach(), labels)
+        self._step_probe()
         self.last_train_loss = out.loss.detach()  # a tensor: no device sync per step
         n = views[0].shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
@@ -170,10 +174,16 @@ class SSLModule(L.LightningModule):
             self.log(f"train/{k}", v, batch_size=n)
         return out.loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
-            self.objective.after_optimizer_step(self.backbone, self.step_info())
-        self._step_probe()
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the objective's state updates that follow it (EMA teachers, bank writes).
+
+        Here rather than in ``on_train_batch_end`` so that a checkpoint written at this step (``every_n_steps``,
+        mid-epoch) already holds them. Lightning counts the step only after this hook returns, so the step info
+        handed on is ``global_step + 1``: the number of optimizer steps taken, as the objectives expect.
+        """
+        optimizer.step(closure=optimizer_closure)
+        info = self.step_info()
+        self.objective.after_optimizer_step(self.backbone, replace(info, global_step=info.global_step + 1))
 
     def _step_probe(self) -> None:
         """One SGD step of the online linear probe on detached features (no gradient reaches the backbone)."""

@@ -152,3 +152,34 @@ def test_one_step_on_real_fashion_mnist(make_cfg):
                     "eval.knn_at_init=false"])
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and res["data"] == "fashion_mnist" and 0 <= res["knn_top1"] <= 100
+
+
+class RecordStartState(L.Callback):
+    """The module's full state when training starts, before any optimizer step."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_init_checkpoint_holds_the_weights_before_the_first_step(make_cfg, tmp_path):
+    """``checkpoint.save_init`` (on with ``eval.knn_at_init``): ``checkpoints/init.ckpt`` equals the module's state at
+    the start of training, is readable by the evaluation tools' loader, and differs from the trained weights."""
+    from ssl_vision.eval.checkpoints import load_backbone
+
+    rec = RecordStartState()
+    res = run_pretraining(make_cfg(["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST,
+                                    "trainer.max_steps=2", "eval.knn_at_init=true"], tmp_path), extra_callbacks=[rec])
+    init = Path(res["checkpoint"]).parent / "init.ckpt"
+    ckpt = load_checkpoint(init)
+    assert ckpt["global_step"] == 0 and ckpt["ssl_vision"]["run_info"]["method"] == "byol"
+    assert ckpt["state_dict"].keys() == rec.state.keys()
+    for k, v in rec.state.items():
+        torch.testing.assert_close(ckpt["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    trained = load_checkpoint(Path(res["checkpoint"]))["state_dict"]
+    assert not torch.equal(trained["backbone.conv1.weight"], ckpt["state_dict"]["backbone.conv1.weight"])
+    model, dim, info = load_backbone(init)
+    torch.testing.assert_close(model.state_dict()["conv1.weight"], rec.state["backbone.conv1.weight"])
+    # off: no file
+    res2 = run_pretraining(make_cfg(["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST,
+                                     "trainer.max_steps=1", "eval.knn_at_init=false"], tmp_path / "off"))
+    assert not (Path(res2["checkpoint"]).parent / "init.ckpt").exists()

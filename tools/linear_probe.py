@@ -2,7 +2,7 @@
 """Linear probe on a frozen backbone (methods.md 10.2): ``python tools/linear_probe.py checkpoint=<path>``.
 
 Options (conf/linear.yaml): ``protocol=sgd_cosine|sgd_step|lars_bn lr=... epochs=... batch_size=...
-weight_decay=... report_best_on_test=true augment=true use_teacher=true cache_features=false device=auto``; data
+weight_decay=... report_best_on_test=true train_augment=true use_teacher=true cache_features=false device=auto``; data
 from the checkpoint unless ``data=<name>`` or ``+data.root=/path``. Features are cached beside the checkpoint
 (``<stem>.features.<split>.pt``). Writes ``<checkpoint stem>.linear.json`` (an existing one is kept renamed) and
 prints it as the last line of stdout.
@@ -40,8 +40,8 @@ def _load(cfg: DictConfig):
 
 
 def finetune(cfg: DictConfig) -> dict:
-    if cfg.report_best_on_test or cfg.augment:
-        raise ValueError("report_best_on_test / augment are linear-probe options; fine-tuning always augments and "
+    if cfg.report_best_on_test or cfg.train_augment:
+        raise ValueError("report_best_on_test / train_augment are linear-probe options; fine-tuning always augments and "
                          "reports the last epoch")
     spec = make_finetune_spec(OmegaConf.to_container(cfg.finetuning, resolve=True), cfg.lr, cfg.epochs,
                               cfg.batch_size, cfg.weight_decay, cfg.seed)
@@ -58,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
                            cfg.batch_size, cfg.weight_decay, cfg.seed)
     ckpt, backbone, info, data, head = _load(cfg)
     res = probe_checkpoint(ckpt, spec, data, backbone, info, cfg.extract_batch_size, cfg.num_workers, cfg.device,
-                           cfg.augment, cfg.cache_features, cfg.report_best_on_test, cfg.train_subset)
+                           cfg.train_augment, cfg.cache_features, cfg.report_best_on_test, cfg.train_subset)
     return {**head, **res}
 
 

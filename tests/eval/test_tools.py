@@ -146,5 +146,8 @@ def test_linear_probe_tool(ckpt, tmp_path):
 
     with pytest.raises(ValueError, match="finetuning.warmup_epochs=5 exceeds epochs=3"):
         probe.evaluate(compose_cfg("linear", [*base, "finetune=true"]))
+    # train_augment (not 'augment', which is a config group of the pretraining configs) works from the command line
+    aug = probe.evaluate(compose_cfg("linear", [*base, "train_augment=true", "epochs=1"]))
+    assert aug["augment"] is True and aug["feature_cache"]["train"] == "augmented (recomputed every epoch)"
     with pytest.raises(ValueError, match="unknown linear-probe protocol 'mae'"):
         probe.evaluate(compose_cfg("linear", [*base, "protocol=mae"]))

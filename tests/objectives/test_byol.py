@@ -343,3 +343,24 @@ def test_resume_equals_uninterrupted_including_target(make_cfg, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     # the target is real state (an EMA lagging the online network), not a copy that could be rebuilt
     assert not torch.allclose(a["objective.target_projector.0.weight"], a["objective.projector.0.weight"])
+
+
+def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(make_cfg, tmp_path):
+    """A checkpoint written inside an epoch (``checkpoint.every_n_steps=3``; 4 steps per epoch here) already holds
+    that step's EMA update of the target and the online probe's step: resuming from it gives every weight of the
+    uninterrupted run, target network and probe included. (Both updates used to run after the checkpoint callback,
+    so a resumed run lagged by one target update.)"""
+    common = ["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST, *SMALL_HEADS, "trainer.max_epochs=2",
+              "eval.final_eval=false", "checkpoint.every_n_steps=3", "checkpoint.save_top_k=-1"]
+    straight = run_pretraining(make_cfg(common, tmp_path / "straight"))
+    assert straight["steps"] == 8
+    mid = sorted(Path(straight["checkpoint"]).parent.glob("epoch000-step0000003.ckpt"))
+    assert len(mid) == 1, sorted(p.name for p in Path(straight["checkpoint"]).parent.iterdir())
+    resumed = run_pretraining(make_cfg([*common, f"resume={mid[0]}"], tmp_path / "other"))
+    assert resumed["steps"] == 8
+    _, a = _backbone_state(straight["checkpoint"])  # the whole state_dict, online probe included
+    _, b = _backbone_state(resumed["checkpoint"])
+    assert a.keys() == b.keys() and any(k.startswith("online_probe.") for k in a)
+    assert any(k.startswith("objective.target_backbone.") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
