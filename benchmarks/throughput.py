@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from ssl_vision.data.batched import is_raw_batch  # noqa: E402
 from ssl_vision.launch import build_datamodule, build_module  # noqa: E402
 from ssl_vision.objectives.base import StepInfo  # noqa: E402
 from ssl_vision.optim import build_optimizer, linear_scaled_lr, param_groups  # noqa: E402
@@ -122,6 +123,9 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
                         steps_per_epoch=per_epoch, indices=indices)
 
     def to_device(batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if is_raw_batch(batch):  # augment.backend=batched: uint8 images to the device, views made there
+            batch = dm.batch_views({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                    for k, v in batch.items()})
         views, _, indices = batch
         views = views[: objective.num_views] if objective.num_views else views
         return [v.to(device, non_blocking=True) for v in views], indices.to(device, non_blocking=True)
@@ -152,9 +156,12 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
         "full_step": rate(lambda: train_step(*to_device(next(train_it))), warmup, steps, bs, device),
     }
     del train_it  # stop its workers before timing the loader alone
-    out["aug_only"] = rate(lambda: next(aug_it), warmup, steps, bs, device)
+    # the loader alone; with the batched backend the views are made on the device, so that is included here
+    out["aug_only"] = rate((lambda: to_device(next(aug_it))) if dm.backend == "batched" else (lambda: next(aug_it)),
+                           warmup, steps, bs, device)
     return {"method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name, "batch_size": bs,
-            "precision": precision, "device": device_name(device), "threads": torch.get_num_threads(),
+            "precision": precision, "backend": dm.backend, "device": device_name(device),
+            "threads": torch.get_num_threads(),
             "steps": steps, "warmup": warmup, **{k: round(out[k], 2) for k in RATES},
             "aug_share": round(1.0 - out["full_step"] / out["no_aug_step"], 4),
             "method_overhead": round(out["bare_fwd_bwd"] / out["no_aug_step"], 4)}

@@ -35,3 +35,16 @@ def test_throughput_script_tiny_run(tmp_path):
     assert [p.name for p in out_json.parent.iterdir()] == ["throughput.json"]  # no temp file left behind
     for k in RATES:  # the human-readable table is printed too
         assert k in proc.stdout
+
+
+def test_throughput_script_batched_backend(tmp_path):
+    """``augment.backend=batched``: raw uint8 batches become views on the device inside the timed steps."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "data=synthetic", "data.synthetic_size=64",
+           "data.batch_size=16", "data.num_workers=0", "backbone.width=0.125", "augment.backend=batched",
+           "--steps", "2", "--warmup", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["backend"] == "batched"
+    for k in RATES:
+        assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] > 0, (k, res[k])
