@@ -13,6 +13,7 @@ batch_size weight_decay`` override it), written to ``<checkpoint stem>.finetune.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -45,10 +46,39 @@ def finetune(cfg: DictConfig) -> dict:
                          "reports the last epoch")
     spec = make_finetune_spec(OmegaConf.to_container(cfg.finetuning, resolve=True), cfg.lr, cfg.epochs,
                               cfg.batch_size, cfg.weight_decay, cfg.seed)
-    _, backbone, info, data, head = _load(cfg)
-    res, _ = finetune_backbone(backbone, info["create_kwargs"], data, spec, cfg.extract_batch_size,
-                               cfg.num_workers, cfg.device, cfg.train_subset)
-    return {**head, "mode": "finetune", **res}
+    ckpt, backbone, info, data, head = _load(cfg)
+    res, model = finetune_backbone(backbone, info["create_kwargs"], data, spec, cfg.extract_batch_size,
+                                   cfg.num_workers, cfg.device, cfg.train_subset)
+    out = {**head, "mode": "finetune", **res}
+    if cfg.save_finetuned:
+        out["saved"] = save_finetuned(ckpt, model, info, res)
+    return out
+
+
+def save_finetuned(ckpt: Path, model, info: dict, res: dict) -> dict:
+    """The fine-tuned backbone as ``<stem>.finetuned.backbone.safetensors`` + ``.json`` (the export format: every
+    evaluation tool reads it with ``checkpoint=``) and its classifier head as ``<stem>.finetuned.head.safetensors``."""
+    from safetensors.torch import save_file
+
+    from ssl_vision.eval.checkpoints import keep_existing
+    from ssl_vision.eval.export import write_backbone_files
+
+    if hasattr(model, "backbone"):  # finetune.Classifier: backbone + Linear head
+        backbone, head = model.backbone, model.head
+    else:                           # a timm ViT with its own head slot: the backbone is the model without it
+        head = model.get_classifier()
+        backbone = copy.deepcopy(model)
+        backbone.reset_classifier(0)
+    backbone_path = beside(ckpt, ".finetuned.backbone.safetensors")
+    head_path = beside(ckpt, ".finetuned.head.safetensors")
+    keep_existing(head_path)
+    tmp = head_path.with_name(f".{head_path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    tmp.replace(head_path)
+    meta = write_backbone_files(backbone_path, backbone, info["feature_dim"], {**info, "weights": "finetuned"},
+                                ckpt, finetune={"top1": res["top1"], "epochs": res["epochs"], "steps": res["steps"],
+                                                "head": str(head_path.resolve())})
+    return {"backbone": meta["weights_path"], "json": meta["json_path"], "head": str(head_path.resolve())}
 
 
 def evaluate(cfg: DictConfig) -> dict:

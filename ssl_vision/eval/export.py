@@ -101,12 +101,21 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path | None = None,
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         target = Path(out_dir) / target.name
+    return write_backbone_files(target, model, dim, info, checkpoint)
+
+
+def write_backbone_files(target: Path, model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path,
+                         **extra: Any) -> dict[str, Any]:
+    """``target`` (safetensors, the backbone's state_dict) and its ``.json`` sidecar in the export format, which
+    :func:`~ssl_vision.eval.checkpoints.load_backbone` and every evaluation tool read. ``extra`` goes into the
+    sidecar. Existing files are kept under a stamped name; both are written to temporary names and renamed."""
+    target = Path(target)
     sidecar = target.with_suffix(".json")
     meta = {"format": EXPORT_FORMAT, "backbone": info["backbone"], "create_kwargs": info["create_kwargs"],
             "feature_dim": dim, "method": info["method"], "weights": info["weights"],
             "weights_prefix": info["weights_prefix"], "stock": stock_model(info["create_kwargs"], model),
-            "data": info["data"], "source_checkpoint": str(checkpoint.resolve()),
-            "global_step": info["global_step"], "epoch": info["epoch"]}
+            "data": info["data"], "source_checkpoint": str(Path(checkpoint).resolve()),
+            "global_step": info["global_step"], "epoch": info["epoch"], **extra}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     for old in (target, sidecar):
         keep_existing(old)

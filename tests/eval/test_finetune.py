@@ -167,15 +167,34 @@ def test_two_steps_change_the_weights_of_a_copy(arch, tmp_path):
         assert again["train_loss"] == res["train_loss"] and again["top1"] == res["top1"]  # seeded
 
 
-def test_linear_probe_tool_finetune_true(tmp_path):
-    ckpt = write_checkpoint(tmp_path / "last.ckpt", tiny_backbone()[0])
+@pytest.mark.parametrize("arch", ["resnet", "vit"])
+def test_linear_probe_tool_finetune_true(arch, tmp_path):
+    if arch == "vit":
+        torch.manual_seed(0)
+        model, _ = create_backbone(**{**VIT_KW, "name": "test_vit"})
+        ckpt = write_checkpoint(tmp_path / "last.ckpt", model, backbone_cfg=TEST_VIT_CFG)
+    else:
+        ckpt = write_checkpoint(tmp_path / "last.ckpt", tiny_backbone()[0])
     probe = load_tool("linear_probe")
     base = [f"checkpoint={ckpt}", "finetune=true", "epochs=1", "batch_size=8", "train_subset=16",
             "finetuning.warmup_epochs=0", "num_workers=0", "extract_batch_size=32", "device=cpu"]
     res = probe.run(compose_cfg("linear", base))
     assert json.loads((tmp_path / "last.finetune.json").read_text()) == res
-    assert res["mode"] == "finetune" and res["steps"] == 2 and res["backbone"] == "resnet18"
+    assert res["mode"] == "finetune" and res["steps"] == 2
+    assert res["backbone"] == ("test_vit" if arch == "vit" else "resnet18")
     assert res["lr"] == pytest.approx(5e-4 * 8 / 256) and res["spec"]["weight_decay"] == 0.05
     assert not (tmp_path / "last.linear.json").exists()
-    with pytest.raises(ValueError, match=re.escape("report_best_on_test / augment are linear-probe options")):
+    # the fine-tuned weights are saved in the export format: the evaluation tools read them like any backbone
+    from safetensors.torch import load_file
+
+    from ssl_vision.eval.checkpoints import load_backbone
+    saved = res["saved"]
+    tuned, dim, tuned_info = load_backbone(saved["backbone"])
+    original, _, _ = load_backbone(ckpt)
+    assert tuned_info["format"] == "export" and tuned_info["weights"] == "finetuned"
+    assert tuned.state_dict().keys() == original.state_dict().keys()
+    assert any(not torch.equal(tuned.state_dict()[k], v) for k, v in original.state_dict().items())  # 2 steps moved it
+    head = load_file(saved["head"])
+    assert head["weight"].shape == (res["num_classes"], dim) and head["bias"].shape == (res["num_classes"],)
+    with pytest.raises(ValueError, match=re.escape("report_best_on_test / train_augment are linear-probe options")):
         probe.evaluate(compose_cfg("linear", [*base, "report_best_on_test=true"]))
