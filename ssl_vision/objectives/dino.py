@@ -124,7 +124,8 @@ class DINO(Objective):
     @torch.no_grad()
     def _update_center(self, teacher: torch.Tensor) -> None:
         """c ← m·c + (1−m)·Σ(teacher logits over all processes)/(2N·W): the centre is the *global* batch mean."""
-        batch_center = dist.all_reduce_sum(teacher.sum(dim=0, keepdim=True).float()) / (
+        # in the centre's dtype (float32 under bf16/fp16 autocast; float64 when the module is double)
+        batch_center = dist.all_reduce_sum(teacher.sum(dim=0, keepdim=True).to(self.center.dtype)) / (
             teacher.shape[0] * dist.world_size())
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
