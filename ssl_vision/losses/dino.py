@@ -24,7 +24,7 @@ def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: tor
         center: (K,) or (1, K) the running centre c of the teacher logits.
         student_temp: τ_s (0.1). teacher_temp: τ_t of this epoch (see :func:`teacher_temperature`).
 
-    Returns a float32 scalar.
+    Returns a float32 scalar (float64 when the logits are float64): computed in at least float32 under autocast.
     """
     if student.ndim != 3 or teacher.ndim != 3 or student.shape[1:] != teacher.shape[1:]:
         raise ValueError(f"dino_cross_entropy expects student (V, N, K) and teacher (G, N, K) with matching N, K; "
@@ -33,9 +33,10 @@ def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: tor
     if num_global > num_crops or num_crops < 2:
         raise ValueError(f"DINO needs >= 2 student crops and no more teacher crops than student crops; got "
                          f"{num_crops} student and {num_global} teacher crops")
-    p_t = F.softmax((teacher.detach().float() - center.float().reshape(1, 1, -1)) / teacher_temp, dim=-1)
-    log_p_s = F.log_softmax(student.float() / student_temp, dim=-1)
-    total = student.new_zeros((), dtype=torch.float32)
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    p_t = F.softmax((teacher.detach().to(dtype) - center.to(dtype).reshape(1, 1, -1)) / teacher_temp, dim=-1)
+    log_p_s = F.log_softmax(student.to(dtype) / student_temp, dim=-1)
+    total = student.new_zeros((), dtype=dtype)
     terms = 0
     for i in range(num_global):
         for v in range(num_crops):
