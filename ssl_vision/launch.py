@@ -37,7 +37,7 @@ def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int
                                     width=b.width, channels=None if b.channels is None else list(b.channels),
                                     small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
                                     patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
-    if OmegaConf.select(cfg, "perf.channels_last", default=False):
+    if cfg.perf.channels_last:
         # NHWC weights: convolutions then produce NHWC outputs whatever the input layout; momentum / teacher copies
         # (deep copies) keep the format; state_dict values are unchanged, so checkpoints load either way
         backbone = backbone.to(memory_format=torch.channels_last)

@@ -24,7 +24,8 @@ def test_channels_last_weights_same_features(make_cfg):
     target_convs = [m.weight for m in nhwc.objective.modules() if isinstance(m, torch.nn.Conv2d)]
     assert target_convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in target_convs)
     x = torch.randn(4, 3, 32, 32)
-    plain.eval(), nhwc.eval()
+    plain.eval()
+    nhwc.eval()
     with torch.no_grad():
         torch.testing.assert_close(nhwc.backbone(x), plain.backbone(x), rtol=1e-4, atol=1e-5)
 
