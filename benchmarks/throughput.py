@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,21 @@ def rate(fn: Callable[[], None], warmup: int, steps: int, batch_size: int, devic
     return batch_size * steps / (time.perf_counter() - t0)
 
 
-def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
+@dataclass
+class Stepper:
+    """One method's training step as a plain loop (what ``measure`` times), built from a composed config."""
+
+    dm: Any
+    module: Any
+    device: torch.device
+    precision: str
+    batch_size: int
+    to_device: Callable[[Any], tuple[list[torch.Tensor], torch.Tensor]]
+    train_step: Callable[[list[torch.Tensor], torch.Tensor], None]
+    bare_step: Callable[[list[torch.Tensor]], None]
+
+
+def build_stepper(cfg: DictConfig, total_steps: int) -> Stepper:
     torch.manual_seed(int(cfg.seed))
     use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -116,7 +131,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
     opt = build_optimizer(spec.name, groups, lr=linear_scaled_lr(spec.base_lr, bs, rule=spec.lr_scaling),
                           momentum=spec.momentum, betas=tuple(spec.betas), nesterov=spec.nesterov,
                           trust_coefficient=spec.trust_coefficient)
-    total, done, per_epoch = 2 * (warmup + steps), [0], len(dm.train_dataloader())
+    total, done, per_epoch = total_steps, [0], len(dm.train_dataloader())
 
     def info(indices: torch.Tensor | None = None) -> StepInfo:
         return StepInfo(global_step=done[0], total_steps=total, epoch=done[0] // per_epoch, max_epochs=1,
@@ -148,6 +163,13 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
             loss = sum(backbone(v).float().mean() for v in views)
         loss.backward()
 
+    return Stepper(dm, module, device, precision, bs, to_device, train_step, bare_step)
+
+
+def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
+    st = build_stepper(cfg, total_steps=2 * (warmup + steps))
+    dm, device, bs, precision = st.dm, st.device, st.batch_size, st.precision
+    to_device, train_step, bare_step = st.to_device, st.train_step, st.bare_step
     fixed = to_device(next(iter(dm.train_dataloader())))
     train_it, aug_it = batches(dm.train_dataloader()), batches(dm.train_dataloader())
     out = {

@@ -12,7 +12,9 @@
 * **Ours** is the real thing: ``SSLModule`` (from :mod:`ssl_vision.launch`, the method's config) run by a Lightning
   ``Trainer`` (CPU, fp32, no logger / checkpoints / validation); a callback times ``on_train_batch_start`` ->
   ``on_train_batch_end``: ``training_step`` through the objective, backward, the method's optimizer step and its
-  hooks (EMA, queues, clipping), the online linear probe and ``self.log``.
+  hooks (EMA, queues, clipping), the online linear probe and ``self.log``; with our defaults (among them
+  ``perf.channels_last=true``: NHWC ResNet weights), or what ``--ours OVERRIDE ...`` sets (e.g.
+  ``perf.channels_last=false`` for the NCHW layout that lightly's loop keeps, as PyTorch does by default).
 * **lightly** is a plain PyTorch loop in the style of lightly's ``examples/pytorch`` scripts, built from lightly's
   heads, losses and utilities (``update_momentum``, ``LARS``) with our backbone (same factory, same seed) and the
   same head sizes, lr and optimizer type (LARS / SGD / AdamW). lightly has no MoCo v3 model: ``moco_v3`` is
@@ -76,7 +78,7 @@ def compose_cfg(method: str, args: argparse.Namespace) -> Any:
         "backbone=resnet18", f"backbone.width={args.width}"]
     overrides = [f"method={method}", f"augment={AUGMENT.get(method, method)}", *backbone, "data=synthetic",
                  f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", "trainer=cpu", "logger=none",
-                 *[f"method.kwargs.{k}" for k in kw]]
+                 *[f"method.kwargs.{k}" for k in kw], *args.ours]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("pretrain", overrides=overrides)
 
@@ -315,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--paper-heads", action="store_true", help="keep the configs' head sizes (slow on a CPU)")
     ap.add_argument("--quick", action="store_true", help="batch 16, 1 round, 1 warm-up step (smoke test)")
+    ap.add_argument("--ours", nargs="+", default=[], metavar="OVERRIDE",
+                    help="extra config overrides for our side only, e.g. perf.channels_last=false")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
@@ -329,11 +333,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [measure(m, args) for m in args.methods]
     head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}"
     print(f"batch {args.batch}, {args.image_size} px, resnet18 x{args.width} (mae: vit_tiny/4), "
-          f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}")
+          f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}, "
+          f"ours with {args.ours or 'defaults'}")
     print(head)
     for r in rows:
         print(f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}")
     res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
+           "ours_overrides": args.ours,
            "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
            "rows": rows}
     if args.json is not None:

@@ -14,6 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from ssl_vision import distributed as dist
 from ssl_vision.backbones import create_backbone
@@ -45,8 +46,34 @@ def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int
     objective = build_objective(cfg.method.name, dim, num_samples=num_samples, **kwargs)
     optim = OptimSpec(**OmegaConf.to_container(cfg.method.optim, resolve=True))
     ev = EvalSpec(knn_k=list(cfg.eval.knn_k), knn_temperature=cfg.eval.knn_temperature, probe_lr=cfg.eval.probe_lr)
-    return SSLModule(backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev,
-                     run_info=run_info)
+    module = SSLModule(backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev,
+                       run_info=run_info)
+    if cfg.perf.get("compile"):
+        compile_backbones(module, backend=cfg.perf.get("compile_backend", "inductor"),
+                          mode=cfg.perf.get("compile_mode"))
+    return module
+
+
+def compile_backbones(module: SSLModule, backend: str = "inductor", mode: str | None = None) -> list[str]:
+    """``perf.compile``: ``torch.compile`` the online backbone and its momentum / teacher copies, in place.
+
+    ``nn.Module.compile`` compiles a module's call and leaves the module itself (parameters, buffers, state_dict
+    keys) as it was, unlike ``torch.compile(module)``, whose wrapper prefixes every key with ``_orig_mod.``: so
+    checkpoints, resumes, EMA updates and the evaluation tools see the same model either way. Run after
+    ``objective.bind`` (the copies exist); each copy gets its own compiled call.
+
+    What is compiled is what every code path calls: a ResNet (or any backbone) whole; a ViT's transformer
+    ``blocks`` (nearly all its compute), since MAE's masked encoder calls the ViT's parts, not the ViT; plus the
+    objective's own ``compile_targets`` (MAE: its decoder blocks). Returns the compiled modules' names.
+    """
+    kind = type(module.backbone)
+    owners = ["backbone"] + [f"objective.{n}" for n, m in module.objective.named_children() if type(m) is kind]
+    names = [f"{o}.blocks" if isinstance(getattr(module.get_submodule(o), "blocks", None), nn.Sequential) else o
+             for o in owners]
+    names += [f"objective.{n}" for n in module.objective.compile_targets()]
+    for name in names:
+        module.get_submodule(name).compile(backend=backend, mode=mode)
+    return names
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:

@@ -41,3 +41,48 @@ def test_knn_bench_quick():
     res = run_script("knn_bench.py", "--quick")
     assert res["bank"] == 20_000 and res["queries"] == 1_000
     assert res["knn_gflops"] > 0 and res["matmul_gflops_before"] > 0 and 0 < res["efficiency"]
+
+
+def load_script(name: str):
+    """A benchmark script as a module, to call its ``main`` in this process (no second torch import)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+AB_BASE = ["data=synthetic", "data.synthetic_size=32", "data.batch_size=8", "data.num_workers=0",
+           "backbone.width=0.125", "--steps", "1", "--rounds", "1", "--warmup", "1"]
+
+
+def test_options_ab_quick_with_a_compiled_variant(tmp_path):
+    out_json = tmp_path / "ab.json"
+    res = load_script("options_ab").main([*AB_BASE, "--variant",
+                                          "compiled=perf.compile=true,perf.compile_backend=eager",
+                                          "--json", str(out_json)])
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(res))
+    base, compiled = res["rows"]
+    assert (base["variant"], compiled["variant"]) == ("base", "compiled")
+    assert compiled["overrides"] == ["perf.compile=true", "perf.compile_backend=eager"]
+    assert base["vs_base"] == 1.0
+    for row in res["rows"]:
+        assert row["model_step"] > 0 and row["bare_fwd_bwd"] > 0 and row["first_steps_s"] > 0
+
+
+def test_options_ab_refuses_a_variant_that_changes_the_data():
+    ab = load_script("options_ab")
+    with pytest.raises(RuntimeError, match="got another first batch than the baseline"):
+        ab.main([*AB_BASE, "--variant", "other=seed=1"])
+    with pytest.raises(SystemExit) as exc:
+        ab.main([*AB_BASE, "--variant", "no-overrides"])
+    assert exc.value.code == 2
+
+
+def test_loader_epochs_quick():
+    res = load_script("loader_epochs").main(["data=synthetic", "data.synthetic_size=32", "data.batch_size=8",
+                                             "data.num_workers=1", "--epochs", "2", "--rounds", "1"])
+    off, on = res["rows"]
+    assert (off["persistent_workers"], on["persistent_workers"]) == (False, True)
+    for row in res["rows"]:
+        assert all(row[k] > 0 for k in ("first_epoch_first_batch_s", "later_epochs_first_batch_s",
+                                        "later_epochs_epoch_s"))

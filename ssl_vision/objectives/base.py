@@ -85,6 +85,10 @@ class Objective(nn.Module):
     def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:
         """EMA teachers, queue/bank writes, centres: state updates that follow the optimizer step."""
 
+    def compile_targets(self) -> list[str]:
+        """Names of the objective's own submodules that ``perf.compile`` compiles too (beside the backbones)."""
+        return []
+
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the objective's own parameters (heads). Override for special groups."""
         return param_groups(self.named_parameters(), weight_decay, name="objective")

@@ -143,7 +143,9 @@ class MAE(Objective):
         init_mae_weights_(backbone)
         with torch.no_grad():
             w = pe.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch projection as a Linear (MAE)
+            flat = w.new_empty(w.shape[0], w[0].numel())   # the patch projection as a Linear (MAE); a copy, so
+            nn.init.xavier_uniform_(flat)                   # NHWC weights (perf.channels_last) work too
+            w.copy_(flat.view(w.shape))
             nn.init.normal_(backbone.cls_token, std=0.02)
             # fixed, not learned (MAE: requires_grad=False); param_groups skips it, so no optimizer holds it
             backbone.pos_embed.copy_(pos_embed_with_cls(self.grid, self.feature_dim))
@@ -182,6 +184,9 @@ class MAE(Objective):
         if grid == self.grid:
             return table
         return pos_embed_with_cls(grid, dim).to(like)
+
+    def compile_targets(self) -> list[str]:
+        return ["decoder_blocks"]
 
     def encode(self, imgs: torch.Tensor, backbone: nn.Module, noise: torch.Tensor, mask_ratio: float | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:

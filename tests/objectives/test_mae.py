@@ -213,9 +213,12 @@ def test_decoder_fills_mask_tokens_and_unshuffles():
             torch.testing.assert_close(dec_in[b, 1 + i], want, msg=f"patch {i}")
 
 
-def test_mae_initialisation():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mae_initialisation(channels_last):
     torch.manual_seed(0)
     backbone, dim = create_backbone("vit_tiny", in_chans=3, image_size=32, patch_size=8)
+    if channels_last:  # perf.channels_last (the default): the patch projection's weight is NHWC, not viewable
+        backbone = backbone.to(memory_format=torch.channels_last)
     obj = build_objective("mae", dim, decoder_dim=512, decoder_depth=1, decoder_heads=16)
     obj.bind(backbone)
 
