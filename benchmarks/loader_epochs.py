@@ -13,7 +13,6 @@ and the whole epoch's time. No model runs. Prints a table and one JSON line (als
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from benchmarks.throughput import compose_cfg, write_json  # noqa: E402
+from benchmarks.throughput import compose_cfg, emit  # noqa: E402
 from ssl_vision.launch import build_datamodule  # noqa: E402
 
 
@@ -78,10 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         print(f"  {str(r['persistent_workers']):<12}{r['first_epoch_first_batch_s']:>16.3f}"
               f"{r['later_epochs_first_batch_s']:>13.3f}{r['later_epochs_epoch_s']:>14.3f}")
-    if args.json is not None:
-        write_json(args.json, res)
-    print(json.dumps(res), flush=True)
-    return res
+    return emit(res, args.json)
 
 
 if __name__ == "__main__":

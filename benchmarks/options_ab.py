@@ -19,7 +19,6 @@ in turn, so a change in the machine's load hits all alike; ``model_step`` = batc
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from benchmarks.throughput import build_stepper, compose_cfg, device_name, write_json  # noqa: E402
+from benchmarks.throughput import build_stepper, compose_cfg, device_name, emit  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -69,8 +68,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [("base", [])] + args.variant
     total = args.warmup * 2 + args.rounds * args.steps * 2 + 1
     steppers, fixed, first = {}, {}, {}
+    base_cfg = compose_cfg(base)
     for name, extra in variants:
-        st = build_stepper(compose_cfg([*base, *extra]), total_steps=total)
+        st = build_stepper(compose_cfg([*base, *extra]) if extra else base_cfg, total_steps=total)
         steppers[name] = st
         fixed[name] = st.to_device(next(iter(st.dm.train_dataloader())))
         t0 = time.perf_counter()
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "bare_fwd_bwd": round(bs / statistics.median(bare_t[name]), 2)})
     for row in rows:
         row["vs_base"] = round(row["model_step"] / rows[0]["model_step"], 3)
-    cfg = compose_cfg(base)
-    res = {"method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
+    res = {"method": base_cfg.method.name, "backbone": base_cfg.backbone.name, "data": base_cfg.data.name,
            "batch_size": st0.batch_size, "device": device_name(st0.device), "steps": args.steps,
            "rounds": args.rounds, "warmup": args.warmup, "baseline": base, "rows": rows}
     print(f"{res['method']} / {res['backbone']} / {res['data']}  batch {res['batch_size']}  {res['device']}  "
@@ -114,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         print(f"  {row['variant']:<24}{row['first_steps_s']:>14.1f}{row['model_step']:>12.1f}"
               f"{row['bare_fwd_bwd']:>14.1f}{row['vs_base']:>9.3f}")
-    if args.json is not None:
-        write_json(args.json, res)
-    print(json.dumps(res), flush=True)
-    return res
+    return emit(res, args.json)
 
 
 if __name__ == "__main__":

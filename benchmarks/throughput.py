@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from ssl_vision.data.batched import is_raw_batch  # noqa: E402
 from ssl_vision.launch import build_datamodule, build_module  # noqa: E402
 from ssl_vision.objectives.base import StepInfo  # noqa: E402
 from ssl_vision.optim import build_optimizer, linear_scaled_lr, param_groups  # noqa: E402
+from ssl_vision.training import write_json_atomic  # noqa: E402
 
 RATES = ("full_step", "no_aug_step", "aug_only", "bare_fwd_bwd")
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
@@ -189,12 +188,13 @@ def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
             "method_overhead": round(out["bare_fwd_bwd"] / out["no_aug_step"], 4)}
 
 
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def emit(res: dict[str, Any], json_path: Path | None) -> dict[str, Any]:
+    """The benchmarks' common ending: ``res`` to ``json_path`` (atomically) when given, and as the last stdout line."""
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(json_path, res)
+    print(json.dumps(res), flush=True)
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {k:<16}{res[k]:>12.1f} images/s")
     for k in ("aug_share", "method_overhead"):
         print(f"  {k:<16}{res[k]:>12.3f}")
-    if args.json is not None:
-        write_json(args.json, res)
-    print(json.dumps(res), flush=True)
-    return res
+    return emit(res, args.json)
 
 
 if __name__ == "__main__":

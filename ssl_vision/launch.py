@@ -48,9 +48,8 @@ def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int
     ev = EvalSpec(knn_k=list(cfg.eval.knn_k), knn_temperature=cfg.eval.knn_temperature, probe_lr=cfg.eval.probe_lr)
     module = SSLModule(backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev,
                        run_info=run_info)
-    if cfg.perf.get("compile"):
-        compile_backbones(module, backend=cfg.perf.get("compile_backend", "inductor"),
-                          mode=cfg.perf.get("compile_mode"))
+    if cfg.perf.compile:
+        compile_backbones(module, backend=cfg.perf.compile_backend, mode=cfg.perf.compile_mode)
     return module
 
 
