@@ -5,9 +5,11 @@ Kept apart from ``module.py`` so the LightningModule stays about the method; not
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -67,11 +69,15 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON via a temporary file and rename, so a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def keep_previous(path: Path) -> Path | None:
@@ -189,10 +195,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
+            written = tmp.stat().st_size if tmp.exists() else 0
             tmp.unlink(missing_ok=True)
+            if _looks_like_full_disk(exc):
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(errno.ENOSPC, f"writing checkpoint {path} failed after {written / 2**20:.0f} MiB: the disk "
+                              f"looks full ({free / 2**20:.0f} MiB free there now, the partial file removed, any "
+                              f"previous {path.name} untouched). Free space, or point paths.output_root at a larger "
+                              f"disk, or keep fewer checkpoints (checkpoint.save_top_k).") from exc
             raise
         _fsync_dir(path.parent)
+
+
+def _looks_like_full_disk(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or the message torch's zip writer gives when a write comes up short (what a full disk does to
+    ``torch.save``: ``[enforce fail at inline_container.cc] . unexpected pos N vs M``)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc)
 
 
 def _fsync_dir(directory: Path) -> None:

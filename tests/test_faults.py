@@ -55,6 +55,38 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"], "no temporary file is left behind"
 
 
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1080960 vs "
+                                                  "1080848"), OSError(28, "No space left on device")])
+def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
+    """What torch.save raises when the disk fills mid-write (the RuntimeError is the one CI met at stop 12) becomes an
+    ENOSPC OSError that says the disk is full, how much is free, and what to do; the previous checkpoint survives."""
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"global_step": 4}, path)
+
+    def short_write(obj, f, *args, **kwargs):
+        f.write(b"x" * 3 * 2**20)
+        raise error
+    monkeypatch.setattr(training.torch, "save", short_write)
+    with pytest.raises(OSError) as info:
+        io_.save_checkpoint({"global_step": 8}, path)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert info.value.errno == 28 and info.value.__cause__ is error
+    assert "disk looks full" in msg and "MiB free" in msg and "after 3 MiB" in msg and "paths.output_root" in msg
+    assert load_checkpoint(path)["global_step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_other_save_errors_pass_through_unchanged(tmp_path, monkeypatch):
+    def bad(obj, f, *args, **kwargs):
+        raise RuntimeError("cannot pickle 'generator' object")
+    monkeypatch.setattr(training.torch, "save", bad)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("trainer", ["cpu", "ddp_cpu"])
 def test_trainer_writes_checkpoints_through_atomic_io(make_cfg, tmp_path, trainer):
     cfg = make_cfg([*BASE, f"trainer={trainer}"])
