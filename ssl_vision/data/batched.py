@@ -17,6 +17,13 @@ Split of the work:
   ops (``F.grid_sample`` for the crops, kornia's ``gaussian_blur2d`` with per-sample sigma and its grayscale,
   torchvision's jitter formulas written out with per-sample factors).
 
+Two implementations of the same pipeline (``strategy``, chosen by device with ``auto``): on accelerators each op
+runs on the gathered subset of rows that gets it (a few dozen batched kernels); on the CPU (``grouped``) the batch
+is processed in chunks of ~8 multi-crop samples, the rows of a chunk are sorted so that rows sharing (grayscale,
+blur, jitter order) are contiguous and every op runs in place on slices of <= 1 MB, and large crops are blurred row
+by row -- fewer passes over memory, in cache. Same random numbers, same formulas, same views (tested); on this
+project's 2-core machine the CPU strategy makes multi-crop ~2x faster than the subsets one (benchmarks/RESULTS.md).
+
 Semantics, op by op, against the per-sample pipeline (torchvision on PIL images):
 
 * ``RandomResizedCrop``: box sampling is torchvision's ``get_params`` -- area uniform in ``scale`` times the image's
@@ -181,7 +188,7 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor
     if size == big_h == big_w and bool(((top == 0) & (left == 0) & (h == big_h) & (w == big_w)).all()):
         out = images.clone()  # every box is the whole image at the output size (e.g. augment=none): exact copy
         if flip is not None and (rows := _rows(flip.cpu(), dev)) is not None:
-            out.index_copy_(0, rows, out.index_select(0, rows).flip(-1))
+            _put(out, rows, _take(out, rows).flip(-1))
         return out
     steps = torch.arange(size, dtype=torch.float64) + 0.5
 
@@ -202,10 +209,57 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor
 
 
 # ------------------------------------------------------------------------------------------------------ colour ops
+def _take(x: Tensor, rows: Tensor) -> Tensor:
+    """``x.index_select(0, rows)`` through a 2-D view: PyTorch's CPU kernel is ~5x faster on (N, D) than on
+    (N, C, H, W) (measured: 2.9 vs 16.8 ms for 32 of 64 224-px RGB images, one thread); same result."""
+    return x.reshape(x.shape[0], -1).index_select(0, rows).view(rows.numel(), *x.shape[1:])
+
+
+def _put(x: Tensor, rows: Tensor, src: Tensor) -> Tensor:
+    """``x.index_copy_(0, rows, src)`` through 2-D views (``x`` contiguous); returns ``x``."""
+    x.view(x.shape[0], -1).index_copy_(0, rows, src.reshape(rows.numel(), -1))
+    return x
+
+
 def _rows(mask: Tensor, device: torch.device) -> Tensor | None:
     """Indices of the True entries of a CPU mask, on ``device``; None when there are none."""
     idx = mask.nonzero()[:, 0]
     return idx.to(device, non_blocking=True) if idx.numel() else None
+
+
+def _runs(flags: list[bool], spans: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive flagged spans, as (start, end) row ranges."""
+    out: list[tuple[int, int]] = []
+    for flag, (a, b, _) in zip(flags, spans):
+        if flag:
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+    return out
+
+
+def _blur_rows_(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
+    """kornia's ``gaussian_blur2d(x, kernel, sigma, border_type="reflect")`` (separable, normalised 1-D kernel
+    ``exp(-d^2 / 2 sigma^2)``, reflect padding per pass) in place, row by row as ``kernel`` shifted multiply-adds per
+    direction: on the CPU each row stays in cache, and for large crops this beats the grouped depthwise
+    convolution (224 px, kernel 23: 17 vs 25 ms for 8 rows, one thread; slower for small crops, so only used for
+    sides >= 128). ``sigma``: (N,) on the CPU."""
+    p, side_h, side_w = kernel // 2, x.shape[-2], x.shape[-1]
+    d = torch.arange(kernel, dtype=torch.float64) - p
+    w = torch.exp(-(d[None] ** 2) / (2 * sigma.double()[:, None] ** 2))
+    for row, wi in zip(x, (w / w.sum(1, keepdim=True)).tolist()):
+        xp = F.pad(row[None], (p, p, 0, 0), mode="reflect")[0]
+        acc = xp[..., p:p + side_w] * wi[p]
+        for j in range(kernel):
+            if j != p:
+                acc.add_(xp[..., j:j + side_w], alpha=wi[j])
+        yp = F.pad(acc[None], (0, 0, p, p), mode="reflect")[0]
+        torch.mul(yp[:, p:p + side_h], wi[p], out=row)
+        for j in range(kernel):
+            if j != p:
+                row.add_(yp[:, j:j + side_h], alpha=wi[j])
+    return x
 
 
 def _brightness(x: Tensor, f: Tensor) -> Tensor:
@@ -254,11 +308,37 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
 
 
+# In-place variants on a contiguous slice of the batch (the grouped path): the same formulas, written into ``x``.
+def _brightness_(x: Tensor, f: Tensor) -> Tensor:
+    return x.mul_(f[:, None, None, None]).clamp_(0.0, 1.0)
+
+
+def _contrast_(x: Tensor, f: Tensor) -> Tensor:
+    f = f[:, None, None, None]
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return x.mul_(f).add_((1 - f) * mean).clamp_(0.0, 1.0)
+
+
+def _saturation_(x: Tensor, f: Tensor) -> Tensor:
+    f = f[:, None, None, None]
+    gray = _gray(x).mul_(1 - f)  # before x changes
+    return x.mul_(f).add_(gray).clamp_(0.0, 1.0)
+
+
+def _hue_(x: Tensor, f: Tensor) -> Tensor:
+    return x.copy_(_hue(x, f))
+
+
+_JITTER_OPS_INPLACE = (_brightness_, _contrast_, _saturation_, _hue_)
+
+
 class _ViewFamily:
     """The batched pipeline of one ``ViewSpec`` (all ``count`` views of it)."""
 
-    def __init__(self, spec: ViewSpec, image_size: int, in_chans: int) -> None:
-        self.spec, self.in_chans = spec, in_chans
+    def __init__(self, spec: ViewSpec, image_size: int, in_chans: int, strategy: str = "auto") -> None:
+        if strategy not in ("auto", "grouped", "subsets"):
+            raise ValueError(f"strategy must be 'auto', 'grouped' or 'subsets', got {strategy!r}")
+        self.spec, self.in_chans, self.strategy = spec, in_chans, strategy
         self.side = crop_size(spec, image_size)
         self.kernel = blur_kernel_size(self.side)
         b, c, s, h = spec.jitter
@@ -272,17 +352,20 @@ class _ViewFamily:
         self.jitter_on = any(r is not None for r in self.ranges) and spec.jitter_p > 0
         self.gray_on = spec.gray_p > 0 and in_chans == 3
 
-    def __call__(self, images: Tensor, sizes: Tensor, u: Tensor) -> list[Tensor]:
+    def __call__(self, images: Tensor, sizes: Tensor, u: Tensor, scale: Tensor, shift: Tensor,
+                 out: list[Tensor]) -> None:
         """images (B, C, H, W) floats in [0, 1], sizes (B, 2) (h, w) and u (count, B, 36) on the CPU
-        -> ``count`` views (B, C, S, S)."""
+        -> the ``count`` views (B, C, S, S), normalised as ``view * scale + shift``, written into ``out``."""
         spec, count, batch = self.spec, u.shape[0], images.shape[0]
-        crops = []
+        boxes = []
         for v in range(count):
             top, left, h, w = sample_crop_boxes(u[v], sizes[:, 0], sizes[:, 1], spec.scale, spec.ratio)
-            flip = u[v, :, _FLIP] < spec.flip_p
-            crops.append(resized_crop(images, top, left, h, w, self.side, spec.interpolation, flip))
-        x = torch.cat(crops) if count > 1 else crops[0]  # colour ops for all views of the family at once
+            boxes.append((top, left, h, w, u[v, :, _FLIP] < spec.flip_p))
         u = u.reshape(count * batch, U_PER_VIEW)
+        if self.grouped(images.device):
+            return self._grouped(images, boxes, u, scale, shift, out)
+        crops = [resized_crop(images, *box[:4], self.side, spec.interpolation, box[4]) for box in boxes]
+        x = torch.cat(crops) if count > 1 else crops[0]  # colour ops for all views of the family at once
         if spec.gray_before_jitter:
             x = self._grayscale(x, u)
             x = self._jitter(x, u)
@@ -290,10 +373,98 @@ class _ViewFamily:
             x = self._jitter(x, u)
             x = self._grayscale(x, u)
         x = self._blur(x, u)
-        if spec.solarize_p > 0 and (rows := _rows(u[:, _SOL] < spec.solarize_p, x.device)) is not None:
-            sub = x.index_select(0, rows)
-            x.index_copy_(0, rows, torch.where(sub >= 0.5, 1.0 - sub, sub))
-        return list(x.chunk(count)) if count > 1 else [x]
+        x = self._solarize(x, u)
+        for o, v in zip(out, x.chunk(count) if count > 1 else [x]):
+            torch.addcmul(shift, v, scale, out=o)
+
+    def grouped(self, device: torch.device) -> bool:
+        """Which of two equivalent implementations runs (``strategy``; ``auto``: grouped on the CPU, subsets
+        elsewhere).
+
+        * **subsets** (for accelerators: a few dozen batched kernels per family): ``grid_sample`` crops for the
+          whole batch, then each op on the gathered subset of rows that gets it (``index_select`` / ``index_copy_``
+          per op and jitter slot).
+        * **grouped** (for the CPU, where every pass over memory counts and a kernel call is cheap): the rows are
+          sorted so that those sharing (grayscale on/off, blur on/off, jitter on/off and op order) are
+          contiguous; the crops are written straight into their sorted rows, every colour op runs in place on a
+          slice, and one gather per view un-sorts. Same random numbers, crops and formulas: the two give the same
+          views (the test compares them).
+        """
+        return self.strategy == "grouped" or (self.strategy == "auto" and device.type == "cpu")
+
+    def _jitter_factors(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, 4) factors (ColorJitter's ranges; 0 where an op is disabled) and (N, 4) op orders, on the CPU."""
+        factors = torch.zeros(u.shape[0], 4)
+        for k, r in enumerate(self.ranges):
+            if r is not None:
+                factors[:, k] = r[0] + u[:, _FAC + k] * (r[1] - r[0])
+        return factors, u[:, _ORD:_ORD + 4].argsort(dim=1)  # argsort of iid uniforms: a uniform random permutation
+
+    def _grouped(self, images: Tensor, boxes: list, u: Tensor, scale: Tensor, shift: Tensor,
+                 out: list[Tensor]) -> None:
+        spec, count, n = self.spec, len(boxes), u.shape[0]
+        batch, dev, side = n // count, images.device, self.side
+        enabled = [k for k, r in enumerate(self.ranges) if r is not None]
+        jit = (u[:, _JIT] < spec.jitter_p) if self.jitter_on else torch.zeros(n, dtype=torch.bool)
+        gray = (u[:, _GRAY] < spec.gray_p) if self.gray_on else torch.zeros(n, dtype=torch.bool)
+        blur = (u[:, _BLUR] < spec.blur_p) if spec.blur_p > 0 else torch.zeros(n, dtype=torch.bool)
+        factors, order = self._jitter_factors(u)
+        # the order of the enabled ops only (a disabled op is skipped wherever it falls), as one base-4 number
+        rank = torch.full((n, 4), 4, dtype=torch.long).scatter_(1, order, torch.arange(4).expand(n, 4))
+        perm = rank[:, enabled].argsort(dim=1)
+        code = ((perm * (4 ** torch.arange(perm.shape[1] - 1, -1, -1))).sum(1) if enabled
+                else torch.zeros(n, dtype=torch.long))
+        key = gray.long() * 2_000_000 + blur.long() * 1_000_000 + jit.long() * (1 + code)
+        rows = torch.argsort(key, stable=True)  # sorted position -> row (view-major: row = view * batch + sample)
+        where = torch.empty_like(rows).scatter_(0, rows, torch.arange(n))  # row -> sorted position
+        x = torch.empty((n, images.shape[1], side, side), dtype=images.dtype, device=dev)
+        for v, box in enumerate(boxes):  # each view's crops straight into their sorted rows
+            _put(x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True),
+                 resized_crop(images, *box[:4], side, spec.interpolation, box[4]))
+        key, u, factors, perm = key[rows], u[rows], factors[rows], perm[rows]
+        bounds = torch.cat([torch.tensor([0]), (key[1:] != key[:-1]).nonzero()[:, 0] + 1, torch.tensor([n])]).tolist()
+        spans = [(a, b, int(key[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+        # rows per call: on the CPU the four ops (~30 passes) run on <= 1 MB at a time, which stays in cache
+        # (measured: hue on six 224-px rows 2x faster row by row); one call per span on accelerators
+        step = max(1, (1 << 18) // x[0].numel()) if dev.type == "cpu" else n
+
+        def jitter() -> None:
+            for a, b, k in spans:
+                if k % 1_000_000 == 0:  # jitter off
+                    continue
+                ops = [enabled[int(j)] for j in perm[a]]
+                f = factors[a:b].to(dev, non_blocking=True)
+                for c in range(a, b, step):
+                    for op in ops:
+                        _JITTER_OPS_INPLACE[op](x[c:min(b, c + step)], f[c - a:c - a + step, op])
+
+        def grayscale() -> None:
+            if (a := next((a for a, _, k in spans if k >= 2_000_000), n)) < n:  # gray rows: one slice at the end
+                x[a:].copy_(_gray(x[a:]).expand(-1, 3, -1, -1))
+
+        if spec.gray_before_jitter:
+            grayscale()
+            jitter()
+        else:
+            jitter()
+            grayscale()
+        for a, b in _runs([(k // 1_000_000) % 2 == 1 for _, _, k in spans], spans):  # blur rows: <= 2 slices
+            sigma = BLUR_SIGMA[0] + u[a:b, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+            if dev.type == "cpu" and side >= 128:
+                _blur_rows_(x[a:b], self.kernel, sigma)
+            else:
+                sigma = sigma[:, None].expand(-1, 2).contiguous()
+                x[a:b].copy_(kornia.filters.gaussian_blur2d(x[a:b], self.kernel, sigma, border_type="reflect"))
+        x = self._solarize(x, u)
+        for v, o in enumerate(out):  # un-sorted, normalised
+            torch.addcmul(shift, _take(x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True)), scale, out=o)
+
+    def _solarize(self, x: Tensor, u: Tensor) -> Tensor:
+        if self.spec.solarize_p > 0 and (rows := _rows(u[:, _SOL] < self.spec.solarize_p, x.device)) is not None:
+            sub = _take(x, rows)
+            _put(x, rows, torch.where(sub >= 0.5, 1.0 - sub, sub))
+        return x
 
     def _jitter(self, x: Tensor, u: Tensor) -> Tensor:
         """Per sample: with prob ``jitter_p``, the enabled ops in that sample's own random order (torchvision)."""
@@ -302,11 +473,7 @@ class _ViewFamily:
         on = (u[:, _JIT] < self.spec.jitter_p).nonzero()[:, 0]
         if on.numel() == 0:
             return x
-        factors = torch.zeros(on.numel(), 4)
-        for k, r in enumerate(self.ranges):
-            if r is not None:
-                factors[:, k] = r[0] + u[on, _FAC + k] * (r[1] - r[0])
-        order = u[on, _ORD:_ORD + 4].argsort(dim=1)  # argsort of iid uniforms: a uniform random permutation
+        factors, order = self._jitter_factors(u[on])
         dev = x.device
         for slot in range(4):  # slot by slot, each jittered sample gets the op its own order puts there
             for k, op in enumerate(_JITTER_OPS):
@@ -316,13 +483,13 @@ class _ViewFamily:
                 if pick.any():
                     rows = on[pick].to(dev, non_blocking=True)
                     f = factors[pick, k].to(dev, non_blocking=True)
-                    x.index_copy_(0, rows, op(x.index_select(0, rows), f))
+                    _put(x, rows, op(_take(x, rows), f))
         return x
 
     def _grayscale(self, x: Tensor, u: Tensor) -> Tensor:
         if not self.gray_on or (rows := _rows(u[:, _GRAY] < self.spec.gray_p, x.device)) is None:
             return x
-        return x.index_copy_(0, rows, _gray(x.index_select(0, rows)).expand(-1, 3, -1, -1))
+        return _put(x, rows, _gray(_take(x, rows)).expand(-1, 3, -1, -1))
 
     def _blur(self, x: Tensor, u: Tensor) -> Tensor:
         if self.spec.blur_p <= 0:
@@ -332,8 +499,10 @@ class _ViewFamily:
             return x
         sigma = BLUR_SIGMA[0] + u[on, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
         sigma = sigma[:, None].expand(-1, 2).contiguous()  # left on the CPU: kornia checks it there, no GPU sync
-        blurred = kornia.filters.gaussian_blur2d(x.index_select(0, rows), self.kernel, sigma, border_type="reflect")
-        return x.index_copy_(0, rows, blurred)
+        if rows.numel() == x.shape[0]:  # every row (blur_p = 1): no gather / scatter
+            return kornia.filters.gaussian_blur2d(x, self.kernel, sigma, border_type="reflect")
+        blurred = kornia.filters.gaussian_blur2d(_take(x, rows), self.kernel, sigma, border_type="reflect")
+        return _put(x, rows, blurred)
 
 
 class BatchedViews:
@@ -344,7 +513,10 @@ class BatchedViews:
     """
 
     def __init__(self, specs: Sequence[ViewSpec | Mapping[str, Any]], image_size: int, in_chans: int,
-                 mean: Sequence[float], std: Sequence[float], seed: int = 0) -> None:
+                 mean: Sequence[float], std: Sequence[float], seed: int = 0, strategy: str = "auto",
+                 chunk: int | None = None) -> None:
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be a positive number of samples or None (automatic), got {chunk}")
         if not specs:
             raise ValueError("at least one view spec is required (see conf/augment/*.yaml)")
         parsed = [s if isinstance(s, ViewSpec) else ViewSpec.from_dict(s) for s in specs]
@@ -353,10 +525,10 @@ class BatchedViews:
             raise ValueError(f"view specs must be ordered large -> small crops, got sizes {sides}")
         mean, std = _stats(mean, std, in_chans)
         _mode(in_chans)
-        self.families = [_ViewFamily(s, image_size, in_chans) for s in parsed]
+        self.families = [_ViewFamily(s, image_size, in_chans, strategy) for s in parsed]
         self.counts = [s.count for s in parsed]
         self.num_views = sum(self.counts)
-        self.in_chans, self.seed = in_chans, seed
+        self.in_chans, self.seed, self.chunk = in_chans, seed, chunk
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
 
     def uniforms(self, keys: Sequence[tuple[int, int]]) -> Tensor:
@@ -375,14 +547,29 @@ class BatchedViews:
                              f"{images.dtype} {tuple(images.shape)}")
         sizes = torch.tensor(batch["sizes"], dtype=torch.long).reshape(-1, 2)
         u = self.uniforms(batch["keys"])
-        x = images.float().div_(255.0)
-        scale, shift = (1.0 / self.std).to(x.device), (-self.mean / self.std).to(x.device)
-        views, start = [], 0
-        for family, count in zip(self.families, self.counts):
-            for v in family(x, sizes, u[start:start + count]):
-                views.append(torch.addcmul(shift, v, scale))  # (v - mean) / std in one pass
-            start += count
+        dev, n = images.device, images.shape[0]
+        scale, shift = (1.0 / self.std).to(dev), (-self.mean / self.std).to(dev)  # (v - mean) / std = v*scale+shift
+        step = self.chunk_size(images) if dev.type == "cpu" else n
+        views = [torch.empty((n, self.in_chans, f.side, f.side), device=dev) for f, c in
+                 zip(self.families, self.counts) for _ in range(c)]
+        for a in range(0, n, step):
+            x = images[a:a + step].float().div_(255.0)
+            start = 0
+            for family, count in zip(self.families, self.counts):
+                family(x, sizes[a:a + step], u[start:start + count, a:a + step], scale, shift,
+                       [v[a:a + step] for v in views[start:start + count]])
+                start += count
         return views, batch["labels"], batch["indices"]
+
+    def chunk_size(self, images: Tensor) -> int:
+        """Samples per chunk on the CPU: ``chunk`` if set, else as many as keep one chunk's views under ~16 MB
+        (about 8 images for 2 x 224 + 6 x 96 px; a whole batch of small images). Chunks give the same views
+        (every number is per sample); they only keep the working set in cache and the temporaries small enough to
+        be reused, which at batch 64 of multi-crop is ~25 % faster than one pass over the batch."""
+        if self.chunk is not None:
+            return self.chunk
+        floats = sum(c * self.in_chans * f.side ** 2 for f, c in zip(self.families, self.counts))
+        return max(1, (1 << 22) // floats)
 
     def __repr__(self) -> str:
         inner = "\n".join(f"  {n} x {f.side}px {f.spec}" for f, n in zip(self.families, self.counts))

@@ -22,8 +22,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (BatchedViews, RawImages, _brightness, _contrast, _hue, _saturation, collate_raw,
-                                     is_raw_batch, resized_crop, sample_crop_boxes)
+from ssl_vision.data.batched import (BatchedViews, RawImages, _blur_rows_, _brightness, _contrast, _hue, _saturation,
+                                     collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
@@ -223,6 +223,58 @@ def test_colour_distribution_matches_torchvision(spec, one_thread):
     for stat, name in ((lambda t: t[:, 0].mean((1, 2)), "red mean"), (lambda t: t[:, 2].mean((1, 2)), "blue mean"),
                        (lambda t: t.std((1, 2, 3)), "std")):
         assert_same_distribution(stat(ours).numpy(), stat(ref).numpy(), name)
+
+
+# ---------------------------------------------------------------------------------------------- CPU strategies
+@pytest.mark.parametrize("size,kernel", [(160, 17), (131, 13)])
+def test_row_blur_equals_torchvision_gaussian_blur(size, kernel):
+    """The CPU row-by-row blur used for large crops: per row, torchvision's gaussian_blur with that row's sigma
+    (separable, reflect padding), on a non-square image too."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 3, size, size - 7, generator=g)
+    sigma = torch.tensor([0.1, 0.77, 2.0])
+    out = _blur_rows_(x.clone(), kernel, sigma)
+    for i in range(3):
+        ref = TF.gaussian_blur(x[i], [kernel, kernel], [float(sigma[i])] * 2)
+        torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=0)
+
+
+def _rgb_photos(n: int, side: int, seed: int) -> list:
+    """Smooth colour fields (so jitter, hue and blur all change something), as PIL images."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    img = torch.nn.functional.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
+    return [(Image.fromarray((im * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), i) for i, im in
+            enumerate(img)]
+
+
+@pytest.mark.parametrize("name,size,chans", [("multicrop", 144, 3), ("byol", 32, 3), ("mae", 32, 3),
+                                             ("simclr", 28, 1)])
+def test_grouped_strategy_and_chunks_give_the_subsets_views(name, size, chans, one_thread):
+    """The CPU's default (rows sorted into groups, colour ops in place on slices, chunks of samples, row-wise blur
+    for crops >= 128 px) and the accelerators' (gathered subsets, whole batch) are two implementations of one
+    pipeline: same views, whatever the chunk size. multicrop at 144 px has 144-px global crops (row blur) and
+    62-px local ones (kornia); byol has solarize and two families' settings; mae is bicubic; one channel skips
+    saturation, hue and grayscale."""
+    stats = (RGB_STATS if chans == 3 else ([0.4], [0.3]))
+    data = _rgb_photos(7, size + 16, seed=8)
+    batch = raw_batch(data, chans, keys=[(i, 3) for i in range(7)])
+    ref = BatchedViews(load_preset(name), size, chans, *stats, seed=2, strategy="subsets")(batch)[0]
+    for chunk in (None, 1, 3, 7):
+        got = BatchedViews(load_preset(name), size, chans, *stats, seed=2, strategy="grouped", chunk=chunk)(batch)[0]
+        assert [v.shape for v in got] == [v.shape for v in ref]
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{name}, chunk {chunk}")
+    # not a vacuous comparison: the views have content, and two views of one image differ
+    assert all(float(v.std()) > 0.05 for v in ref)
+    assert len(ref) == 1 or not torch.allclose(ref[0], ref[1])
+
+
+def test_bad_strategy_or_chunk_is_clear():
+    with pytest.raises(ValueError, match="strategy must be 'auto', 'grouped' or 'subsets', got 'fast'"):
+        BatchedViews(load_preset("simclr"), 32, 3, *RGB_STATS, strategy="fast")
+    with pytest.raises(ValueError, match="chunk must be a positive number of samples or None"):
+        BatchedViews(load_preset("simclr"), 32, 3, *RGB_STATS, chunk=0)
 
 
 # ---------------------------------------------------------------------------------------------- presets, seeds
