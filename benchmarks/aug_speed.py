@@ -65,13 +65,16 @@ def synthetic_images(n: int, side: int, seed: int = 0) -> list[tuple[Image.Image
     return out
 
 
-def measure(preset_name: str, image_size: int, source: int, batch: int, reps: int, threads: int) -> dict:
+def measure(preset_name: str, image_size: int, source: int, batch: int, reps: int, threads: int,
+            subsets: bool = False) -> dict:
     torch.set_num_threads(threads)
     views = preset(preset_name)
     data = synthetic_images(batch, source)
     per_sample = SeededViews(data, build_multiview(views, image_size, 3, MEAN, STD), seed=0)
     raw = RawImages(data, 3, max_short=max(source, image_size))
     batched = BatchedViews(views, image_size, 3, MEAN, STD, seed=0)
+    # the accelerator strategy on the whole batch (what the CPU ran before the grouped strategy existed)
+    plain = BatchedViews(views, image_size, 3, MEAN, STD, seed=0, strategy="subsets", chunk=batch)
     keys = [(i, 0) for i in range(batch)]
 
     def run_per_sample() -> list[torch.Tensor]:
@@ -86,6 +89,8 @@ def measure(preset_name: str, image_size: int, source: int, batch: int, reps: in
     a, (b, _) = run_per_sample(), run_batched()  # warm-up, and the two paths must agree on shapes
     assert [tuple(v.shape) for v in a] == [tuple(v.shape) for v in b], "paths disagree on view shapes"
     times: dict[str, list[float]] = {"per_sample": [], "batched": [], "batched_views_only": []}
+    if subsets:
+        times["subsets_views_only"] = []
     for _ in range(reps):
         t0 = time.perf_counter()
         run_per_sample()
@@ -94,6 +99,11 @@ def measure(preset_name: str, image_size: int, source: int, batch: int, reps: in
         _, inner = run_batched()
         times["batched"].append(time.perf_counter() - t0)
         times["batched_views_only"].append(inner)
+        if subsets:
+            b = collate_raw([raw[k] for k in keys])
+            t0 = time.perf_counter()
+            plain(b)
+            times["subsets_views_only"].append(time.perf_counter() - t0)
     ms = {k: 1e3 * statistics.median(v) / batch for k, v in times.items()}
     sides = sorted({int(v.shape[-1]) for v in a}, reverse=True)
     counts = [sum(int(v.shape[-1]) == s for v in a) for s in sides]
@@ -102,6 +112,8 @@ def measure(preset_name: str, image_size: int, source: int, batch: int, reps: in
             **{f"{k}_ms_per_image": round(v, 3) for k, v in ms.items()},
             "speedup": round(ms["per_sample"] / ms["batched"], 2),
             "speedup_views_only": round(ms["per_sample"] / ms["batched_views_only"], 2),
+            **({"speedup_subsets_views_only": round(ms["per_sample"] / ms["subsets_views_only"], 2)} if subsets
+               else {}),
             "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
@@ -113,16 +125,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both paths")
+    ap.add_argument("--subsets", action="store_true",
+                    help="also time strategy=subsets on the whole batch (the GPU strategy; the CPU's before 12-01)")
     ap.add_argument("--quick", action="store_true", help="batch 8, 2 reps, 64-px images (smoke test)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.reps, args.image_size, args.source = 8, 2, 56, 64
-    res = measure(args.preset, args.image_size, args.source, args.batch, args.reps, args.threads)
+    res = measure(args.preset, args.image_size, args.source, args.batch, args.reps, args.threads, args.subsets)
     print(f"{res['preset']} ({res['views']}) from {res['source_px']}-px images, batch {res['batch']}, "
           f"{res['threads']} thread(s), median of {res['reps']} alternating reps, load avg {res['loadavg_1min']}")
-    for k in ("per_sample", "batched", "batched_views_only"):
-        print(f"  {k:<20}{res[f'{k}_ms_per_image']:>9.2f} ms/image")
+    for k in ("per_sample", "batched", "batched_views_only", "subsets_views_only"):
+        if f"{k}_ms_per_image" in res:
+            print(f"  {k:<20}{res[f'{k}_ms_per_image']:>9.2f} ms/image")
     print(f"  speedup (per_sample / batched)      {res['speedup']:.2f}x")
     print(f"  speedup (per_sample / views only)   {res['speedup_views_only']:.2f}x")
     if args.json is not None:

@@ -80,6 +80,10 @@ TRIES = 10  # torchvision's RandomResizedCrop.get_params tries 10 boxes before i
 _AREA, _LOGR, _TOP, _LEFT, _FLIP, _JIT, _FAC, _ORD, _GRAY, _BLUR, _SIGMA, _SOL = (
     0, 10, 20, 21, 22, 23, 24, 28, 32, 33, 34, 35)
 U_PER_VIEW = 36
+# ``strategy=auto`` on the CPU: crops at least this large use the grouped path, smaller ones the subsets path, whose
+# fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.50 ms per
+# image; 96 px: about even; 224 px: grouped faster; benchmarks/RESULTS.md)
+GROUPED_MIN_SIDE = 128
 RAW_KEY = "raw_images"  # marks a train batch of the batched backend
 
 
@@ -339,6 +343,7 @@ class _ViewFamily:
         if strategy not in ("auto", "grouped", "subsets"):
             raise ValueError(f"strategy must be 'auto', 'grouped' or 'subsets', got {strategy!r}")
         self.spec, self.in_chans, self.strategy = spec, in_chans, strategy
+        self.grouped_min_side = GROUPED_MIN_SIDE
         self.side = crop_size(spec, image_size)
         self.kernel = blur_kernel_size(self.side)
         b, c, s, h = spec.jitter
@@ -390,7 +395,8 @@ class _ViewFamily:
           slice, and one gather per view un-sorts. Same random numbers, crops and formulas: the two give the same
           views (the test compares them).
         """
-        return self.strategy == "grouped" or (self.strategy == "auto" and device.type == "cpu")
+        return self.strategy == "grouped" or (self.strategy == "auto" and device.type == "cpu"
+                                              and self.side >= self.grouped_min_side)
 
     def _jitter_factors(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(N, 4) factors (ColorJitter's ranges; 0 where an op is disabled) and (N, 4) op orders, on the CPU."""

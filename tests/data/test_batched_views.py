@@ -10,6 +10,7 @@ crop boxes); this file makes 15 such comparisons, plus one comparison of fallbac
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -260,11 +261,11 @@ def test_grouped_strategy_and_chunks_give_the_subsets_views(name, size, chans, o
     data = _rgb_photos(7, size + 16, seed=8)
     batch = raw_batch(data, chans, keys=[(i, 3) for i in range(7)])
     ref = BatchedViews(load_preset(name), size, chans, *stats, seed=2, strategy="subsets")(batch)[0]
-    for chunk in (None, 1, 3, 7):
-        got = BatchedViews(load_preset(name), size, chans, *stats, seed=2, strategy="grouped", chunk=chunk)(batch)[0]
+    for strategy, chunk in itertools.product(("grouped", "auto"), (None, 1, 3, 7)):  # auto: subsets below 128 px
+        got = BatchedViews(load_preset(name), size, chans, *stats, seed=2, strategy=strategy, chunk=chunk)(batch)[0]
         assert [v.shape for v in got] == [v.shape for v in ref]
         for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{name}, chunk {chunk}")
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{name}, {strategy}, chunk {chunk}")
     # not a vacuous comparison: the views have content, and two views of one image differ
     assert all(float(v.std()) > 0.05 for v in ref)
     assert len(ref) == 1 or not torch.allclose(ref[0], ref[1])
