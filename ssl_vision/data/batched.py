@@ -220,7 +220,9 @@ def _take(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def _put(x: Tensor, rows: Tensor, src: Tensor) -> Tensor:
-    """``x.index_copy_(0, rows, src)`` through 2-D views (``x`` contiguous); returns ``x``."""
+    """``x.index_copy_(0, rows, src)`` through 2-D views when ``x`` is contiguous; returns ``x``."""
+    if not x.is_contiguous():
+        return x.index_copy_(0, rows, src)
     x.view(x.shape[0], -1).index_copy_(0, rows, src.reshape(rows.numel(), -1))
     return x
 

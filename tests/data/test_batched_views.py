@@ -23,8 +23,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (BatchedViews, RawImages, _blur_rows_, _brightness, _contrast, _hue, _saturation,
-                                     collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
+from ssl_vision.data.batched import (BatchedViews, RawImages, _blur_rows_, _brightness, _contrast, _hue, _put,
+                                     _saturation, _take, collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
@@ -238,6 +238,14 @@ def test_row_blur_equals_torchvision_gaussian_blur(size, kernel):
     for i in range(3):
         ref = TF.gaussian_blur(x[i], [kernel, kernel], [float(sigma[i])] * 2)
         torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_take_and_put_equal_index_select_and_index_copy(layout):
+    x = torch.rand(6, 3, 5, 7).contiguous(memory_format=layout)
+    rows, src = torch.tensor([4, 0, 3]), torch.rand(3, 3, 5, 7)
+    assert torch.equal(_take(x, rows), x.index_select(0, rows))
+    assert torch.equal(_put(x.clone(), rows, src), x.clone().index_copy_(0, rows, src))
 
 
 def _rgb_photos(n: int, side: int, seed: int) -> list:
