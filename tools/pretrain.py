@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("WANDB_MODE", "offline")                   # never wait on a login
 
-from ssl_vision.launch import run_pretraining  # noqa: E402
-
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    # imported here, not at the top: `--cfg job`, `--help` and a config error answer without loading torch
+    from ssl_vision.launch import run_pretraining
     results = run_pretraining(cfg)
     if results.pop("is_global_zero"):  # one JSON line per run, not one per process
         print(json.dumps(results), flush=True)
