@@ -84,6 +84,9 @@ U_PER_VIEW = 36
 # fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.50 ms per
 # image; 96 px: about even; 224 px: grouped faster; benchmarks/RESULTS.md)
 GROUPED_MIN_SIDE = 128
+# grouped path on the CPU: crops at least this large are blurred row by row (_blur_rows_), smaller ones by kornia
+ROW_BLUR_MIN_SIDE = 128
+_BLUR_KEY, _GRAY_KEY = 1_000_000, 2_000_000  # the grouped path's sort-key digits (jitter-order codes stay below)
 RAW_KEY = "raw_images"  # marks a train batch of the batched backend
 
 
@@ -250,7 +253,7 @@ def _blur_rows_(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
     ``exp(-d^2 / 2 sigma^2)``, reflect padding per pass) in place, row by row as ``kernel`` shifted multiply-adds per
     direction: on the CPU each row stays in cache, and for large crops this beats the grouped depthwise
     convolution (224 px, kernel 23: 17 vs 25 ms for 8 rows, one thread; slower for small crops, so only used for
-    sides >= 128). ``sigma``: (N,) on the CPU."""
+    sides >= ROW_BLUR_MIN_SIDE). ``sigma``: (N,) on the CPU."""
     p, side_h, side_w = kernel // 2, x.shape[-2], x.shape[-1]
     d = torch.arange(kernel, dtype=torch.float64) - p
     w = torch.exp(-(d[None] ** 2) / (2 * sigma.double()[:, None] ** 2))
@@ -268,23 +271,26 @@ def _blur_rows_(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
     return x
 
 
-def _brightness(x: Tensor, f: Tensor) -> Tensor:
-    return (x * f[:, None, None, None]).clamp_(0.0, 1.0)
+# The jitter ops, in place on ``x`` (a gathered subset of rows, or a contiguous slice of the batch), with per-row
+# factors ``f``: torchvision's tensor formulas.
+def _brightness_(x: Tensor, f: Tensor) -> Tensor:
+    return x.mul_(f[:, None, None, None]).clamp_(0.0, 1.0)
 
 
 def _gray(x: Tensor) -> Tensor:
     return kornia.color.rgb_to_grayscale(x) if x.shape[1] == 3 else x
 
 
-def _contrast(x: Tensor, f: Tensor) -> Tensor:
+def _contrast_(x: Tensor, f: Tensor) -> Tensor:
     f = f[:, None, None, None]
     mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
+    return x.mul_(f).add_((1 - f) * mean).clamp_(0.0, 1.0)
 
 
-def _saturation(x: Tensor, f: Tensor) -> Tensor:
+def _saturation_(x: Tensor, f: Tensor) -> Tensor:
     f = f[:, None, None, None]
-    return (f * x + (1 - f) * _gray(x)).clamp_(0.0, 1.0)
+    gray = _gray(x).mul_(1 - f)  # before x changes
+    return x.mul_(f).add_(gray).clamp_(0.0, 1.0)
 
 
 _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0])[:, None, None]  # R, G, B in the k-form of HSV -> RGB
@@ -311,31 +317,11 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
     return top[:, None].sub(t.mul_(chroma[:, None])).clamp_(0.0, 1.0)
 
 
-_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
-
-
-# In-place variants on a contiguous slice of the batch (the grouped path): the same formulas, written into ``x``.
-def _brightness_(x: Tensor, f: Tensor) -> Tensor:
-    return x.mul_(f[:, None, None, None]).clamp_(0.0, 1.0)
-
-
-def _contrast_(x: Tensor, f: Tensor) -> Tensor:
-    f = f[:, None, None, None]
-    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return x.mul_(f).add_((1 - f) * mean).clamp_(0.0, 1.0)
-
-
-def _saturation_(x: Tensor, f: Tensor) -> Tensor:
-    f = f[:, None, None, None]
-    gray = _gray(x).mul_(1 - f)  # before x changes
-    return x.mul_(f).add_(gray).clamp_(0.0, 1.0)
-
-
 def _hue_(x: Tensor, f: Tensor) -> Tensor:
     return x.copy_(_hue(x, f))
 
 
-_JITTER_OPS_INPLACE = (_brightness_, _contrast_, _saturation_, _hue_)
+_JITTER_OPS = (_brightness_, _contrast_, _saturation_, _hue_)
 
 
 class _ViewFamily:
@@ -345,7 +331,6 @@ class _ViewFamily:
         if strategy not in ("auto", "grouped", "subsets"):
             raise ValueError(f"strategy must be 'auto', 'grouped' or 'subsets', got {strategy!r}")
         self.spec, self.in_chans, self.strategy = spec, in_chans, strategy
-        self.grouped_min_side = GROUPED_MIN_SIDE
         self.side = crop_size(spec, image_size)
         self.kernel = blur_kernel_size(self.side)
         b, c, s, h = spec.jitter
@@ -398,7 +383,7 @@ class _ViewFamily:
           views (the test compares them).
         """
         return self.strategy == "grouped" or (self.strategy == "auto" and device.type == "cpu"
-                                              and self.side >= self.grouped_min_side)
+                                              and self.side >= GROUPED_MIN_SIDE)
 
     def _jitter_factors(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(N, 4) factors (ColorJitter's ranges; 0 where an op is disabled) and (N, 4) op orders, on the CPU."""
@@ -422,7 +407,8 @@ class _ViewFamily:
         perm = rank[:, enabled].argsort(dim=1)
         code = ((perm * (4 ** torch.arange(perm.shape[1] - 1, -1, -1))).sum(1) if enabled
                 else torch.zeros(n, dtype=torch.long))
-        key = gray.long() * 2_000_000 + blur.long() * 1_000_000 + jit.long() * (1 + code)
+        # sort key: gray rows last, then blur rows, then jitter off (0) before each op order (1 + code < _BLUR_KEY)
+        key = gray.long() * _GRAY_KEY + blur.long() * _BLUR_KEY + jit.long() * (1 + code)
         rows = torch.argsort(key, stable=True)  # sorted position -> row (view-major: row = view * batch + sample)
         where = torch.empty_like(rows).scatter_(0, rows, torch.arange(n))  # row -> sorted position
         x = torch.empty((n, images.shape[1], side, side), dtype=images.dtype, device=dev)
@@ -439,16 +425,16 @@ class _ViewFamily:
 
         def jitter() -> None:
             for a, b, k in spans:
-                if k % 1_000_000 == 0:  # jitter off
+                if k % _BLUR_KEY == 0:  # jitter off
                     continue
                 ops = [enabled[int(j)] for j in perm[a]]
                 f = factors[a:b].to(dev, non_blocking=True)
                 for c in range(a, b, step):
                     for op in ops:
-                        _JITTER_OPS_INPLACE[op](x[c:min(b, c + step)], f[c - a:c - a + step, op])
+                        _JITTER_OPS[op](x[c:min(b, c + step)], f[c - a:c - a + step, op])
 
         def grayscale() -> None:
-            if (a := next((a for a, _, k in spans if k >= 2_000_000), n)) < n:  # gray rows: one slice at the end
+            if (a := next((a for a, _, k in spans if k >= _GRAY_KEY), n)) < n:  # gray rows: one slice at the end
                 x[a:].copy_(_gray(x[a:]).expand(-1, 3, -1, -1))
 
         if spec.gray_before_jitter:
@@ -457,9 +443,9 @@ class _ViewFamily:
         else:
             jitter()
             grayscale()
-        for a, b in _runs([(k // 1_000_000) % 2 == 1 for _, _, k in spans], spans):  # blur rows: <= 2 slices
+        for a, b in _runs([(k // _BLUR_KEY) % 2 == 1 for _, _, k in spans], spans):  # blur rows: <= 2 slices
             sigma = BLUR_SIGMA[0] + u[a:b, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-            if dev.type == "cpu" and side >= 128:
+            if dev.type == "cpu" and side >= ROW_BLUR_MIN_SIDE:
                 _blur_rows_(x[a:b], self.kernel, sigma)
             else:
                 sigma = sigma[:, None].expand(-1, 2).contiguous()
@@ -491,7 +477,7 @@ class _ViewFamily:
                 if pick.any():
                     rows = on[pick].to(dev, non_blocking=True)
                     f = factors[pick, k].to(dev, non_blocking=True)
-                    _put(x, rows, op(_take(x, rows), f))
+                    _put(x, rows, op(_take(x, rows), f))  # in place on the gathered copy
         return x
 
     def _grayscale(self, x: Tensor, u: Tensor) -> Tensor:

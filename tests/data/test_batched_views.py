@@ -23,8 +23,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (BatchedViews, RawImages, _blur_rows_, _brightness, _contrast, _hue, _put,
-                                     _saturation, _take, collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
+from ssl_vision.data.batched import (BatchedViews, RawImages, _blur_rows_, _brightness_, _contrast_, _hue_, _put,
+                                     _saturation_, _take, collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
@@ -163,15 +163,15 @@ def test_colour_ops_equal_torchvision_tensor_ops():
     x[1, 0] = x[1, 1]
     f = torch.rand(6, generator=g) * 1.6 + 0.2
     hue = torch.rand(6, generator=g) - 0.5
-    cases = [(_brightness, TF.adjust_brightness, f), (_contrast, TF.adjust_contrast, f),
-             (_saturation, TF.adjust_saturation, f), (_hue, TF.adjust_hue, hue)]
+    cases = [(_brightness_, TF.adjust_brightness, f), (_contrast_, TF.adjust_contrast, f),
+             (_saturation_, TF.adjust_saturation, f), (_hue_, TF.adjust_hue, hue)]
     for ours, theirs, factors in cases:
         out = ours(x.clone(), factors)
         ref = torch.stack([theirs(x[i], float(factors[i])) for i in range(6)])
         # torchvision's grayscale uses 0.2989 for red where PIL (and kornia, used here) use 0.299
         torch.testing.assert_close(out, ref, atol=3e-4, rtol=0, msg=theirs.__name__)
     gray1 = torch.rand(4, 1, 8, 8, generator=g)  # one-channel contrast
-    torch.testing.assert_close(_contrast(gray1.clone(), f[:4]),
+    torch.testing.assert_close(_contrast_(gray1.clone(), f[:4]),
                                torch.stack([TF.adjust_contrast(gray1[i], float(f[i])) for i in range(4)]), atol=1e-5,
                                rtol=0)
 
