@@ -86,3 +86,10 @@ def test_loader_epochs_quick():
     for row in res["rows"]:
         assert all(row[k] > 0 for k in ("first_epoch_first_batch_s", "later_epochs_first_batch_s",
                                         "later_epochs_epoch_s"))
+
+
+def test_aug_ab_quick_checks_the_variants_agree():
+    res = run_script("aug_ab.py", "--quick", "--variants", "subsets:8", "grouped:3", "auto:0", "--kernels")
+    assert [r["variant"] for r in res["rows"]] == ["subsets:8", "grouped:3", "auto:0"]
+    assert all(math.isfinite(r["ms_per_image"]) and r["ms_per_image"] > 0 for r in res["rows"])
+    assert set(res["kernels"]) == {"index_select_4d_ms", "index_select_2d_ms"}

@@ -20,8 +20,8 @@ Split of the work:
 Two implementations of the same pipeline (``strategy``, chosen by device with ``auto``): on accelerators each op
 runs on the gathered subset of rows that gets it (a few dozen batched kernels); on the CPU (``grouped``) the batch
 is processed in chunks of ~8 multi-crop samples, the rows of a chunk are sorted so that rows sharing (grayscale,
-blur, jitter order) are contiguous and every op runs in place on slices of <= 1 MB, and large crops are blurred row
-by row -- fewer passes over memory, in cache. Same random numbers, same formulas, same views (tested); on this
+blur, jitter order) are contiguous and every op runs in place on slices of <= 1 MB -- fewer passes over memory,
+in cache. Same random numbers, same formulas, same views (tested); on this
 project's 2-core machine the CPU strategy makes multi-crop ~2x faster than the subsets one (benchmarks/RESULTS.md).
 
 Semantics, op by op, against the per-sample pipeline (torchvision on PIL images):
@@ -84,8 +84,7 @@ U_PER_VIEW = 36
 # fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.50 ms per
 # image; 96 px: about even; 224 px: grouped faster; benchmarks/RESULTS.md)
 GROUPED_MIN_SIDE = 128
-# grouped path on the CPU: crops at least this large are blurred row by row (_blur_rows_), smaller ones by kornia
-ROW_BLUR_MIN_SIDE = 128
+_SLICE_FLOATS = 1 << 18  # grouped path on the CPU: jitter ops on at most this many floats (1 MB) per call
 _BLUR_KEY, _GRAY_KEY = 1_000_000, 2_000_000  # the grouped path's sort-key digits (jitter-order codes stay below)
 RAW_KEY = "raw_images"  # marks a train batch of the batched backend
 
@@ -217,8 +216,8 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor
 
 # ------------------------------------------------------------------------------------------------------ colour ops
 def _take(x: Tensor, rows: Tensor) -> Tensor:
-    """``x.index_select(0, rows)`` through a 2-D view: PyTorch's CPU kernel is ~5x faster on (N, D) than on
-    (N, C, H, W) (measured: 2.9 vs 16.8 ms for 32 of 64 224-px RGB images, one thread); same result."""
+    """``x.index_select(0, rows)`` through a 2-D view, where PyTorch's CPU kernel is never slower than on
+    (N, C, H, W) and was up to several times faster here (``benchmarks/aug_ab.py --kernels``); same result."""
     return x.reshape(x.shape[0], -1).index_select(0, rows).view(rows.numel(), *x.shape[1:])
 
 
@@ -246,29 +245,6 @@ def _runs(flags: list[bool], spans: list[tuple[int, int, int]]) -> list[tuple[in
             else:
                 out.append((a, b))
     return out
-
-
-def _blur_rows_(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
-    """kornia's ``gaussian_blur2d(x, kernel, sigma, border_type="reflect")`` (separable, normalised 1-D kernel
-    ``exp(-d^2 / 2 sigma^2)``, reflect padding per pass) in place, row by row as ``kernel`` shifted multiply-adds per
-    direction: on the CPU each row stays in cache, and for large crops this beats the grouped depthwise
-    convolution (224 px, kernel 23: 17 vs 25 ms for 8 rows, one thread; slower for small crops, so only used for
-    sides >= ROW_BLUR_MIN_SIDE). ``sigma``: (N,) on the CPU."""
-    p, side_h, side_w = kernel // 2, x.shape[-2], x.shape[-1]
-    d = torch.arange(kernel, dtype=torch.float64) - p
-    w = torch.exp(-(d[None] ** 2) / (2 * sigma.double()[:, None] ** 2))
-    for row, wi in zip(x, (w / w.sum(1, keepdim=True)).tolist()):
-        xp = F.pad(row[None], (p, p, 0, 0), mode="reflect")[0]
-        acc = xp[..., p:p + side_w] * wi[p]
-        for j in range(kernel):
-            if j != p:
-                acc.add_(xp[..., j:j + side_w], alpha=wi[j])
-        yp = F.pad(acc[None], (0, 0, p, p), mode="reflect")[0]
-        torch.mul(yp[:, p:p + side_h], wi[p], out=row)
-        for j in range(kernel):
-            if j != p:
-                row.add_(yp[:, j:j + side_h], alpha=wi[j])
-    return x
 
 
 # The jitter ops, in place on ``x`` (a gathered subset of rows, or a contiguous slice of the batch), with per-row
@@ -419,9 +395,9 @@ class _ViewFamily:
         bounds = torch.cat([torch.tensor([0]), (key[1:] != key[:-1]).nonzero()[:, 0] + 1, torch.tensor([n])]).tolist()
         spans = [(a, b, int(key[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
-        # rows per call: on the CPU the four ops (~30 passes) run on <= 1 MB at a time, which stays in cache
-        # (measured: hue on six 224-px rows 2x faster row by row); one call per span on accelerators
-        step = max(1, (1 << 18) // x[0].numel()) if dev.type == "cpu" else n
+        # rows per call: on the CPU the four ops (~30 passes) run on <= 1 MB at a time, which stays in cache; one
+        # call per span on accelerators
+        step = max(1, _SLICE_FLOATS // x[0].numel()) if dev.type == "cpu" else n
 
         def jitter() -> None:
             for a, b, k in spans:
@@ -445,11 +421,8 @@ class _ViewFamily:
             grayscale()
         for a, b in _runs([(k // _BLUR_KEY) % 2 == 1 for _, _, k in spans], spans):  # blur rows: <= 2 slices
             sigma = BLUR_SIGMA[0] + u[a:b, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-            if dev.type == "cpu" and side >= ROW_BLUR_MIN_SIDE:
-                _blur_rows_(x[a:b], self.kernel, sigma)
-            else:
-                sigma = sigma[:, None].expand(-1, 2).contiguous()
-                x[a:b].copy_(kornia.filters.gaussian_blur2d(x[a:b], self.kernel, sigma, border_type="reflect"))
+            sigma = sigma[:, None].expand(-1, 2).contiguous()
+            x[a:b].copy_(kornia.filters.gaussian_blur2d(x[a:b], self.kernel, sigma, border_type="reflect"))
         x = self._solarize(x, u)
         for v, o in enumerate(out):  # un-sorted, normalised
             torch.addcmul(shift, _take(x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True)), scale, out=o)

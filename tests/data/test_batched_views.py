@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (BatchedViews, RawImages, _blur_rows_, _brightness_, _contrast_, _hue_, _put,
+from ssl_vision.data.batched import (BatchedViews, RawImages, _brightness_, _contrast_, _hue_, _put,
                                      _saturation_, _take, collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
@@ -227,19 +227,6 @@ def test_colour_distribution_matches_torchvision(spec, one_thread):
 
 
 # ---------------------------------------------------------------------------------------------- CPU strategies
-@pytest.mark.parametrize("size,kernel", [(160, 17), (131, 13)])
-def test_row_blur_equals_torchvision_gaussian_blur(size, kernel):
-    """The CPU row-by-row blur used for large crops: per row, torchvision's gaussian_blur with that row's sigma
-    (separable, reflect padding), on a non-square image too."""
-    g = torch.Generator().manual_seed(4)
-    x = torch.rand(3, 3, size, size - 7, generator=g)
-    sigma = torch.tensor([0.1, 0.77, 2.0])
-    out = _blur_rows_(x.clone(), kernel, sigma)
-    for i in range(3):
-        ref = TF.gaussian_blur(x[i], [kernel, kernel], [float(sigma[i])] * 2)
-        torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=0)
-
-
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_take_and_put_equal_index_select_and_index_copy(layout):
     x = torch.rand(6, 3, 5, 7).contiguous(memory_format=layout)
