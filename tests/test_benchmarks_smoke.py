@@ -92,4 +92,10 @@ def test_aug_ab_quick_checks_the_variants_agree():
     res = run_script("aug_ab.py", "--quick", "--variants", "subsets:8", "grouped:3", "auto:0", "--kernels")
     assert [r["variant"] for r in res["rows"]] == ["subsets:8", "grouped:3", "auto:0"]
     assert all(math.isfinite(r["ms_per_image"]) and r["ms_per_image"] > 0 for r in res["rows"])
-    assert set(res["kernels"]) == {"index_select_4d_ms", "index_select_2d_ms"}
+    pairs = [("index_copy_224px", "row_copy_loop_224px"), ("index_copy_96px", "row_copy_loop_96px"),
+             ("where_bool_mask", "minimum"), ("remainder", "floor"),
+             ("addcmul_c11", "mul_then_add_c11"), ("saturation_mul_add", "saturation_lerp"),
+             ("gray_kornia", "gray_ours"), ("blur_k23_kornia", "blur_k23_ours")]  # (replaced, ours)
+    others = {"index_select_4d", "index_select_2d", "sub_mul_float_ops"}
+    assert {k for pair in pairs for k in pair} | others == set(res["kernels"])
+    assert all(math.isfinite(v) and v > 0 for v in res["kernels"].values())

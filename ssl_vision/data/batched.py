@@ -14,8 +14,9 @@ Split of the work:
   keys make up step ``step``) and do not depend on batch size, number of processes or workers, device, or on what
   else is in the batch. Drawing on the CPU also means no device synchronisation to pick the samples that get an op.
 * **Pixels on the device, per batch.** The sampling follows torchvision exactly; the pixel operations are tensor
-  ops (``F.grid_sample`` for the crops, kornia's ``gaussian_blur2d`` with per-sample sigma and its grayscale,
-  torchvision's jitter formulas written out with per-sample factors).
+  ops (``F.grid_sample`` for the crops, a separable Gaussian blur with per-sample sigma -- kornia's
+  ``gaussian_blur2d`` computation, written out: :func:`gaussian_blur` --, torchvision's jitter formulas written
+  out with per-sample factors).
 
 Two implementations of the same pipeline (``strategy``, chosen by device with ``auto``): on accelerators each op
 runs on the gathered subset of rows that gets it (a few dozen batched kernels); on the CPU (``grouped``) the batch
@@ -23,6 +24,9 @@ is processed in chunks of ~8 multi-crop samples, the rows of a chunk are sorted 
 blur, jitter order) are contiguous and every op runs in place on slices of <= 1 MB -- fewer passes over memory,
 in cache. Same random numbers, same formulas, same views (tested); on this
 project's 2-core machine the CPU strategy makes multi-crop ~2x faster than the subsets one (benchmarks/RESULTS.md).
+On the CPU the kernels are chosen by measurement (``benchmarks/aug_ab.py --kernels``): no boolean masks or
+``where`` in per-pixel formulas (5-30x slower per element than float arithmetic there), no ``addcmul`` with
+broadcast operands, large rows copied one by one rather than by ``index_copy_``.
 
 Semantics, op by op, against the per-sample pipeline (torchvision on PIL images):
 
@@ -36,15 +40,16 @@ Semantics, op by op, against the per-sample pipeline (torchvision on PIL images)
   Flip is folded into the sampling grid (same result as flipping the resized crop).
 * Colour jitter: per sample an independent random order of brightness / contrast / saturation / hue, factors
   drawn as ``ColorJitter.get_params``, the formulas of torchvision's tensor ops with per-sample factors (hue as one
-  fused HSV-shift formula, ~3x fewer passes than kornia's ``adjust_hue``, same values). kornia's ``ColorJitter``
+  fused, mask-free HSV-shift formula, same values as torchvision's). kornia's ``ColorJitter``
   module draws one order per *batch* (not per sample, as torchvision does), so it is not used; its
   ``RandomResizedCrop`` samples like torchvision but takes one image size per batch, and its other modules draw
   from the global RNG, which would not give per-sample seeding.
   PIL (per-sample path) rounds to uint8 after each op, uses the rounded mean for contrast and shifts hue in 8-bit
   HSV; here everything stays float32, so values differ by those roundings.
 * Grayscale (ITU-R 601 weights, as PIL and torchvision), Gaussian blur (kernel as :func:`.views.blur_kernel_size`,
-  sigma uniform in [0.1, 2] per sample, reflect padding, kornia's ``gaussian_blur2d``), solarize (``x >= 0.5 ->
-  1 - x``, which on floats is PIL's ``>= 128`` on the rounded value), normalisation.
+  sigma uniform in [0.1, 2] per sample, reflect padding, kornia's ``gaussian_blur2d`` computation), solarize
+  (``x >= 0.5 -> 1 - x``, computed as ``min(x, 1 - x)``; on floats PIL's ``>= 128`` on the rounded value),
+  normalisation.
 * One-channel data: brightness and contrast only, no grayscale (as :func:`.views.build_view_transform`).
 
 The loader keeps images small: an image whose shorter side exceeds ``round(8/7 * image_size)`` (256 for 224 px)
@@ -59,7 +64,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import kornia
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -84,6 +88,7 @@ U_PER_VIEW = 36
 # fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.50 ms per
 # image; 96 px: about even; 224 px: grouped faster; benchmarks/RESULTS.md)
 GROUPED_MIN_SIDE = 128
+_ROW_LOOP_FLOATS = 1 << 14  # CPU rows this large are gathered / scattered one by one (see _put, _take)
 _SLICE_FLOATS = 1 << 18  # grouped path on the CPU: jitter ops on at most this many floats (1 MB) per call
 _BLUR_KEY, _GRAY_KEY = 1_000_000, 2_000_000  # the grouped path's sort-key digits (jitter-order codes stay below)
 RAW_KEY = "raw_images"  # marks a train batch of the batched backend
@@ -189,6 +194,32 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor
     Bicubic output is clamped to [0, 1] (PIL's uint8 result is); nearest uses ``grid_sample``'s rounding. Box
     tensors may live on the CPU.
     """
+    big_h, big_w = images.shape[-2:]
+    xs, ys = crop_coords(top, left, h, w, size, big_h, big_w, flip)
+    return _sample_crops(images, (top, left, h, w, flip, xs, ys), size, interpolation)
+
+
+def crop_coords(top: Tensor, left: Tensor, h: Tensor, w: Tensor, size: int, big_h: int, big_w: int,
+                flip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The (B, size) x and y sampling coordinates of :func:`resized_crop` (``grid_sample``'s normalised ones,
+    ``align_corners=False``; the flip folded into x), float32 on the CPU."""
+    steps = torch.arange(size, dtype=torch.float64) + 0.5
+
+    def coords(start: Tensor, extent: Tensor, n: int) -> Tensor:
+        start, extent = start.double()[:, None], extent.double()[:, None]
+        c = start + steps[None] * (extent / size) - 0.5
+        c = torch.minimum(torch.maximum(c, start), start + extent - 1)
+        return ((2 * c + 1) / n - 1).float()
+
+    xs, ys = coords(left, w, big_w), coords(top, h, big_h)
+    if flip is not None:
+        xs = torch.where(flip.cpu()[:, None], xs.flip(1), xs)
+    return xs, ys
+
+
+def _sample_crops(images: Tensor, box: tuple, size: int, interpolation: str) -> Tensor:
+    """:func:`resized_crop` from a box ``(top, left, h, w, flip, xs, ys)`` whose coordinates are already made."""
+    top, left, h, w, flip, xs, ys = box
     dev = images.device
     big_h, big_w = images.shape[-2:]
     if size == big_h == big_w and bool(((top == 0) & (left == 0) & (h == big_h) & (w == big_w)).all()):
@@ -196,17 +227,6 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor
         if flip is not None and (rows := _rows(flip.cpu(), dev)) is not None:
             _put(out, rows, _take(out, rows).flip(-1))
         return out
-    steps = torch.arange(size, dtype=torch.float64) + 0.5
-
-    def coords(start: Tensor, extent: Tensor, n: int) -> Tensor:
-        start, extent = start.double()[:, None], extent.double()[:, None]
-        c = start + steps[None] * (extent / size) - 0.5
-        c = torch.minimum(torch.maximum(c, start), start + extent - 1)
-        return ((2 * c + 1) / n - 1).float()  # grid_sample's normalised coordinate, align_corners=False
-
-    xs, ys = coords(left, w, big_w), coords(top, h, big_h)
-    if flip is not None:
-        xs = torch.where(flip.cpu()[:, None], xs.flip(1), xs)
     xs, ys = xs.to(dev, non_blocking=True), ys.to(dev, non_blocking=True)
     grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
     mode = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}[interpolation]
@@ -222,11 +242,52 @@ def _take(x: Tensor, rows: Tensor) -> Tensor:
 
 
 def _put(x: Tensor, rows: Tensor, src: Tensor) -> Tensor:
-    """``x.index_copy_(0, rows, src)`` through 2-D views when ``x`` is contiguous; returns ``x``."""
+    """``x.index_copy_(0, rows, src)``; returns ``x``. On the CPU, rows of >= ``_ROW_LOOP_FLOATS`` are copied one by
+    one (``index_copy_`` was 1.6-2.5x slower there for 96- and 224-px crops, ``benchmarks/aug_ab.py --kernels``),
+    smaller ones through 2-D views."""
+    if x.device.type == "cpu" and x[0].numel() >= _ROW_LOOP_FLOATS:
+        for i, r in enumerate(rows.tolist()):
+            x[r].copy_(src[i])
+        return x
     if not x.is_contiguous():
         return x.index_copy_(0, rows, src)
     x.view(x.shape[0], -1).index_copy_(0, rows, src.reshape(rows.numel(), -1))
     return x
+
+
+def gaussian_blur(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
+    """(N, C, H, W), odd ``kernel`` size, per-row ``sigma`` (N,) -> each row blurred with its own sigma.
+
+    kornia's ``gaussian_blur2d(x, kernel, sigma, border_type="reflect")`` computation -- weights
+    ``exp(-t^2 / (2 sigma^2))`` for ``t = -(k // 2) .. k // 2``, normalised; reflect padding; separable, as two
+    depthwise convolutions -- giving the same floats (the test compares), written out here because kornia's
+    wrapper took twice as long on this CPU for 224-px crops (``benchmarks/aug_ab.py --kernels``). torchvision's
+    ``GaussianBlur`` is the same filter with one sigma per call.
+    """
+    n, c, h, w = x.shape
+    t = torch.arange(kernel, dtype=x.dtype, device=x.device) - kernel // 2
+    sigma = sigma.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N * C, kernel): one filter per channel of a row
+    p = kernel // 2
+    y = F.pad(x, (p, p, 0, 0), mode="reflect").view(1, n * c, h, w + 2 * p)
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.pad(y, (0, 0, p, p), mode="reflect")
+    return F.conv2d(y, k[:, None, :, None], groups=n * c).view(n, c, h, w)
+
+
+def _normalise(out: Tensor, x: Tensor, rows: Tensor | None, scale: Tensor, shift: Tensor) -> None:
+    """``out = x[rows] * scale + shift`` (``rows=None``: all of ``x``), with per-channel (C, 1, 1) ``scale`` and
+    ``shift``. A multiply and an add: ``torch.addcmul`` with those broadcast operands took 2.6x as long on the CPU.
+    Large CPU rows are read in place one by one instead of gathered first (see ``_put``)."""
+    if rows is None:
+        torch.mul(x, scale, out=out)
+    elif x.device.type == "cpu" and x[0].numel() >= _ROW_LOOP_FLOATS:
+        for i, r in enumerate(rows.tolist()):
+            torch.mul(x[r], scale, out=out[i])
+    else:
+        torch.mul(_take(x, rows), scale, out=out)
+    out.add_(shift)
 
 
 def _rows(mask: Tensor, device: torch.device) -> Tensor | None:
@@ -254,7 +315,13 @@ def _brightness_(x: Tensor, f: Tensor) -> Tensor:
 
 
 def _gray(x: Tensor) -> Tensor:
-    return kornia.color.rgb_to_grayscale(x) if x.shape[1] == 3 else x
+    """(N, 3, H, W) -> (N, 1, H, W) ITU-R 601 luma (PIL's and kornia's weights, kornia's order of operations, so
+    the same floats as ``kornia.color.rgb_to_grayscale``, whose 0-dim weight tensors take ~2.5x longer on the CPU);
+    one channel passes through."""
+    if x.shape[1] != 3:
+        return x
+    r, g, b = x.unbind(1)
+    return (r * 0.299).add_(g, alpha=0.587).add_(b, alpha=0.114)[:, None]
 
 
 def _contrast_(x: Tensor, f: Tensor) -> Tensor:
@@ -264,12 +331,11 @@ def _contrast_(x: Tensor, f: Tensor) -> Tensor:
 
 
 def _saturation_(x: Tensor, f: Tensor) -> Tensor:
-    f = f[:, None, None, None]
-    gray = _gray(x).mul_(1 - f)  # before x changes
-    return x.mul_(f).add_(gray).clamp_(0.0, 1.0)
+    # torchvision's blend f * x + (1 - f) * gray as one lerp (x + (1 - f) * (gray - x)): 2 passes instead of 5
+    return x.lerp_(_gray(x), (1 - f)[:, None, None, None]).clamp_(0.0, 1.0)
 
 
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0])[:, None, None]  # R, G, B in the k-form of HSV -> RGB
+_HUE_SHIFTS = torch.tensor([0.0, 2.0, 4.0])[:, None, None]  # R, G, B: 5 - n, n = 5, 3, 1 in the k-form below
 
 
 def _hue(x: Tensor, f: Tensor) -> Tensor:
@@ -277,20 +343,34 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
 
     Value ``M = max(r, g, b)`` and chroma ``C = M - min(r, g, b)`` are unchanged by a hue shift, so the output is
     ``M - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6h') mod 6``, ``n = 5, 3, 1`` for R, G, B -- the
-    same function as torchvision's six-case ``_hsv2rgb``, in about a third of the passes of kornia's
-    ``adjust_hue`` (which gives the same values; the test compares with torchvision).
+    same function as torchvision's six-case ``_hsv2rgb``. Written without boolean masks, ``where`` or
+    ``remainder``, which this CPU runs 5-30x slower per element than float arithmetic (``where`` on a random mask
+    ~5 ns vs ~0.2 ns for a multiply; ``benchmarks/aug_ab.py --kernels``):
+
+    * the max channel from ``ceil(M - c)`` (0 exactly where ``c == M``, 1 elsewhere, as ``M - c`` is in [0, 1]),
+      with torchvision's tie order red, green, blue;
+    * ``6h' mod 6`` as ``v - 6 floor(v / 6)`` once per pixel, then for each channel
+      ``clamp(min(k, 4 - k), 0, 1) = 2 - clamp(||6h' - s| - 3|, 1, 2)`` with ``s = 5 - n``: ``||k - 5| - 3|`` is
+      k's distance to the nearer of 2 and 8, i.e. to 2 modulo 6, over the range ``k = 6h' + n`` takes.
+
+    The test compares it with torchvision (ties, gray pixels, shifts of +-0.5).
     """
     r, g, b = x.unbind(1)
-    top, bottom = x.amax(1), x.amin(1)
-    chroma = top - bottom
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    num = torch.where(top == r, g - b, torch.where(top == g, b - r + 2 * safe, r - g + 4 * safe))
-    # hue in sixths of a turn, shifted: num / safe is in [-1, 5] and 6f in [-3, 3], so +6 keeps it positive and one
-    # remainder (after adding the channel offsets) wraps it
-    h6 = num.div_(safe).add_((6.0 * f + 6.0)[:, None, None])
-    k = (h6[:, None] + _HUE_OFFSETS.to(x.device)).remainder_(6.0)
-    t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return top[:, None].sub(t.mul_(chroma[:, None])).clamp_(0.0, 1.0)
+    top = x.amax(1)
+    chroma = top - x.amin(1)
+    not_r = torch.ceil(top - r)  # 1 where red is not the max
+    not_rg = torch.ceil(top - g).mul_(not_r)  # 1 where neither red nor green is
+    # C * hue in sixths: g - b (red max), b - r + 2C (green max), r - g + 4C (blue max)
+    c2 = chroma * 2.0
+    num = g - b
+    green = (b - r).add_(c2)
+    num.addcmul_(not_r, green - num)
+    num.addcmul_(not_rg, (r - g).add_(c2).sub_(b - r))  # blue minus green case
+    # a gray pixel (C = 0) has num = 0 and any hue; the clamp only avoids 0 / 0
+    v = num.div_(chroma.clamp_min(1e-30)).add_((6.0 * f + 6.0)[:, None, None])
+    v.sub_(torch.floor(v / 6.0).mul_(6.0))  # 6h' in [0, 6)
+    d = (v[:, None] - _HUE_SHIFTS.to(x.device)).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    return d.mul_(chroma[:, None]).add_(top.sub_(c2)[:, None]).clamp_(0.0, 1.0)  # M - C (2 - d)
 
 
 def _hue_(x: Tensor, f: Tensor) -> Tensor:
@@ -320,19 +400,25 @@ class _ViewFamily:
         self.jitter_on = any(r is not None for r in self.ranges) and spec.jitter_p > 0
         self.gray_on = spec.gray_p > 0 and in_chans == 3
 
-    def __call__(self, images: Tensor, sizes: Tensor, u: Tensor, scale: Tensor, shift: Tensor,
+    def boxes(self, u: Tensor, sizes: Tensor, big_h: int, big_w: int) -> list[tuple[Tensor, ...]]:
+        """Per view, ``(top, left, h, w, flip, xs, ys)`` of every sample (CPU): u (count, B, 36), sizes (B, 2) the
+        images' own (h, w), ``big_h, big_w`` the padded batch's. Made once per batch, sliced per chunk."""
+        spec, out = self.spec, []
+        for v in range(u.shape[0]):
+            top, left, h, w = sample_crop_boxes(u[v], sizes[:, 0], sizes[:, 1], spec.scale, spec.ratio)
+            flip = u[v, :, _FLIP] < spec.flip_p
+            out.append((top, left, h, w, flip, *crop_coords(top, left, h, w, self.side, big_h, big_w, flip)))
+        return out
+
+    def __call__(self, images: Tensor, boxes: list[tuple[Tensor, ...]], u: Tensor, scale: Tensor, shift: Tensor,
                  out: list[Tensor]) -> None:
-        """images (B, C, H, W) floats in [0, 1], sizes (B, 2) (h, w) and u (count, B, 36) on the CPU
+        """images (B, C, H, W) floats in [0, 1], their ``boxes`` (see :meth:`boxes`) and u (count, B, 36) on the CPU
         -> the ``count`` views (B, C, S, S), normalised as ``view * scale + shift``, written into ``out``."""
         spec, count, batch = self.spec, u.shape[0], images.shape[0]
-        boxes = []
-        for v in range(count):
-            top, left, h, w = sample_crop_boxes(u[v], sizes[:, 0], sizes[:, 1], spec.scale, spec.ratio)
-            boxes.append((top, left, h, w, u[v, :, _FLIP] < spec.flip_p))
         u = u.reshape(count * batch, U_PER_VIEW)
         if self.grouped(images.device):
             return self._grouped(images, boxes, u, scale, shift, out)
-        crops = [resized_crop(images, *box[:4], self.side, spec.interpolation, box[4]) for box in boxes]
+        crops = [_sample_crops(images, box, self.side, spec.interpolation) for box in boxes]
         x = torch.cat(crops) if count > 1 else crops[0]  # colour ops for all views of the family at once
         if spec.gray_before_jitter:
             x = self._grayscale(x, u)
@@ -343,7 +429,7 @@ class _ViewFamily:
         x = self._blur(x, u)
         x = self._solarize(x, u)
         for o, v in zip(out, x.chunk(count) if count > 1 else [x]):
-            torch.addcmul(shift, v, scale, out=o)
+            _normalise(o, v, None, scale, shift)
 
     def grouped(self, device: torch.device) -> bool:
         """Which of two equivalent implementations runs (``strategy``; ``auto``: grouped on the CPU, subsets
@@ -390,7 +476,7 @@ class _ViewFamily:
         x = torch.empty((n, images.shape[1], side, side), dtype=images.dtype, device=dev)
         for v, box in enumerate(boxes):  # each view's crops straight into their sorted rows
             _put(x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True),
-                 resized_crop(images, *box[:4], side, spec.interpolation, box[4]))
+                 _sample_crops(images, box, side, spec.interpolation))
         key, u, factors, perm = key[rows], u[rows], factors[rows], perm[rows]
         bounds = torch.cat([torch.tensor([0]), (key[1:] != key[:-1]).nonzero()[:, 0] + 1, torch.tensor([n])]).tolist()
         spans = [(a, b, int(key[a])) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -421,16 +507,15 @@ class _ViewFamily:
             grayscale()
         for a, b in _runs([(k // _BLUR_KEY) % 2 == 1 for _, _, k in spans], spans):  # blur rows: <= 2 slices
             sigma = BLUR_SIGMA[0] + u[a:b, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-            sigma = sigma[:, None].expand(-1, 2).contiguous()
-            x[a:b].copy_(kornia.filters.gaussian_blur2d(x[a:b], self.kernel, sigma, border_type="reflect"))
+            x[a:b].copy_(gaussian_blur(x[a:b], self.kernel, sigma))
         x = self._solarize(x, u)
         for v, o in enumerate(out):  # un-sorted, normalised
-            torch.addcmul(shift, _take(x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True)), scale, out=o)
+            _normalise(o, x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True), scale, shift)
 
     def _solarize(self, x: Tensor, u: Tensor) -> Tensor:
         if self.spec.solarize_p > 0 and (rows := _rows(u[:, _SOL] < self.spec.solarize_p, x.device)) is not None:
             sub = _take(x, rows)
-            _put(x, rows, torch.where(sub >= 0.5, 1.0 - sub, sub))
+            _put(x, rows, torch.minimum(sub, 1.0 - sub))  # == where(sub >= 0.5, 1 - sub, sub) on [0, 1]
         return x
 
     def _jitter(self, x: Tensor, u: Tensor) -> Tensor:
@@ -465,10 +550,9 @@ class _ViewFamily:
         if (rows := _rows(on, x.device)) is None:
             return x
         sigma = BLUR_SIGMA[0] + u[on, _SIGMA] * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
-        sigma = sigma[:, None].expand(-1, 2).contiguous()  # left on the CPU: kornia checks it there, no GPU sync
         if rows.numel() == x.shape[0]:  # every row (blur_p = 1): no gather / scatter
-            return kornia.filters.gaussian_blur2d(x, self.kernel, sigma, border_type="reflect")
-        blurred = kornia.filters.gaussian_blur2d(_take(x, rows), self.kernel, sigma, border_type="reflect")
+            return gaussian_blur(x, self.kernel, sigma)
+        blurred = gaussian_blur(_take(x, rows), self.kernel, sigma)
         return _put(x, rows, blurred)
 
 
@@ -519,13 +603,14 @@ class BatchedViews:
         step = self.chunk_size(images) if dev.type == "cpu" else n
         views = [torch.empty((n, self.in_chans, f.side, f.side), device=dev) for f, c in
                  zip(self.families, self.counts) for _ in range(c)]
+        starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        boxes = [f.boxes(u[a:a + c], sizes, *images.shape[-2:]) for f, c, a in zip(self.families, self.counts, starts)]
         for a in range(0, n, step):
             x = images[a:a + step].float().div_(255.0)
-            start = 0
-            for family, count in zip(self.families, self.counts):
-                family(x, sizes[a:a + step], u[start:start + count, a:a + step], scale, shift,
+            for family, count, start, fam_boxes in zip(self.families, self.counts, starts, boxes):
+                family(x, [tuple(t[a:a + step] for t in box) for box in fam_boxes],
+                       u[start:start + count, a:a + step], scale, shift,
                        [v[a:a + step] for v in views[start:start + count]])
-                start += count
         return views, batch["labels"], batch["indices"]
 
     def chunk_size(self, images: Tensor) -> int:

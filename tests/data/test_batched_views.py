@@ -23,8 +23,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (BatchedViews, RawImages, _brightness_, _contrast_, _hue_, _put,
-                                     _saturation_, _take, collate_raw, is_raw_batch, resized_crop, sample_crop_boxes)
+from ssl_vision.data.batched import (_ROW_LOOP_FLOATS, BatchedViews, RawImages, _brightness_, _contrast_, _gray,
+                                     _hue_, _normalise, _put, _saturation_, _take, collate_raw, gaussian_blur,
+                                     is_raw_batch, resized_crop, sample_crop_boxes)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
@@ -176,6 +177,49 @@ def test_colour_ops_equal_torchvision_tensor_ops():
                                rtol=0)
 
 
+def test_hue_formula_equals_torchvision_on_ties_gray_and_extreme_shifts():
+    """The mask-free hue formula against torchvision's six-case HSV round trip: random colours, exact ties between
+    every pair of channels (torchvision's red > green > blue precedence), gray pixels (any hue), near-black
+    pixels with a tiny chroma, quarter-step values, and shifts of exactly -0.5, 0, 1/6, 0.5."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(32, 3, 12, 12, generator=g)
+    x[0:4, 0] = x[0:4, 1]  # red == green
+    x[4:8, 1] = x[4:8, 2]  # green == blue
+    x[8:12, 2] = x[8:12, 0]  # blue == red
+    x[12:14, :, :6] = x[12:14, :1, :6]  # gray pixels
+    x[14:16] *= 1e-6  # near black: chroma ~1e-6
+    x[16:20] = (x[16:20] * 4).round() / 4  # quarter steps: many exact maxima ties and hue-sector edges
+    x[20, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # primaries and secondaries
+    x[20, :, 0, 1] = torch.tensor([1.0, 1.0, 0.0])
+    x[20, :, 0, 2] = torch.tensor([0.0, 1.0, 1.0])
+    f = torch.rand(32, generator=g) - 0.5
+    f[:4] = torch.tensor([-0.5, 0.5, 0.0, 1 / 6])
+    f[20:24] = torch.tensor([-0.5, 0.5, 1 / 3, -1 / 6])
+    ref = torch.stack([TF.adjust_hue(x[i], float(f[i])) for i in range(32)])
+    out = _hue_(x.clone(), f)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert (out - x).abs().max() > 0.5  # the shifts change colours (the comparison is not of two no-ops)
+
+
+def test_gray_and_gaussian_blur_equal_the_reference_formulas(one_thread):
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(5, 3, 40, 34, generator=g)
+    gray = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # ITU-R 601, PIL's weights
+    torch.testing.assert_close(_gray(x)[:, 0], gray, atol=1e-6, rtol=0)
+    assert _gray(x[:, :1]) is not None and torch.equal(_gray(x[:, :1]), x[:, :1])  # one channel passes through
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    for kernel in (3, 9):
+        ours = gaussian_blur(x, kernel, sigma)
+        for i in range(5):  # torchvision's GaussianBlur, one sigma per call, reflect padding
+            ref = TF.gaussian_blur(x[i], [kernel, kernel], [float(sigma[i])] * 2)
+            torch.testing.assert_close(ours[i], ref, atol=2e-6, rtol=0, msg=f"kernel {kernel}, row {i}")
+    assert (gaussian_blur(x, 9, sigma) - x).abs().max() > 0.1
+    kornia = pytest.importorskip("kornia")  # the library this replaces (a dev dependency): the same floats
+    torch.testing.assert_close(gaussian_blur(x, 9, sigma), kornia.filters.gaussian_blur2d(
+        x, 9, sigma[:, None].expand(-1, 2).contiguous(), border_type="reflect"), atol=1e-7, rtol=0)
+    torch.testing.assert_close(_gray(x), kornia.color.rgb_to_grayscale(x), atol=0, rtol=0)
+
+
 def test_blur_and_solarize_match_torchvision(one_thread):
     """A blur-only / solarize-only spec on a whole-image crop: per sample, torchvision's op with some sigma."""
     data = pil_images(6, (24, 24), seed=3)
@@ -228,11 +272,19 @@ def test_colour_distribution_matches_torchvision(spec, one_thread):
 
 # ---------------------------------------------------------------------------------------------- CPU strategies
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_take_and_put_equal_index_select_and_index_copy(layout):
-    x = torch.rand(6, 3, 5, 7).contiguous(memory_format=layout)
-    rows, src = torch.tensor([4, 0, 3]), torch.rand(3, 3, 5, 7)
+@pytest.mark.parametrize("side", [5, 80])  # 80 px: rows above _ROW_LOOP_FLOATS, copied one by one
+def test_take_put_and_normalise_equal_index_select_and_index_copy(layout, side):
+    x = torch.rand(6, 3, side, side + 2).contiguous(memory_format=layout)
+    assert (x[0].numel() >= _ROW_LOOP_FLOATS) == (side == 80)
+    rows, src = torch.tensor([4, 0, 3]), torch.rand(3, 3, side, side + 2)
     assert torch.equal(_take(x, rows), x.index_select(0, rows))
     assert torch.equal(_put(x.clone(), rows, src), x.clone().index_copy_(0, rows, src))
+    scale, shift = torch.tensor([2.0, 0.5, 4.0])[:, None, None], torch.tensor([-1.0, 0.25, 3.0])[:, None, None]
+    out = torch.empty(3, 3, side, side + 2)
+    _normalise(out, x, rows, scale, shift)
+    torch.testing.assert_close(out, x.index_select(0, rows) * scale + shift, atol=1e-6, rtol=0)
+    _normalise(out, x[:3], None, scale, shift)
+    torch.testing.assert_close(out, x[:3] * scale + shift, atol=1e-6, rtol=0)
 
 
 def _rgb_photos(n: int, side: int, seed: int) -> list:
@@ -247,11 +299,11 @@ def _rgb_photos(n: int, side: int, seed: int) -> list:
 @pytest.mark.parametrize("name,size,chans", [("multicrop", 144, 3), ("byol", 32, 3), ("mae", 32, 3),
                                              ("simclr", 28, 1)])
 def test_grouped_strategy_and_chunks_give_the_subsets_views(name, size, chans, one_thread):
-    """The CPU's default (rows sorted into groups, colour ops in place on slices, chunks of samples, row-wise blur
-    for crops >= 128 px) and the accelerators' (gathered subsets, whole batch) are two implementations of one
-    pipeline: same views, whatever the chunk size. multicrop at 144 px has 144-px global crops (row blur) and
-    62-px local ones (kornia); byol has solarize and two families' settings; mae is bicubic; one channel skips
-    saturation, hue and grayscale."""
+    """The CPU's default (rows sorted into groups for crops >= 128 px, colour ops in place on slices, chunks of
+    samples, large rows copied one by one) and the accelerators' (gathered subsets, whole batch) are two
+    implementations of one pipeline: same views, whatever the chunk size. multicrop at 144 px has 144-px global
+    crops (grouped under auto) and 62-px local ones (subsets under auto); byol has solarize and two families'
+    settings; mae is bicubic; one channel skips saturation, hue and grayscale."""
     stats = (RGB_STATS if chans == 3 else ([0.4], [0.3]))
     data = _rgb_photos(7, size + 16, seed=8)
     batch = raw_batch(data, chans, keys=[(i, 3) for i in range(7)])
