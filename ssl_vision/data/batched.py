@@ -85,7 +85,7 @@ _AREA, _LOGR, _TOP, _LEFT, _FLIP, _JIT, _FAC, _ORD, _GRAY, _BLUR, _SIGMA, _SOL =
     0, 10, 20, 21, 22, 23, 24, 28, 32, 33, 34, 35)
 U_PER_VIEW = 36
 # ``strategy=auto`` on the CPU: crops at least this large use the grouped path, smaller ones the subsets path, whose
-# fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.50 ms per
+# fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.41 ms per
 # image; 96 px: about even; 224 px: grouped faster; benchmarks/RESULTS.md)
 GROUPED_MIN_SIDE = 128
 _ROW_LOOP_FLOATS = 1 << 14  # CPU rows this large are gathered / scattered one by one (see _put, _take)
