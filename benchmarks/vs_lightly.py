@@ -24,7 +24,9 @@
   Our MAE runs with ``norm_pix_loss=false`` and ``probe_features=visible`` (lightly's MSE target, no extra pass).
 
 Each round times ``--steps`` steps of ours then of lightly's (after ``--warmup`` untimed ones), ``--rounds``
-rounds alternating. images/s = batch / median step time; ``ratio`` = ours / lightly (> 1: ours faster).
+rounds alternating. images/s = batch / median step time; ``ratio`` = ours / lightly (> 1: ours faster) over all
+rounds; ``ratio_per_round`` the same ratio within each round (both sides back to back, so under the same machine
+load): its spread is the run-to-run noise to read the ratio against.
 Prints a table and one JSON line (also ``--json``).
 """
 
@@ -293,16 +295,19 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     theirs = LightlyMethod(method, cfg, backbone, dim, lr)
     t_ours: list[float] = []
     t_theirs: list[float] = []
+    per_round = []  # paired ratios: the two sides of one round ran back to back, under the same machine load
     for _ in range(args.rounds):
-        t_ours += time_ours(ours, (views, labels, indices), args.batch, args.warmup, args.steps)
-        t_theirs += time_lightly(theirs, views[: 2 if method not in ("swav", "dino", "mae") else None], args.warmup,
-                                 args.steps)
+        a = time_ours(ours, (views, labels, indices), args.batch, args.warmup, args.steps)
+        b = time_lightly(theirs, views[: 2 if method not in ("swav", "dino", "mae") else None], args.warmup,
+                         args.steps)
+        per_round.append(round(statistics.median(b) / statistics.median(a), 3))
+        t_ours, t_theirs = t_ours + a, t_theirs + b
     ips_ours, ips_theirs = args.batch / statistics.median(t_ours), args.batch / statistics.median(t_theirs)
     sides = [int(v.shape[-1]) for v in views]
     shown = "+".join(f"{sides.count(s)}x{s}" for s in sorted(set(sides), reverse=True))
     return {"method": method, "views": shown, "ours_img_s": round(ips_ours, 1),
             "lightly_img_s": round(ips_theirs, 1), "ratio": round(ips_ours / ips_theirs, 3),
-            "timed_steps": len(t_ours)}
+            "ratio_per_round": per_round, "timed_steps": len(t_ours)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -331,13 +336,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [measure(m, args) for m in args.methods]
-    head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}"
+    head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}  per round"
     print(f"batch {args.batch}, {args.image_size} px, resnet18 x{args.width} (mae: vit_tiny/4), "
           f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}, "
           f"ours with {args.ours or 'defaults'}")
     print(head)
     for r in rows:
-        print(f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}")
+        print(f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}"
+              f"  {' '.join(f'{x:.2f}' for x in r['ratio_per_round'])}")
     res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
            "ours_overrides": args.ours,
            "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),

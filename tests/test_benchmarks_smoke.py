@@ -35,6 +35,8 @@ def test_vs_lightly_quick_simclr():
     (row,) = res["rows"]
     assert row["method"] == "simclr" and row["views"] == "2x32" and row["timed_steps"] == 1
     assert row["ours_img_s"] > 0 and row["lightly_img_s"] > 0 and row["ratio"] > 0
+    # one round: its paired ratio is the overall one (up to rounding)
+    assert len(row["ratio_per_round"]) == 1 and abs(row["ratio_per_round"][0] - row["ratio"]) < 2e-3
 
 
 def test_knn_bench_quick():
