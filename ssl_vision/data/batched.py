@@ -335,9 +335,6 @@ def _saturation_(x: Tensor, f: Tensor) -> Tensor:
     return x.lerp_(_gray(x), (1 - f)[:, None, None, None]).clamp_(0.0, 1.0)
 
 
-_HUE_SHIFTS = torch.tensor([0.0, 2.0, 4.0])[:, None, None]  # R, G, B: 5 - n, n = 5, 3, 1 in the k-form below
-
-
 def _hue(x: Tensor, f: Tensor) -> Tensor:
     """torchvision's ``adjust_hue`` (RGB -> HSV, ``h = (h + f) mod 1``, HSV -> RGB) in one fused formula.
 
@@ -369,7 +366,8 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
     # a gray pixel (C = 0) has num = 0 and any hue; the clamp only avoids 0 / 0
     v = num.div_(chroma.clamp_min(1e-30)).add_((6.0 * f + 6.0)[:, None, None])
     v.sub_(torch.floor(v / 6.0).mul_(6.0))  # 6h' in [0, 6)
-    d = (v[:, None] - _HUE_SHIFTS.to(x.device)).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    shifts = torch.arange(0.0, 6.0, 2.0, dtype=x.dtype, device=x.device)[:, None, None]  # R, G, B: s = 5 - n
+    d = (v[:, None] - shifts).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
     return d.mul_(chroma[:, None]).add_(top.sub_(c2)[:, None]).clamp_(0.0, 1.0)  # M - C (2 - d)
 
 
