@@ -5,6 +5,8 @@
     python benchmarks/vs_lightly.py                          # all methods, resnet18 x0.25 at 32 px, batch 64
     python benchmarks/vs_lightly.py --methods simclr byol --steps 10 --rounds 3 --json vs_lightly.json
     python benchmarks/vs_lightly.py --quick --methods simclr --steps 1      # smoke test
+    python benchmarks/vs_lightly.py --device cuda --precision bf16 --lightly-channels-last --paper-heads \
+        --methods moco_v3 --backbone resnet50 --image-size 224 --batch 128 --peak-tflops 989   # GPU (gpu_check.sh)
 
 * **Same inputs.** One batch of views is made once with the per-sample pipeline (``conf/augment`` preset of the
   method at ``--image-size``; multi-crop 2 global + 6 local for SwAV / DINO) and fed unchanged to both sides, so
@@ -22,6 +24,14 @@
   instead of MoCo v3's N-1; same cost order). MAE uses lightly's timm masked ViT and decoder on our ViT.
 * Heads are shrunk for a CPU (``SMALL`` below, both sides alike; ``--paper-heads`` keeps the configs' sizes).
   Our MAE runs with ``norm_pix_loss=false`` and ``probe_features=visible`` (lightly's MSE target, no extra pass).
+
+* **Devices and precision.** ``--device cuda`` runs both sides on the GPU (views made once, then moved there; each
+  step timed between ``torch.cuda.synchronize`` calls); ``--precision bf16`` is Lightning's ``bf16-mixed`` for ours
+  and ``torch.autocast(bfloat16)`` around lightly's step; ``--lightly-channels-last`` puts lightly's model and
+  inputs in NHWC too (ours is NHWC by default). ``--backbone`` picks any ``conf/backbone`` for every method.
+* **FLOPs and MFU.** ``gflop_per_step``: the forward + backward FLOPs of one step (matrix products and
+  convolutions, ``torch.utils.flop_counter``), counted once on the lightly-built model -- the same arithmetic as
+  ours; ``*_tflop_s`` = that x steps/s; ``*_mfu`` = that / ``--peak-tflops`` when given.
 
 Each round times ``--steps`` steps of ours then of lightly's (after ``--warmup`` untimed ones), ``--rounds``
 rounds alternating. images/s = batch / median step time; ``ratio`` = ours / lightly (> 1: ours faster) over all
@@ -76,8 +86,11 @@ ALWAYS = {"mae": ["norm_pix_loss=false", "probe_features=visible"]}
 
 def compose_cfg(method: str, args: argparse.Namespace) -> Any:
     kw = (SMALL.get(method, []) if not args.paper_heads else []) + ALWAYS.get(method, [])
-    backbone = ["backbone=vit_tiny", "backbone.patch_size=4"] if method == "mae" else [
-        "backbone=resnet18", f"backbone.width={args.width}"]
+    if args.backbone:  # a conf/backbone name with its own defaults (e.g. resnet50, vit_small: patch 16)
+        backbone = [f"backbone={args.backbone}"]
+    else:
+        backbone = ["backbone=vit_tiny", "backbone.patch_size=4"] if method == "mae" else [
+            "backbone=resnet18", f"backbone.width={args.width}"]
     overrides = [f"method={method}", f"augment={AUGMENT.get(method, method)}", *backbone, "data=synthetic",
                  f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", "trainer=cpu", "logger=none",
                  *[f"method.kwargs.{k}" for k in kw], *args.ours]
@@ -118,20 +131,31 @@ class _Premade(L.LightningDataModule):
         return DataLoader(_Repeat(self.batch, self.steps), batch_size=None, shuffle=False)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _StepTimer(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.times: list[float] = []
+        self.device = device
 
     def on_train_batch_start(self, *args) -> None:
+        _sync(self.device)
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, *args) -> None:
+        _sync(self.device)
         self.times.append(time.perf_counter() - self.t0)
 
 
-def time_ours(module: L.LightningModule, batch: tuple, batch_size: int, warmup: int, steps: int) -> list[float]:
-    timer = _StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps, max_epochs=1,
+def time_ours(module: L.LightningModule, batch: tuple, batch_size: int, warmup: int, steps: int,
+              device: torch.device = torch.device("cpu"), bf16: bool = False) -> list[float]:
+    """``batch`` already on ``device`` (Lightning's per-step transfer is then a no-op, as lightly's loop has none)."""
+    timer = _StepTimer(device)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                        precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
     with warnings.catch_warnings():
@@ -269,15 +293,36 @@ class LightlyMethod(nn.Module):
         self.opt.zero_grad(set_to_none=True)
 
 
-def time_lightly(model: LightlyMethod, views: list[torch.Tensor], warmup: int, steps: int) -> list[float]:
+def time_lightly(model: LightlyMethod, views: list[torch.Tensor], warmup: int, steps: int,
+                 bf16: bool = False) -> list[float]:
+    """``model`` and ``views`` on one device; ``bf16``: the step under ``torch.autocast`` (as Lightning's
+    ``bf16-mixed`` does for ours)."""
     model.train()
+    device = views[0].device
     times = []
     for i in range(warmup + steps):
+        _sync(device)
         t0 = time.perf_counter()
-        model.step(views)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            model.step(views)
+        _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def step_flops(model: LightlyMethod, views: list[torch.Tensor], bf16: bool = False) -> int:
+    """FLOPs of one training step's forward + backward (matrix products and convolutions, as counted by
+    ``torch.utils.flop_counter``), on the lightly-built model: the same arithmetic as ours (same backbone, head
+    sizes and views), counted once. The optimizer step and element-wise ops are not counted (MFU convention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(views)
+        loss.backward()
+    model.opt.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
 
 
 # -------------------------------------------------------------------------------------------------------- driver
@@ -292,22 +337,33 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
                                     channels=None, small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
                                     patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
     lr = linear_scaled_lr(cfg.method.optim.base_lr, args.batch, rule=cfg.method.optim.lr_scaling)
-    theirs = LightlyMethod(method, cfg, backbone, dim, lr)
+    device, bf16 = torch.device(args.device), args.precision == "bf16"
+    layout = torch.channels_last if args.lightly_channels_last else torch.contiguous_format
+    theirs = LightlyMethod(method, cfg, backbone, dim, lr).to(device, memory_format=layout)
+    views = [v.to(device).contiguous(memory_format=layout) for v in views]
+    labels, indices = labels.to(device), indices.to(device)
+    their_views = views[: 2 if method not in ("swav", "dino", "mae") else None]
+    flops = step_flops(theirs, their_views, bf16)
     t_ours: list[float] = []
     t_theirs: list[float] = []
     per_round = []  # paired ratios: the two sides of one round ran back to back, under the same machine load
     for _ in range(args.rounds):
-        a = time_ours(ours, (views, labels, indices), args.batch, args.warmup, args.steps)
-        b = time_lightly(theirs, views[: 2 if method not in ("swav", "dino", "mae") else None], args.warmup,
-                         args.steps)
+        a = time_ours(ours, (views, labels, indices), args.batch, args.warmup, args.steps, device, bf16)
+        b = time_lightly(theirs, their_views, args.warmup, args.steps, bf16)
         per_round.append(round(statistics.median(b) / statistics.median(a), 3))
         t_ours, t_theirs = t_ours + a, t_theirs + b
     ips_ours, ips_theirs = args.batch / statistics.median(t_ours), args.batch / statistics.median(t_theirs)
     sides = [int(v.shape[-1]) for v in views]
     shown = "+".join(f"{sides.count(s)}x{s}" for s in sorted(set(sides), reverse=True))
-    return {"method": method, "views": shown, "ours_img_s": round(ips_ours, 1),
-            "lightly_img_s": round(ips_theirs, 1), "ratio": round(ips_ours / ips_theirs, 3),
-            "ratio_per_round": per_round, "timed_steps": len(t_ours)}
+    tflops = {side: flops * ips / args.batch / 1e12 for side, ips in (("ours", ips_ours), ("lightly", ips_theirs))}
+    row = {"method": method, "backbone": cfg.backbone.name, "views": shown, "ours_img_s": round(ips_ours, 1),
+           "lightly_img_s": round(ips_theirs, 1), "ratio": round(ips_ours / ips_theirs, 3),
+           "ratio_per_round": per_round, "timed_steps": len(t_ours), "gflop_per_step": round(flops / 1e9, 3),
+           "ours_tflop_s": round(tflops["ours"], 4), "lightly_tflop_s": round(tflops["lightly"], 4)}
+    if args.peak_tflops:  # model FLOP utilisation against the stated peak
+        row.update(ours_mfu=round(tflops["ours"] / args.peak_tflops, 4),
+                   lightly_mfu=round(tflops["lightly"] / args.peak_tflops, 4))
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -322,6 +378,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--paper-heads", action="store_true", help="keep the configs' head sizes (slow on a CPU)")
     ap.add_argument("--quick", action="store_true", help="batch 16, 1 round, 1 warm-up step (smoke test)")
+    ap.add_argument("--backbone", default=None,
+                    help="a conf/backbone name for every method (e.g. resnet50, vit_small); default resnet18 x--width, "
+                         "MAE vit_tiny patch 4")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="both sides run there")
+    ap.add_argument("--precision", default="32", choices=["32", "bf16"],
+                    help="bf16: Lightning bf16-mixed for ours, torch.autocast(bfloat16) for lightly's loop")
+    ap.add_argument("--lightly-channels-last", action="store_true",
+                    help="lightly's model and inputs in NHWC too (ours is NHWC by default: perf.channels_last)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s at --precision, to report model FLOP utilisation (MFU)")
     ap.add_argument("--ours", nargs="+", default=[], metavar="OVERRIDE",
                     help="extra config overrides for our side only, e.g. perf.channels_last=false")
     ap.add_argument("--json", type=Path, default=None)
@@ -335,17 +401,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per round: no banners
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch")
     rows = [measure(m, args) for m in args.methods]
     head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}  per round"
-    print(f"batch {args.batch}, {args.image_size} px, resnet18 x{args.width} (mae: vit_tiny/4), "
-          f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.2f}, "
-          f"ours with {args.ours or 'defaults'}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"batch {args.batch}, {args.image_size} px, "
+          f"{args.backbone or f'resnet18 x{args.width} (mae: vit_tiny/4)'}, {where}, precision {args.precision}, "
+          f"load avg {os.getloadavg()[0]:.2f}, ours with {args.ours or 'defaults'}")
     print(head)
     for r in rows:
         print(f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}"
-              f"  {' '.join(f'{x:.2f}' for x in r['ratio_per_round'])}")
+              f"  {' '.join(f'{x:.2f}' for x in r['ratio_per_round'])}   "
+              f"{r['gflop_per_step']:.1f} GFLOP/step, TFLOP/s ours {r['ours_tflop_s']:.3f} lightly "
+              f"{r['lightly_tflop_s']:.3f}" + (f", MFU ours {r['ours_mfu']:.1%} lightly {r['lightly_mfu']:.1%}"
+                                               if "ours_mfu" in r else ""))
     res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
-           "ours_overrides": args.ours,
+           "ours_overrides": args.ours, "device": args.device, "precision": args.precision,
+           "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+           "lightly_channels_last": args.lightly_channels_last, "peak_tflops": args.peak_tflops,
            "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
            "rows": rows}
     if args.json is not None:

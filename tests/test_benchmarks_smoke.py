@@ -31,12 +31,19 @@ def test_aug_speed_quick():
 @pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
                     reason="lightly is not installed (optional extra: pip install -e '.[bench]')")
 def test_vs_lightly_quick_simclr():
-    res = run_script("vs_lightly.py", "--quick", "--methods", "simclr", "--steps", "1")
+    res = run_script("vs_lightly.py", "--quick", "--methods", "simclr", "--steps", "1", "--peak-tflops", "2")
     (row,) = res["rows"]
     assert row["method"] == "simclr" and row["views"] == "2x32" and row["timed_steps"] == 1
     assert row["ours_img_s"] > 0 and row["lightly_img_s"] > 0 and row["ratio"] > 0
     # one round: its paired ratio is the overall one (up to rounding)
     assert len(row["ratio_per_round"]) == 1 and abs(row["ratio_per_round"][0] - row["ratio"]) < 2e-3
+    # FLOPs of a step: resnet18 x0.25 (small stem) on 2 x 16 32-px views, fwd + bwd = 3 x forward; a forward of
+    # the full-width net at 32 px is ~0.56 GMAC = 1.1 GFLOP, / 16 for width 0.25 -> ~6.7 GFLOP per step (+ heads)
+    assert 5.0 < row["gflop_per_step"] < 9.0
+    for side in ("ours", "lightly"):
+        rate = row["gflop_per_step"] * row[f"{side}_img_s"] / 16 / 1e3  # TFLOP/s = GFLOP/step x steps/s / 1000
+        assert abs(row[f"{side}_tflop_s"] - rate) <= 0.02 * rate + 1e-4
+        assert abs(row[f"{side}_mfu"] - row[f"{side}_tflop_s"] / 2) < 1e-4
 
 
 def test_knn_bench_quick():

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 8's GPU check, prepared for a session that is lent a device machine (one short run, ~5 min on an H200):
+# images/s and model FLOP utilisation of ResNet-50 MoCo v3 and ViT-S/16 DINO at 224 px, bf16 and channels_last,
+# ours beside the lightly-built equivalent (benchmarks/vs_lightly.py: same backbone, views, head sizes, optimizer).
+#
+# The device machine has torch, timm, lightning and PyYAML but no registry; the rest travels as wheels. Here, once
+# (Python 3.12 wheels for that machine; the names are this project's needs that its image lacks):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     hydra-core omegaconf antlr4-python3-runtime==4.9.3 lightly lightly-utils aenum pydantic pydantic-core \
+#     annotated-types typing-inspection faiss-cpu wandb
+# (pure-Python ones may need `--platform any`; check each of lightly's Requires-Dist with
+#  `unzip -p .whl/lightly-*.whl '*/METADATA' | grep ^Requires-Dist`). Then, with the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# and add the two tables it prints (and $OUT/*.json) to benchmarks/RESULTS.md with the card named.
+#
+# MFU is against --peak-tflops 989 (H100/H200 SXM dense bf16, the datasheet figure); an 8192^3 bf16 matmul measured
+# 769-798 TFLOP/s on this workplace's H200s, so ~80 % MFU is the practical ceiling. Batch 128 per side: the
+# recipes' per-GPU batch on 8-GPU runs of a 1024 global batch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+common=(--device cuda --precision bf16 --lightly-channels-last --paper-heads --image-size 224 --batch 128
+        --steps 10 --warmup 5 --rounds 2 --peak-tflops 989)
+python3 benchmarks/vs_lightly.py --methods moco_v3 --backbone resnet50 "${common[@]}" --json "$OUT/moco_v3_r50.json"
+python3 benchmarks/vs_lightly.py --methods dino --backbone vit_small "${common[@]}" --json "$OUT/dino_vits16.json"
