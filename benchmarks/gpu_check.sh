@@ -3,15 +3,14 @@
 # images/s and model FLOP utilisation of ResNet-50 MoCo v3 and ViT-S/16 DINO at 224 px, bf16 and channels_last,
 # ours beside the lightly-built equivalent (benchmarks/vs_lightly.py: same backbone, views, head sizes, optimizer).
 #
-# The device machine has torch, timm, lightning and PyYAML but no registry; the rest travels as wheels. Here, once
-# (Python 3.12 wheels for that machine; the names are this project's needs that its image lacks):
+# The device machine has torch, timm, lightning, pytorch_lightning, PyYAML, tensorboard, torchmetrics and safetensors
+# but no registry; the rest travels as wheels (19 MB; the versions of this project's .venv). Here, once:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     hydra-core omegaconf antlr4-python3-runtime==4.9.3 lightly lightly-utils aenum pydantic pydantic-core \
-#     annotated-types typing-inspection faiss-cpu wandb
-# (pure-Python ones may need `--platform any`; check each of lightly's Requires-Dist with
-#  `unzip -p .whl/lightly-*.whl '*/METADATA' | grep ^Requires-Dist`). Then, with the device tool:
+#     hydra-core==1.3.8 omegaconf==2.3.1 lightly==1.6.0 faiss-cpu==1.15.1
+#   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI; pure Python
+# (tried here 2026-12-01: all five resolve). Then, with the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # and add the two tables it prints (and $OUT/*.json) to benchmarks/RESULTS.md with the card named.
 #
