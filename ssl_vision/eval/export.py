@@ -29,6 +29,7 @@ the same construction (``create_backbone(**create_kwargs)``); the JSON says so i
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,11 @@ def write_backbone_files(target: Path, model: nn.Module, dim: int, info: dict[st
             "data": info["data"], "source_checkpoint": str(Path(checkpoint).resolve()),
             "global_step": info["global_step"], "epoch": info["epoch"], **extra}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    for old in (target, sidecar):
-        keep_existing(old)
+    existing = [p for p in (target, sidecar) if p.exists()]
+    if existing:  # the old pair is kept under one stamp (the weights' time): the two files may differ by a second
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(existing[0].stat().st_mtime))
+        for old in existing:
+            keep_existing(old, stamp)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     save_file(state, str(tmp), metadata={"format": "pt", "ssl_vision": EXPORT_FORMAT})
     os.replace(tmp, target)

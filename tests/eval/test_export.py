@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 
 import pytest
 import timm
@@ -45,9 +46,16 @@ def test_export_round_trip_through_create_backbone_and_load_backbone(tmp_path):
     assert back_dim == dim and torch.equal(features(back, x), features(model, x))
     assert load_backbone(sidecar)[2]["path"] == str(weights)  # the sidecar path works too
 
-    export_backbone(ckpt)  # again: the earlier pair is kept, not overwritten
+    # again: the earlier pair is kept, not overwritten, under one stamp even when the two files were written in
+    # different seconds (a CI run once straddled a second between them: last.backbone.<...06>.safetensors beside
+    # last.backbone.<...07>.json)
+    os.utime(weights, (1_700_000_000, 1_700_000_000))
+    os.utime(sidecar, (1_700_000_001, 1_700_000_001))
+    export_backbone(ckpt)
     kept = sorted(p.name for p in tmp_path.glob("last.backbone.2*"))
     assert len(kept) == 2 and kept[0].endswith(".json") and kept[1].endswith(".safetensors")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))  # the weights' time, for both
+    assert kept == [f"last.backbone.{stamp}.json", f"last.backbone.{stamp}.safetensors"]
 
 
 def test_full_width_resnet18_loads_into_torchvision(tmp_path):
