@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 8's GPU check, prepared for a session that is lent a device machine (one short run, ~5 min on an H200):
+# Issue 8's GPU check, prepared for a session that is lent a device machine (one short run, meant to fit one
+# 9-minute device call; not yet run anywhere):
 # images/s and model FLOP utilisation of ResNet-50 MoCo v3 and ViT-S/16 DINO at 224 px, bf16 and channels_last,
 # ours beside the lightly-built equivalent (benchmarks/vs_lightly.py: same backbone, views, head sizes, optimizer).
 #
