@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible to torch")
     rows = [measure(m, args) for m in args.methods]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}  per round"
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    where = device_name if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"batch {args.batch}, {args.image_size} px, "
           f"{args.backbone or f'resnet18 x{args.width} (mae: vit_tiny/4)'}, {where}, precision {args.precision}, "
           f"load avg {os.getloadavg()[0]:.2f}, ours with {args.ours or 'defaults'}")
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                if "ours_mfu" in r else ""))
     res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
            "ours_overrides": args.ours, "device": args.device, "precision": args.precision,
-           "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+           "device_name": device_name,
            "lightly_channels_last": args.lightly_channels_last, "peak_tflops": args.peak_tflops,
            "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
            "rows": rows}

@@ -80,13 +80,20 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
-def keep_previous(path: Path) -> Path | None:
-    """Rename an existing ``path`` to ``<stem>.<mtime stamp><ext>`` (``-1``, ``-2``... when that name is taken, e.g.
-    several runs within one second), so nothing is overwritten; returns the new name, or None if nothing was there."""
+def mtime_stamp(path: Path) -> str:
+    """``path``'s modification time as ``YYYYmmdd-HHMMSS`` (local time), the stamp of kept files."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(Path(path).stat().st_mtime))
+
+
+def keep_previous(path: Path, stamp: str | None = None) -> Path | None:
+    """Rename an existing ``path`` to ``<stem>.<stamp><ext>`` (``stamp``: its mtime unless given, e.g. to keep a
+    pair of files under one name; ``-1``, ``-2``... when that name is taken, e.g. several runs within one second),
+    so nothing is overwritten; returns the new name, or None if nothing was there.
+    ``last.knn.json`` -> ``last.knn.20250101-120000.json``."""
     path = Path(path)
     if not path.exists():
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    stamp = stamp or mtime_stamp(path)
     kept, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
     while kept.exists():
         kept, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1

@@ -25,7 +25,7 @@ blur, jitter order) are contiguous and every op runs in place on slices of <= 1 
 in cache. Same random numbers, same formulas, same views (tested); on this
 project's 2-core machine the CPU strategy makes multi-crop ~2x faster than the subsets one (benchmarks/RESULTS.md).
 On the CPU the kernels are chosen by measurement (``benchmarks/aug_ab.py --kernels``): no boolean masks or
-``where`` in per-pixel formulas (5-30x slower per element than float arithmetic there), no ``addcmul`` with
+``where`` in per-pixel formulas (~7-10x slower per element than float arithmetic there), no ``addcmul`` with
 broadcast operands, large rows copied one by one rather than by ``index_copy_``.
 
 Semantics, op by op, against the per-sample pipeline (torchvision on PIL images):
@@ -88,7 +88,7 @@ U_PER_VIEW = 36
 # fewer and larger kernel calls win on small images (measured, one thread: 32 px, batch 256: 0.31 vs 0.41 ms per
 # image; 96 px: about even; 224 px: grouped faster; benchmarks/RESULTS.md)
 GROUPED_MIN_SIDE = 128
-_ROW_LOOP_FLOATS = 1 << 14  # CPU rows this large are gathered / scattered one by one (see _put, _take)
+_ROW_LOOP_FLOATS = 1 << 14  # CPU rows this large are scattered / read one by one (see _row_by_row)
 _SLICE_FLOATS = 1 << 18  # grouped path on the CPU: jitter ops on at most this many floats (1 MB) per call
 _BLUR_KEY, _GRAY_KEY = 1_000_000, 2_000_000  # the grouped path's sort-key digits (jitter-order codes stay below)
 RAW_KEY = "raw_images"  # marks a train batch of the batched backend
@@ -241,11 +241,17 @@ def _take(x: Tensor, rows: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).index_select(0, rows).view(rows.numel(), *x.shape[1:])
 
 
+def _row_by_row(x: Tensor) -> bool:
+    """Whether rows of ``x`` are scattered / read one at a time: on the CPU, rows of >= ``_ROW_LOOP_FLOATS``
+    (``index_copy_`` was 1.8-3x slower than a loop of row copies there for 96- and 224-px crops,
+    ``benchmarks/aug_ab.py --kernels``)."""
+    return x.device.type == "cpu" and x[0].numel() >= _ROW_LOOP_FLOATS
+
+
 def _put(x: Tensor, rows: Tensor, src: Tensor) -> Tensor:
-    """``x.index_copy_(0, rows, src)``; returns ``x``. On the CPU, rows of >= ``_ROW_LOOP_FLOATS`` are copied one by
-    one (``index_copy_`` was 1.6-2.5x slower there for 96- and 224-px crops, ``benchmarks/aug_ab.py --kernels``),
-    smaller ones through 2-D views."""
-    if x.device.type == "cpu" and x[0].numel() >= _ROW_LOOP_FLOATS:
+    """``x.index_copy_(0, rows, src)``; returns ``x``. Row by row where :func:`_row_by_row`, else through 2-D
+    views."""
+    if _row_by_row(x):
         for i, r in enumerate(rows.tolist()):
             x[r].copy_(src[i])
         return x
@@ -261,7 +267,7 @@ def gaussian_blur(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
     kornia's ``gaussian_blur2d(x, kernel, sigma, border_type="reflect")`` computation -- weights
     ``exp(-t^2 / (2 sigma^2))`` for ``t = -(k // 2) .. k // 2``, normalised; reflect padding; separable, as two
     depthwise convolutions -- giving the same floats (the test compares), written out here because kornia's
-    wrapper took twice as long on this CPU for 224-px crops (``benchmarks/aug_ab.py --kernels``). torchvision's
+    wrapper took ~1.2x as long on this CPU for 224-px crops (``benchmarks/aug_ab.py --kernels``). torchvision's
     ``GaussianBlur`` is the same filter with one sigma per call.
     """
     n, c, h, w = x.shape
@@ -278,11 +284,11 @@ def gaussian_blur(x: Tensor, kernel: int, sigma: Tensor) -> Tensor:
 
 def _normalise(out: Tensor, x: Tensor, rows: Tensor | None, scale: Tensor, shift: Tensor) -> None:
     """``out = x[rows] * scale + shift`` (``rows=None``: all of ``x``), with per-channel (C, 1, 1) ``scale`` and
-    ``shift``. A multiply and an add: ``torch.addcmul`` with those broadcast operands took 2.6x as long on the CPU.
-    Large CPU rows are read in place one by one instead of gathered first (see ``_put``)."""
+    ``shift``. A multiply and an add: ``torch.addcmul`` with those broadcast operands took 2-3x as long on the CPU.
+    Where :func:`_row_by_row`, rows are read in place one by one instead of gathered first."""
     if rows is None:
         torch.mul(x, scale, out=out)
-    elif x.device.type == "cpu" and x[0].numel() >= _ROW_LOOP_FLOATS:
+    elif _row_by_row(x):
         for i, r in enumerate(rows.tolist()):
             torch.mul(x[r], scale, out=out[i])
     else:
@@ -316,7 +322,7 @@ def _brightness_(x: Tensor, f: Tensor) -> Tensor:
 
 def _gray(x: Tensor) -> Tensor:
     """(N, 3, H, W) -> (N, 1, H, W) ITU-R 601 luma (PIL's and kornia's weights, kornia's order of operations, so
-    the same floats as ``kornia.color.rgb_to_grayscale``, whose 0-dim weight tensors take ~2.5x longer on the CPU);
+    the same floats as ``kornia.color.rgb_to_grayscale``, whose 0-dim weight tensors take ~2x longer on the CPU);
     one channel passes through."""
     if x.shape[1] != 3:
         return x
@@ -341,8 +347,8 @@ def _hue(x: Tensor, f: Tensor) -> Tensor:
     Value ``M = max(r, g, b)`` and chroma ``C = M - min(r, g, b)`` are unchanged by a hue shift, so the output is
     ``M - C * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6h') mod 6``, ``n = 5, 3, 1`` for R, G, B -- the
     same function as torchvision's six-case ``_hsv2rgb``. Written without boolean masks, ``where`` or
-    ``remainder``, which this CPU runs 5-30x slower per element than float arithmetic (``where`` on a random mask
-    ~5 ns vs ~0.2 ns for a multiply; ``benchmarks/aug_ab.py --kernels``):
+    ``remainder``, which this CPU runs ~7-10x slower per element than float arithmetic (``where`` on a random mask
+    ~5 ns vs ~0.5 ns for a ``minimum``; ``benchmarks/aug_ab.py --kernels``):
 
     * the max channel from ``ceil(M - c)`` (0 exactly where ``c == M``, 1 elsewhere, as ``M - c`` is in [0, 1]),
       with torchvision's tie order red, green, blue;

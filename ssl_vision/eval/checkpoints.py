@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ssl_vision.backbones import create_backbone
-from ssl_vision.training import load_checkpoint, write_json_atomic
+from ssl_vision.training import keep_previous, load_checkpoint, write_json_atomic
 
 __all__ = ["load_backbone", "create_kwargs", "beside", "keep_existing", "write_json_keeping_old",
            "STUDENT_PREFIX", "TEACHER_PREFIXES", "EXPORT_FORMAT"]
@@ -52,22 +51,7 @@ def beside(path: str | Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
-def keep_existing(path: Path, stamp: str | None = None) -> Path | None:
-    """Rename an existing ``path`` to ``<name>.<mtime stamp><ext>`` (never overwrite silently); return the new
-    name, or None when there was nothing to keep. ``last.knn.json`` -> ``last.knn.20250101-120000.json``."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-    stem, ext = path.name[: -len(path.suffix)] if path.suffix else path.name, path.suffix
-    kept = path.with_name(f"{stem}.{stamp}{ext}")
-    n = 1
-    while kept.exists():  # two runs within the same second
-        kept = path.with_name(f"{stem}.{stamp}-{n}{ext}")
-        n += 1
-    os.replace(path, kept)
-    print(f"[ssl_vision] {path} existed; kept the previous one as {kept.name}")
-    return kept
+keep_existing = keep_previous  # the evaluation tools' name for it (results, heads, figures, exports)
 
 
 def write_json_keeping_old(path: Path, payload: dict) -> Path:

@@ -29,7 +29,6 @@ the same construction (``create_backbone(**create_kwargs)``); the JSON says so i
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from torch import nn
 
 from ssl_vision.backbones import SMALL_STEM_MAX_SIZE, TORCHVISION_RESNETS, VIT_ALIASES
 from ssl_vision.eval.checkpoints import EXPORT_FORMAT, beside, keep_existing, load_backbone
-from ssl_vision.training import write_json_atomic
+from ssl_vision.training import mtime_stamp, write_json_atomic
 
 __all__ = ["export_backbone", "stock_model"]
 
@@ -120,7 +119,7 @@ def write_backbone_files(target: Path, model: nn.Module, dim: int, info: dict[st
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     existing = [p for p in (target, sidecar) if p.exists()]
     if existing:  # the old pair is kept under one stamp (the weights' time): the two files may differ by a second
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(existing[0].stat().st_mtime))
+        stamp = mtime_stamp(existing[0])
         for old in existing:
             keep_existing(old, stamp)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
