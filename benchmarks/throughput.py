@@ -16,11 +16,22 @@ untimed steps, each rate (images/s; a sample counts once whatever its number of 
                     + ``after_optimizer_step``;
 * ``no_aug_step``   the same step on one pre-fetched batch reused (model only);
 * ``aug_only``      iterating the train loader alone (``data.num_workers`` workers, no model);
-* ``bare_fwd_bwd``  backbone forward + backward alone, one pass per view, loss = sum of the outputs' means.
+* ``bare_fwd_bwd``  backbone forward + backward alone, one pass per view, loss = sum of the outputs' means;
+* ``backbone_passes`` the backbone passes the method's own step makes, replayed alone: every call of the online
+                    backbone with gradients (forward + backward) and of a momentum copy or no-grad pass (forward
+                    only), on the inputs and in the order the step made them, recorded by forward hooks on the
+                    trunks (:func:`ssl_vision.launch.backbone_trunks`: a ResNet whole, a ViT's ``blocks``).
 
 ``aug_share = 1 - full_step / no_aug_step`` is the fraction of the step lost to the data pipeline and
-``method_overhead = bare_fwd_bwd / no_aug_step`` the method's step time over the bare backbone's. The last stdout
-line is one JSON object (also written to ``--json``). With workers, batches prefetched during the warmup of
+``method_overhead = bare_fwd_bwd / no_aug_step`` the method's step time over the bare backbone's (the issue's
+measure). ``passes_overhead = backbone_passes / no_aug_step`` is the step's time over the backbone arithmetic the
+method itself is defined to do (a MoCo v3 step includes its momentum encoder's forward of both views; MoCo v1/v2
+back-propagate the query view only; MAE's encoder sees the visible tokens): what the heads, loss, optimizer and
+state updates add. ``passes`` names those passes. With ``--rounds R`` the three model-only rates are timed R
+times, alternating (warm-up in full in the first round, one step in later ones): each rate is the median over the
+rounds, each overhead the median of the rounds' paired ratios (listed in ``*_per_round``), which on a shared
+machine is far steadier than one ratio of two rates timed minutes apart. The last stdout line is one JSON object
+(also written to ``--json``). With workers, batches prefetched during the warmup of
 ``full_step`` are served free to its first timed steps: use ``--steps`` well above ``2 × data.num_workers``.
 """
 
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -44,12 +57,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from ssl_vision.data.batched import is_raw_batch  # noqa: E402
-from ssl_vision.launch import build_datamodule, build_module  # noqa: E402
+from ssl_vision.launch import backbone_trunks, build_datamodule, build_module  # noqa: E402
 from ssl_vision.objectives.base import StepInfo  # noqa: E402
 from ssl_vision.optim import build_optimizer, linear_scaled_lr, param_groups  # noqa: E402
 from ssl_vision.training import write_json_atomic  # noqa: E402
 
-RATES = ("full_step", "no_aug_step", "aug_only", "bare_fwd_bwd")
+RATES = ("full_step", "no_aug_step", "aug_only", "bare_fwd_bwd", "backbone_passes")
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
               "16": "16-mixed", "16-mixed": "16-mixed"}
 
@@ -94,6 +107,60 @@ def rate(fn: Callable[[], None], warmup: int, steps: int, batch_size: int, devic
 
 
 @dataclass
+class Pass:
+    """One backbone call of a training step: the trunk module, its input, and whether gradients were on."""
+
+    module: nn.Module
+    x: torch.Tensor
+    grad: bool
+
+
+def record_passes(module: nn.Module, step: Callable[[], None]) -> list[Pass]:
+    """Run ``step`` once with forward hooks on the backbone trunks of ``module`` (an ``SSLModule``); return their
+    calls in order. Inputs are kept (detached): :func:`replay_passes` runs the same calls again."""
+    passes: list[Pass] = []
+
+    def hook(mod: nn.Module, args: tuple, _out: Any) -> None:
+        passes.append(Pass(mod, args[0].detach(), torch.is_grad_enabled()))
+
+    handles = [module.get_submodule(n).register_forward_hook(hook) for n in backbone_trunks(module)]
+    try:
+        step()
+    finally:
+        for h in handles:
+            h.remove()
+    return passes
+
+
+def replay_passes(passes: list[Pass], autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """The recorded calls alone: no-grad ones forward only, the others forward + one backward of their sum."""
+    for p in passes:
+        p.module.zero_grad(set_to_none=True)
+    outs = []
+    with autocast():
+        for p in passes:
+            if p.grad:
+                outs.append(p.module(p.x).float().mean())
+            else:
+                with torch.no_grad():
+                    p.module(p.x)
+    if outs:
+        torch.stack(outs).sum().backward()
+
+
+def describe_passes(passes: list[Pass]) -> str:
+    """e.g. ``"fwd+bwd 2x(64, 3, 32, 32); fwd 2x(64, 3, 32, 32)"``: the calls by kind and input shape, in order."""
+    parts: list[list] = []
+    for p in passes:
+        kind, shape = "fwd+bwd" if p.grad else "fwd", tuple(p.x.shape)
+        if parts and parts[-1][:2] == [kind, shape]:
+            parts[-1][2] += 1
+        else:
+            parts.append([kind, shape, 1])
+    return "; ".join(f"{k} {n}x{s}" for k, s, n in parts)
+
+
+@dataclass
 class Stepper:
     """One method's training step as a plain loop (what ``measure`` times), built from a composed config."""
 
@@ -105,6 +172,7 @@ class Stepper:
     to_device: Callable[[Any], tuple[list[torch.Tensor], torch.Tensor]]
     train_step: Callable[[list[torch.Tensor], torch.Tensor], None]
     bare_step: Callable[[list[torch.Tensor]], None]
+    autocast: Callable[[], contextlib.AbstractContextManager]
 
 
 def build_stepper(cfg: DictConfig, total_steps: int) -> Stepper:
@@ -162,30 +230,44 @@ def build_stepper(cfg: DictConfig, total_steps: int) -> Stepper:
             loss = sum(backbone(v).float().mean() for v in views)
         loss.backward()
 
-    return Stepper(dm, module, device, precision, bs, to_device, train_step, bare_step)
+    return Stepper(dm, module, device, precision, bs, to_device, train_step, bare_step, autocast)
 
 
-def measure(cfg: DictConfig, steps: int, warmup: int) -> dict[str, Any]:
-    st = build_stepper(cfg, total_steps=2 * (warmup + steps))
+MODEL_RATES = ("no_aug_step", "bare_fwd_bwd", "backbone_passes")
+
+
+def measure(cfg: DictConfig, steps: int, warmup: int, rounds: int = 1) -> dict[str, Any]:
+    st = build_stepper(cfg, total_steps=(rounds + 2) * (warmup + steps) + 1)
     dm, device, bs, precision = st.dm, st.device, st.batch_size, st.precision
     to_device, train_step, bare_step = st.to_device, st.train_step, st.bare_step
     fixed = to_device(next(iter(dm.train_dataloader())))
     train_it, aug_it = batches(dm.train_dataloader()), batches(dm.train_dataloader())
-    out = {
-        "no_aug_step": rate(lambda: train_step(*fixed), warmup, steps, bs, device),
-        "bare_fwd_bwd": rate(lambda: bare_step(fixed[0]), warmup, steps, bs, device),
-        "full_step": rate(lambda: train_step(*to_device(next(train_it))), warmup, steps, bs, device),
-    }
+    passes = record_passes(st.module, lambda: train_step(*fixed))
+    model = {"no_aug_step": lambda: train_step(*fixed), "bare_fwd_bwd": lambda: bare_step(fixed[0]),
+             "backbone_passes": lambda: replay_passes(passes, st.autocast)}
+    # the model-only rates alternate round by round: a ratio of two rates of one round shares that round's load
+    per_round = {k: [] for k in MODEL_RATES}
+    for r in range(rounds):
+        for k in MODEL_RATES:
+            per_round[k].append(rate(model[k], warmup if r == 0 else min(warmup, 1), steps, bs, device))
+    out = {k: statistics.median(v) for k, v in per_round.items()}
+    out["full_step"] = rate(lambda: train_step(*to_device(next(train_it))), warmup, steps, bs, device)
     del train_it  # stop its workers before timing the loader alone
     # the loader alone; with the batched backend the views are made on the device, so that is included here
     out["aug_only"] = rate((lambda: to_device(next(aug_it))) if dm.backend == "batched" else (lambda: next(aug_it)),
                            warmup, steps, bs, device)
-    return {"method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name, "batch_size": bs,
-            "precision": precision, "backend": dm.backend, "device": device_name(device),
-            "threads": torch.get_num_threads(),
-            "steps": steps, "warmup": warmup, **{k: round(out[k], 2) for k in RATES},
-            "aug_share": round(1.0 - out["full_step"] / out["no_aug_step"], 4),
-            "method_overhead": round(out["bare_fwd_bwd"] / out["no_aug_step"], 4)}
+    ratios = {name: [a / b for a, b in zip(per_round[num], per_round["no_aug_step"])]
+              for name, num in (("method_overhead", "bare_fwd_bwd"), ("passes_overhead", "backbone_passes"))}
+    res = {"method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name, "batch_size": bs,
+           "precision": precision, "backend": dm.backend, "device": device_name(device),
+           "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "rounds": rounds,
+           **{k: round(out[k], 2) for k in RATES},
+           "aug_share": round(1.0 - out["full_step"] / out["no_aug_step"], 4),
+           **{k: round(statistics.median(v), 4) for k, v in ratios.items()},
+           "passes": describe_passes(passes)}
+    if rounds > 1:
+        res.update({f"{k}_per_round": [round(x, 3) for x in v] for k, v in ratios.items()})
+    return res
 
 
 def emit(res: dict[str, Any], json_path: Path | None) -> dict[str, Any]:
@@ -201,17 +283,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternations of the model-only rates (medians reported; ratios paired per round)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result object here")
     args, overrides = parser.parse_known_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    res = measure(compose_cfg(overrides), args.steps, args.warmup)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    res = measure(compose_cfg(overrides), args.steps, args.warmup, args.rounds)
     print(f"{res['method']} / {res['backbone']} / {res['data']}  batch {res['batch_size']}  {res['precision']}  "
           f"{res['device']}  {res['steps']} steps after {res['warmup']} warmup")
     for k in RATES:
         print(f"  {k:<16}{res[k]:>12.1f} images/s")
-    for k in ("aug_share", "method_overhead"):
+    for k in ("aug_share", "method_overhead", "passes_overhead"):
         print(f"  {k:<16}{res[k]:>12.3f}")
+    print(f"  passes          {res['passes']}")
+    for k in ("method_overhead_per_round", "passes_overhead_per_round"):
+        if k in res:
+            print(f"  {k}: {res[k]}")
     return emit(res, args.json)
 
 

@@ -65,14 +65,20 @@ def compile_backbones(module: SSLModule, backend: str = "inductor", mode: str | 
     ``blocks`` (nearly all its compute), since MAE's masked encoder calls the ViT's parts, not the ViT; plus the
     objective's own ``compile_targets`` (MAE: its decoder blocks). Returns the compiled modules' names.
     """
-    kind = type(module.backbone)
-    owners = ["backbone"] + [f"objective.{n}" for n, m in module.objective.named_children() if type(m) is kind]
-    names = [f"{o}.blocks" if isinstance(getattr(module.get_submodule(o), "blocks", None), nn.Sequential) else o
-             for o in owners]
-    names += [f"objective.{n}" for n in module.objective.compile_targets()]
+    names = backbone_trunks(module) + [f"objective.{n}" for n in module.objective.compile_targets()]
     for name in names:
         module.get_submodule(name).compile(backend=backend, mode=mode)
     return names
+
+
+def backbone_trunks(module: SSLModule) -> list[str]:
+    """Names of the modules that carry the backbone's compute in every code path: the online backbone and its
+    momentum / teacher copies (the objective's children of the backbone's type), each whole for a ResNet, or its
+    transformer ``blocks`` for a ViT (MAE's masked encoder calls the ViT's parts, not the ViT)."""
+    kind = type(module.backbone)
+    owners = ["backbone"] + [f"objective.{n}" for n, m in module.objective.named_children() if type(m) is kind]
+    return [f"{o}.blocks" if isinstance(getattr(module.get_submodule(o), "blocks", None), nn.Sequential) else o
+            for o in owners]
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
