@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import statistics
@@ -64,6 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from benchmarks.throughput import device_name, emit  # noqa: E402
 from ssl_vision.backbones import create_backbone  # noqa: E402
 from ssl_vision.data.views import build_multiview  # noqa: E402
 from ssl_vision.launch import build_module  # noqa: E402
@@ -404,9 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible to torch")
     rows = [measure(m, args) for m in args.methods]
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    where = device_name(torch.device(args.device))  # the card, or the CPU model and torch's thread count
     head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}  per round"
-    where = device_name if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"batch {args.batch}, {args.image_size} px, "
           f"{args.backbone or f'resnet18 x{args.width} (mae: vit_tiny/4)'}, {where}, precision {args.precision}, "
           f"load avg {os.getloadavg()[0]:.2f}, ours with {args.ours or 'defaults'}")
@@ -419,14 +418,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                if "ours_mfu" in r else ""))
     res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
            "ours_overrides": args.ours, "device": args.device, "precision": args.precision,
-           "device_name": device_name,
+           "device_name": where,
            "lightly_channels_last": args.lightly_channels_last, "peak_tflops": args.peak_tflops,
            "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
            "rows": rows}
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res), flush=True)
-    return res
+    return emit(res, args.json)  # the JSON line last; --json written atomically
 
 
 if __name__ == "__main__":
