@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssl_vision.training import write_json_atomic  # noqa: E402
+from ssl_vision.run_record import write_json_atomic  # noqa: E402
 
 
 def run_recipe(method: str, extra: list[str], output_root: Path) -> dict:

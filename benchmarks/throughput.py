@@ -60,7 +60,7 @@ from ssl_vision.data.batched import is_raw_batch  # noqa: E402
 from ssl_vision.launch import backbone_trunks, build_datamodule, build_module  # noqa: E402
 from ssl_vision.objectives.base import StepInfo  # noqa: E402
 from ssl_vision.optim import build_optimizer, linear_scaled_lr, param_groups  # noqa: E402
-from ssl_vision.training import write_json_atomic  # noqa: E402
+from ssl_vision.run_record import write_json_atomic  # noqa: E402
 
 RATES = ("full_step", "no_aug_step", "aug_only", "bare_fwd_bwd", "backbone_passes")
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",

@@ -21,8 +21,9 @@ from ssl_vision.backbones import create_backbone
 from ssl_vision.data import SSLDataModule
 from ssl_vision.module import EvalSpec, OptimSpec, SSLModule
 from ssl_vision.objectives import build_objective
-from ssl_vision.training import (AtomicCheckpointIO, RunCheckpoint, ThroughputTimer, check_resume_compatible,
-                                 find_resume_checkpoint, write_results)
+from ssl_vision.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
+from ssl_vision.resume import check_resume_compatible, find_resume_checkpoint
+from ssl_vision.run_record import ThroughputTimer, write_results
 
 
 def build_datamodule(cfg: DictConfig) -> SSLDataModule:
@@ -111,7 +112,7 @@ def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
 
     ``checkpoint.every_n_steps`` (optimizer steps) replaces ``checkpoint.every_n_epochs`` when set: Lightning takes
     one trigger per callback, and two callbacks would fight over ``last.ckpt``. ``last.ckpt`` is written with every
-    periodic checkpoint and at the end of training (:class:`~ssl_vision.training.RunCheckpoint`). A resume from a
+    periodic checkpoint and at the end of training (:class:`~ssl_vision.checkpoint_io.RunCheckpoint`). A resume from a
     mid-epoch checkpoint continues with the next unseen batch (``ResumableLoader`` in :mod:`ssl_vision.data`).
     Such a checkpoint is written in the callbacks' ``on_train_batch_end``; ``SSLModule`` does all of a step's state
     updates before that (probe step in ``training_step``, ``objective.after_optimizer_step`` in ``optimizer_step``),

@@ -201,7 +201,7 @@ def two_process_runs(tmp_path_factory):
 
 
 def _trained_state(path: str) -> dict[str, torch.Tensor]:
-    from ssl_vision.training import load_checkpoint
+    from ssl_vision.checkpoint_io import load_checkpoint
 
     return {k: v for k, v in load_checkpoint(Path(path))["state_dict"].items()
             if not k.startswith("online_probe.")

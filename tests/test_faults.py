@@ -15,9 +15,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import ssl_vision.training as training
+import ssl_vision.checkpoint_io as checkpoint_io
+import ssl_vision.run_record as run_record
 from ssl_vision.launch import build_trainer, run_pretraining
-from ssl_vision.training import (AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint, write_results)
+from ssl_vision.checkpoint_io import AtomicCheckpointIO, load_checkpoint
+from ssl_vision.resume import find_resume_checkpoint
+from ssl_vision.run_record import write_results
 from tests.conftest import CONF, FAST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +45,11 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
     good = {"global_step": 4, "state_dict": {"w": torch.arange(1000.0)}}
     io_.save_checkpoint(good, path)
     if crash == "in torch.save":
-        monkeypatch.setattr(training.torch, "save", _half_then_raise(torch.save))
+        monkeypatch.setattr(checkpoint_io.torch, "save", _half_then_raise(torch.save))
     else:
         def broken_fsync(fd):
             raise OSError(5, "Input/output error")
-        monkeypatch.setattr(training.os, "fsync", broken_fsync)
+        monkeypatch.setattr(checkpoint_io.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         io_.save_checkpoint({"global_step": 8, "state_dict": {"w": torch.zeros(1000)}}, path)
     monkeypatch.undo()
@@ -67,7 +70,7 @@ def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
     def short_write(obj, f, *args, **kwargs):
         f.write(b"x" * 3 * 2**20)
         raise error
-    monkeypatch.setattr(training.torch, "save", short_write)
+    monkeypatch.setattr(checkpoint_io.torch, "save", short_write)
     with pytest.raises(OSError) as info:
         io_.save_checkpoint({"global_step": 8}, path)
     monkeypatch.undo()
@@ -81,7 +84,7 @@ def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
 def test_other_save_errors_pass_through_unchanged(tmp_path, monkeypatch):
     def bad(obj, f, *args, **kwargs):
         raise RuntimeError("cannot pickle 'generator' object")
-    monkeypatch.setattr(training.torch, "save", bad)
+    monkeypatch.setattr(checkpoint_io.torch, "save", bad)
     with pytest.raises(RuntimeError, match="cannot pickle"):
         AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -224,7 +227,7 @@ def test_empty_train_set_is_clear():
 
 # ------------------------------------------------------------------------------------------- never overwrite silently
 def test_results_are_never_overwritten_even_within_one_second(tmp_path):
-    payloads = [{k: i for k in training.RESULT_KEYS} for i in range(4)]
+    payloads = [{k: i for k in run_record.RESULT_KEYS} for i in range(4)]
     t0 = time.time()
     for p in payloads:  # usually within one second, so the kept names share one time stamp
         write_results(tmp_path, p)

@@ -9,7 +9,7 @@ import torch
 
 from ssl_vision.eval.checkpoints import load_backbone
 from ssl_vision.launch import build_module, run_pretraining
-from ssl_vision.training import load_checkpoint
+from ssl_vision.checkpoint_io import load_checkpoint
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from ssl_vision.launch import run_pretraining
-from ssl_vision.training import RESULT_KEYS, load_checkpoint
+from ssl_vision.checkpoint_io import load_checkpoint
+from ssl_vision.run_record import RESULT_KEYS
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]

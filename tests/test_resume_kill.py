@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ssl_vision.launch import run_pretraining
-from ssl_vision.training import load_checkpoint
+from ssl_vision.checkpoint_io import load_checkpoint
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ssl_vision.training import find_resume_checkpoint
+from ssl_vision.resume import find_resume_checkpoint
 from tests.conftest import CONF
 
 ROOT = Path(__file__).resolve().parents[1]

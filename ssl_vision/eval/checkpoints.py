@@ -11,7 +11,7 @@ Two inputs are understood:
   :mod:`ssl_vision.eval.export`).
 
 Nothing here unpickles arbitrary objects: torch files go through ``torch.load(weights_only=True)``
-(:func:`ssl_vision.training.load_checkpoint`), exports are safetensors + JSON. A file that would need a full
+(:func:`ssl_vision.checkpoint_io.load_checkpoint`), exports are safetensors + JSON. A file that would need a full
 unpickler (and could therefore run code) is refused with a ``ValueError`` that says so.
 """
 
@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ssl_vision.backbones import create_backbone
-from ssl_vision.training import keep_previous, load_checkpoint, write_json_atomic
+from ssl_vision.checkpoint_io import load_checkpoint
+from ssl_vision.run_record import keep_previous, write_json_atomic
 
 __all__ = ["load_backbone", "create_kwargs", "beside", "keep_existing", "write_json_keeping_old",
            "STUDENT_PREFIX", "TEACHER_PREFIXES", "EXPORT_FORMAT"]

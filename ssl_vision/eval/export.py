@@ -37,7 +37,7 @@ from torch import nn
 
 from ssl_vision.backbones import SMALL_STEM_MAX_SIZE, TORCHVISION_RESNETS, VIT_ALIASES
 from ssl_vision.eval.checkpoints import EXPORT_FORMAT, beside, keep_existing, load_backbone
-from ssl_vision.training import mtime_stamp, write_json_atomic
+from ssl_vision.run_record import mtime_stamp, write_json_atomic
 
 __all__ = ["export_backbone", "stock_model"]
 
