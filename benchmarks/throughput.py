@@ -23,8 +23,8 @@ untimed steps, each rate (images/s; a sample counts once whatever its number of 
                     trunks (:func:`ssl_vision.launch.backbone_trunks`: a ResNet whole, a ViT's ``blocks``).
 
 ``aug_share = 1 - full_step / no_aug_step`` is the fraction of the step lost to the data pipeline and
-``method_overhead = bare_fwd_bwd / no_aug_step`` the method's step time over the bare backbone's (the issue's
-measure). ``passes_overhead = backbone_passes / no_aug_step`` is the step's time over the backbone arithmetic the
+``method_overhead = bare_fwd_bwd / no_aug_step`` the method's step time over the bare backbone's (the
+performance target's measure). ``passes_overhead = backbone_passes / no_aug_step`` is the step's time over the backbone arithmetic the
 method itself is defined to do (a MoCo v3 step includes its momentum encoder's forward of both views; MoCo v1/v2
 back-propagate the query view only; MAE's encoder sees the visible tokens): what the heads, loss, optimizer and
 state updates add. ``passes`` names those passes. With ``--rounds R`` the three model-only rates are timed R

@@ -61,7 +61,7 @@ def _resnet(name: str, in_chans: int, image_size: int, width: float, channels: l
         raise ValueError(f"backbone.channels must list 4 stage widths, got {channels}")
     model = _ScaledResNet(block, layers, channels, zero_init_residual=zero_init_residual)
     use_small = image_size <= SMALL_STEM_MAX_SIZE if small_stem == "auto" else bool(small_stem)
-    if use_small:  # CIFAR stem (methods.md 0.5): keep resolution for tiny images
+    if use_small:  # CIFAR stem (docs/reference.md §0.5): keep resolution for tiny images
         model.conv1 = nn.Conv2d(in_chans, channels[0], 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     else:

@@ -13,17 +13,25 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ssl_vision import distributed as dist
 from ssl_vision.backbones import create_backbone
+from ssl_vision.config_checks import check_pretrain_config
 from ssl_vision.data import SSLDataModule
 from ssl_vision.module import EvalSpec, OptimSpec, SSLModule
 from ssl_vision.objectives import build_objective
 from ssl_vision.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
 from ssl_vision.resume import check_resume_compatible, find_resume_checkpoint
-from ssl_vision.run_record import ThroughputTimer, write_results
+from ssl_vision import run_record
+from ssl_vision.run_lock import RunLock, is_global_zero_process, register_resolvers
+from ssl_vision.run_record import (ThroughputTimer, adopt_leg_dir, read_results, trim_metrics_csv,
+                                   write_results)
+
+register_resolvers()  # ${ssl_vision_unique_dir:...} in conf/pretrain.yaml, for configs composed in-process
 
 
 def build_datamodule(cfg: DictConfig) -> SSLDataModule:
@@ -86,16 +94,36 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = False
     if cfg.logger.get("_target_"):
-        logger = instantiate(cfg.logger)
+        # save_dir null (conf/logger/*.yaml): the run directory, so a resumed run logs where it started
+        where = {"save_dir": str(run_dir)} if "save_dir" in cfg.logger and cfg.logger.save_dir is None else {}
+        logger = instantiate(cfg.logger, **where)
     sync_bn = bool(cfg.method.get("sync_batchnorm", False))
     multi = (tcfg.get("devices") not in (1, "1") or tcfg.get("num_nodes", 1) != 1)
     if sync_bn and multi and tcfg.get("accelerator") == "cpu":
         warnings.warn("method asks for SyncBN but torch has no CPU SyncBatchNorm: BN stays per process on CPU",
                       stacklevel=2)
         sync_bn = False
+    if tcfg.get("strategy") == "ddp":  # the collective timeout (distributed.timeout_s) and a clear error when it fires
+        tcfg["strategy"] = dist.TimeoutDDPStrategy(timeout_s=collective_timeout_s(cfg))
+    if tcfg.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        # the bar reads the logged loss back from the device at each refresh (a host-device sync): refresh it when
+        # the loggers read the values anyway, every trainer.log_every_n_steps steps
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, int(tcfg.get("log_every_n_steps") or 1)))]
     # AtomicCheckpointIO: a crash while saving leaves the previous checkpoint intact (temp file + fsync + rename)
     return L.Trainer(**tcfg, logger=logger, callbacks=callbacks, sync_batchnorm=sync_bn and multi,
                      use_distributed_sampler=False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+
+
+def collective_timeout_s(cfg: DictConfig) -> float:
+    """``distributed.timeout_s``, or when null the default of the accelerator: 1800 s on GPUs (torch's own default,
+    room for NCCL start-up, compilation and large checkpoint writes), 300 s on the CPU (see conf/pretrain.yaml)."""
+    value = cfg.get("distributed", {}).get("timeout_s")
+    if value is None:
+        return 300.0 if cfg.trainer.get("accelerator") == "cpu" else 1800.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"distributed.timeout_s must be a positive number of seconds or null (the accelerator's "
+                         f"default), got {value!r}")
+    return float(value)
 
 
 def save_init_checkpoint(module: SSLModule, path: Path) -> None:
@@ -134,25 +162,57 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     """Pretrain as the config says; returns the results dict (also written to ``<run dir>/results.json``).
 
     ``extra_callbacks`` are added to the Trainer's (tests use one to stop a run part-way).
+
+    The run directory is Hydra's output directory, or for a resume the directory of the checkpoint resumed (its
+    checkpoints, ``logs/metrics.csv`` and ``results.json`` continue there; this leg's own Hydra directory moves to
+    ``<run dir>/resumes/``). Global rank 0 locks it for the duration (:class:`~ssl_vision.run_lock.RunLock`), so a
+    resume into a run that is still alive is refused. ``results.json`` covers every leg of the run
+    (:class:`~ssl_vision.run_record.ThroughputTimer`).
     """
+    check_pretrain_config(cfg)  # a value of the wrong type or range is named here, before anything is built
+    t_start = run_record.clock()  # wall_s covers the whole call: building, evaluation at init, fit, final eval
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_prefix = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.data.name}"
     resume = find_resume_checkpoint(cfg.resume, Path(cfg.paths.output_root), run_prefix)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    leg_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = leg_dir
     if resume is not None and resume.parent.name == "checkpoints":
         run_dir = resume.parent.parent  # a resumed run continues writing where it started
         print(f"[ssl_vision] resuming {resume}")
     elif cfg.resume == "auto":
         print(f"[ssl_vision] resume=auto: no earlier {run_prefix} run under {cfg.paths.output_root}; starting fresh")
+    # one live run per directory: global rank 0 holds <run_dir>/.lock until it returns (the kernel drops it if the
+    # process dies); a resume into a directory whose run is still alive is refused here, before anything is written
+    lock = RunLock(run_dir)
+    if is_global_zero_process():
+        lock.acquire()
+    try:
+        return _run_locked(cfg, extra_callbacks, t_start, resume, run_dir, leg_dir)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, resume: Path | None, run_dir: Path,
+                leg_dir: Path) -> dict:
+    leader = is_global_zero_process()
+    resumed_elsewhere = resume is not None and leg_dir.resolve() != run_dir.resolve()
+    if leader and resumed_elsewhere:  # this leg's .hydra/ and log join the run directory (resumes/<time>/)
+        adopt_leg_dir(leg_dir, run_dir)
     run_info = {"method": cfg.method.name, "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
                 "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
-                "config": OmegaConf.to_container(cfg, resolve=True)}
+                "config": OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                                 resolve=True)}  # the job's config (Hydra's own node left out)
+    resume_step = None
     if resume is not None:  # before anything is built: a pickle is refused without running it, a mismatch named
-        check_resume_compatible(resume, cfg.method.name, run_info["backbone"], run_info["data"])
+        resume_step = int(check_resume_compatible(resume, cfg.method.name, run_info["backbone"], run_info["data"],
+                                                  optim=OmegaConf.to_container(cfg.method.optim, resolve=True)
+                                                  ).get("global_step", 0))
+    previous = read_results(run_dir) if resume is not None else None
     dm = build_datamodule(cfg)
     dm.setup()  # the training-set size is part of some objectives (InstDisc's memory bank)
     module = build_module(cfg, run_info, num_samples=dm.num_train_samples)
-    timer = ThroughputTimer()
+    timer = ThroughputTimer(start=t_start, resumed_from=str(resume.resolve()) if resume is not None else None,
+                            previous_results=previous)
     ckpt = build_checkpoint_callback(cfg, run_dir)
     callbacks = [timer, ckpt]
     if cfg.method.name == "mae":  # a PNG grid of original / masked / reconstruction in the run directory
@@ -161,11 +221,12 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
                                                    out_dir=run_dir, mean=list(cfg.data.mean),
                                                    std=list(cfg.data.std)))
     trainer = build_trainer(cfg, run_dir, [*callbacks, *(extra_callbacks or [])])
+    if resume_step is not None and leader and isinstance(trainer.logger, CSVLogger):
+        trim_metrics_csv(Path(trainer.logger.log_dir) / "metrics.csv", before_step=resume_step)
 
-    knn_init = None
     if cfg.eval.knn_at_init and resume is None:
         trainer.validate(module, datamodule=dm, verbose=False)
-        knn_init = module.val_results.get("knn_top1")
+        timer.knn_top1_init = module.val_results.get("knn_top1")  # kept in the checkpoints: resumes report it too
     if cfg.checkpoint.get("save_init") and resume is None and trainer.is_global_zero:
         save_init_checkpoint(module, run_dir / "checkpoints" / "init.ckpt")
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -175,17 +236,30 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     loss = module.last_train_loss
     if loss is not None:
         loss = dist.all_reduce_mean(loss)  # the global mean, not one process's share
+    steps = int(trainer.global_step)
+    timer.finish(steps)
     results = {
         "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
-        "steps": int(trainer.global_step), "images_seen": int(timer.images_seen),
-        "wall_s": round(timer.wall_s, 2), "images_per_s": round(timer.images_per_s, 2),
+        "steps": steps, "images_seen": int(timer.images_seen),
+        "wall_s": round(timer.wall_s, 2), "train_s": round(timer.train_s, 2),
+        "images_per_s": round(timer.images_per_s, 2),
+        "images_per_s_steady": None if timer.images_per_s_steady is None else round(timer.images_per_s_steady, 2),
         "train_loss": None if loss is None else float(loss),
-        "knn_top1": module.val_results.get("knn_top1"), "knn_top1_init": knn_init,
+        "knn_top1": module.val_results.get("knn_top1"), "knn_top1_init": timer.knn_top1_init,
         "probe_top1": module.val_results.get("probe_top1"),
         "checkpoint": str(Path(ckpt.last_model_path).resolve()) if ckpt.last_model_path else None,
         "run_dir": str(run_dir.resolve()),
-        "is_global_zero": trainer.is_global_zero,
+        "legs": timer.legs,
     }
+    if previous and previous.get("steps") == steps:
+        # nothing (or nothing new) was trained or evaluated in this leg -- a resume of a finished run: keep the
+        # numbers the run's results.json has rather than replacing them with empty ones
+        for key in ("train_loss", "knn_top1", "probe_top1", "knn_top1_init"):
+            if results[key] is None and previous.get(key) is not None:
+                results[key] = previous[key]
+    if leader and resumed_elsewhere:  # what DDP processes wrote into this leg's directory since
+        adopt_leg_dir(leg_dir, run_dir)
+    results["is_global_zero"] = trainer.is_global_zero
     if trainer.is_global_zero:
         write_results(run_dir, {k: v for k, v in results.items() if k != "is_global_zero"})
     return results

@@ -21,7 +21,8 @@ from ssl_vision import distributed as dist
 from ssl_vision.data.batched import is_raw_batch
 from ssl_vision.eval.knn import knn_accuracy
 from ssl_vision.objectives.base import Objective, StepInfo
-from ssl_vision.optim import WarmupCosineLR, build_optimizer, cosine_between, linear_scaled_lr, param_groups
+from ssl_vision.optim import (WarmupCosineLR, build_optimizer, check_same_optimizer, cosine_between,
+                              groups_for_resume, linear_scaled_lr, param_groups)
 
 
 @dataclass
@@ -76,7 +77,11 @@ class SSLModule(L.LightningModule):
         self._val: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.last_val_step = -1
         self._total_steps: int | None = None
+        self._resume_checkpoint: dict | None = None  # the checkpoint being resumed, until configure_optimizers
+        self._resume_position: dict | None = None    # where its data position lands under this run's batch / data
         self.last_train_loss: torch.Tensor | None = None
+        self._nonfinite: tuple[torch.Tensor, ...] | None = None  # step, epoch, value of the first non-finite loss
+        self._labeled_on_host: int | None = None                 # train labels >= 0 in the batch, from the host
         self.val_results: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------- progress
@@ -87,11 +92,33 @@ class SSLModule(L.LightningModule):
         if not math.isfinite(total):
             raise ValueError("schedules need a run length: set trainer.max_epochs or trainer.max_steps "
                              "(trainer.max_time alone gives no step count)")
-        self._total_steps = int(total)
+        resumed = self._steps_after_changed_resume()
+        self._total_steps = int(total) if resumed is None else resumed
         return self._total_steps
 
+    def _steps_after_changed_resume(self) -> int | None:
+        """The run length when a run resumes under another global batch or data size with ``trainer.max_epochs``:
+        the steps already taken plus those the rest of the epochs take under the new batch (Lightning's estimate,
+        ``max_epochs × batches per epoch``, counts the earlier epochs at the new batch too, which would end the
+        schedule too early or too late). None when the data position maps one to one (the estimate is then exact)."""
+        pos, t = getattr(self, "_resume_position", None), self.trainer
+        if not pos or not pos.get("changed") or not (t.max_epochs and t.max_epochs > 0):
+            return None
+        batches = t.num_training_batches
+        if not math.isfinite(batches):
+            return None
+        acc = t.accumulate_grad_batches
+        left = (math.ceil(max(0, int(batches) - pos["batches_done"]) / acc)
+                + max(0, t.max_epochs - pos["epoch"] - 1) * math.ceil(int(batches) / acc))
+        total = pos["global_step"] + left
+        if t.max_steps not in (-1, None):
+            total = min(total, t.max_steps)
+        return max(1, total)
+
     def steps_per_epoch(self) -> int:
-        if self.trainer.max_epochs and self.trainer.max_epochs > 0 and self.trainer.max_steps in (-1, None):
+        pos = getattr(self, "_resume_position", None)
+        if (self.trainer.max_epochs and self.trainer.max_epochs > 0 and self.trainer.max_steps in (-1, None)
+                and not (pos and pos.get("changed"))):
             return max(1, self.total_steps() // self.trainer.max_epochs)
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):
@@ -119,12 +146,54 @@ class SSLModule(L.LightningModule):
         opt = build_optimizer(spec.name, groups, lr=lr, momentum=spec.momentum, betas=tuple(spec.betas),
                               nesterov=spec.nesterov, trust_coefficient=spec.trust_coefficient,
                               trust_clip=spec.trust_clip)
+        total = self.total_steps()  # first: it sets up the train data, which steps_per_epoch counts
         warmup = int(round(spec.warmup_epochs * self.steps_per_epoch()))
         for g in opt.param_groups:
             g["initial_weight_decay"] = g.get("weight_decay", 0.0)
-        sched = WarmupCosineLR(opt, total_steps=self.total_steps(), warmup_steps=min(warmup, self.total_steps()),
+        sched = WarmupCosineLR(opt, total_steps=total, warmup_steps=min(warmup, total),
                                warmup_start_factor=spec.warmup_start_factor, final_factor=spec.final_factor)
+        ckpt, self._resume_checkpoint = self._resume_checkpoint, None
+        if ckpt is not None:
+            self._continue_schedule(ckpt, opt, sched)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _continue_schedule(self, ckpt: dict, opt: torch.optim.Optimizer, sched: WarmupCosineLR) -> None:
+        """Resume semantics of the optimizer: the schedule and every optimizer hyper-parameter come from the
+        *current* config, the position (step) and per-parameter state (momentum buffers, Adam moments) from the
+        checkpoint.
+
+        Rewrites the checkpoint's optimizer and scheduler states in place before Lightning loads them (the dict
+        ``on_load_checkpoint`` received is the one Lightning restores from): the scheduler gets this run's length,
+        warmup and base lrs at the saved step, each optimizer group this run's hyper-parameters with the lr of the
+        new schedule at that step. A plain resume (same config) rebuilds the same values, bit for bit; extending a
+        finished run continues the cosine over the new length instead of staying at the old end's lr of 0. Every
+        value that differs from what the checkpoint ran with is printed in one notice.
+        """
+        saved_sched = (ckpt.get("lr_schedulers") or [None])[0]
+        saved_opt = (ckpt.get("optimizer_states") or [None])[0]
+        if not saved_sched or not saved_opt or "last_epoch" not in saved_sched:
+            return
+        new_sched = sched.state_continuing(saved_sched)
+        saved_opt["param_groups"] = groups_for_resume(saved_opt["param_groups"], opt, new_sched["_last_lr"])
+        ckpt["lr_schedulers"][0] = new_sched
+        changes = []
+        old_total, new_total = saved_sched.get("total_steps"), new_sched["total_steps"]
+        if old_total != new_total:
+            changes.append(f"schedule rebuilt for {new_total} steps (was {old_total})")
+        if saved_sched.get("warmup_steps") != new_sched["warmup_steps"]:
+            changes.append(f"warmup {new_sched['warmup_steps']} steps (was {saved_sched.get('warmup_steps')})")
+        saved_spec, spec = (ckpt.get("ssl_vision") or {}).get("optim") or {}, asdict(self.optim_spec)
+        for key, value in spec.items():
+            old = saved_spec.get(key, value)
+            if _plain(old) != _plain(value):
+                changes.append(f"{key} {_plain(old)} -> {_plain(value)}")
+        old_peak, new_peak = list(saved_sched.get("base_lrs") or []), list(new_sched["base_lrs"])
+        if old_peak and old_peak != new_peak:
+            changes.append(f"peak lr (after scaling by the global batch) {old_peak[0]:.6g} -> {new_peak[0]:.6g}")
+        if changes and self.trainer.is_global_zero:
+            step = int(saved_sched["last_epoch"])
+            print(f"[ssl_vision] resume: {'; '.join(changes)}; continuing at step {step} with lr "
+                  f"{new_sched['_last_lr'][0]:.6g}", flush=True)
 
     # ----------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -138,6 +207,16 @@ class SSLModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.objective.before_optimizer_step(self.step_info())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count a train batch's labelled samples while its labels are still on the host (for the online probe)."""
+        self._labeled_on_host = None
+        if self._trainer is not None and self.trainer.training:
+            labels = batch.get("labels") if isinstance(batch, dict) else (
+                batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None)
+            if torch.is_tensor(labels) and labels.device.type == "cpu":
+                self._labeled_on_host = int((labels >= 0).sum())
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """``augment.backend=batched``: the train loader gives raw uint8 images (``ssl_vision.data.batched``); the
@@ -153,13 +232,12 @@ class SSLModule(L.LightningModule):
         views, labels, indices = batch
         views = views[: self.objective.num_views] if self.objective.num_views else views
         out = self.objective(views, self.backbone, self.step_info(indices))
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"non-finite loss {out.loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
-                "likely causes: learning rate too high (lower method.optim.base_lr or lengthen warmup_epochs), "
-                "temperature too low, or fp16 overflow (use trainer.precision=bf16-mixed or 32-true). Training "
-                "stopped here; the last good checkpoint is kept (checkpoints/last.ckpt, written before this step): "
-                "fix the cause and continue with resume=auto.")
+        # The loss is checked on the device every step and read back only every trainer.log_every_n_steps steps
+        # (when Lightning reads the logged values anyway) and before any checkpoint is written: a read per step
+        # would stall the host on the device every step.
+        self._track_nonfinite(out.loss)
+        if (self.global_step + 1) % max(1, int(self.trainer.log_every_n_steps or 1)) == 0:
+            self.raise_if_nonfinite_loss()
         # The online probe steps here, on this micro-batch's detached features, not in on_train_batch_end: Lightning
         # runs the checkpoint callback's on_train_batch_end before the module's, so state changed there would be
         # missing from a mid-epoch checkpoint (and a resumed run would lag by that one update).
@@ -173,6 +251,41 @@ class SSLModule(L.LightningModule):
         for k, v in out.logs.items():
             self.log(f"train/{k}", v, batch_size=n)
         return out.loss
+
+    def _track_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss is not finite (its step, epoch and value): a few tiny
+        device ops, no host read."""
+        loss = loss.detach().float()
+        if self._nonfinite is None or self._nonfinite[0].device != loss.device:
+            minus_one = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._nonfinite = (minus_one, minus_one.clone(), torch.zeros((), device=loss.device))
+        step, epoch, value = self._nonfinite
+        first = ~torch.isfinite(loss) & (step < 0)
+        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, self.current_epoch, epoch),
+                           torch.where(first, loss, value))
+
+    def raise_if_nonfinite_loss(self) -> None:
+        """Raise ``FloatingPointError`` if a loss since the start of training was not finite (one device read)."""
+        if self._nonfinite is None:
+            return
+        step, epoch = torch.stack(self._nonfinite[:2]).tolist()  # the one device read
+        if step < 0:
+            return
+        value = self._nonfinite[2].item()
+        # name the checkpoint to continue from as it is on disk: the writer never writes a non-finite state, but
+        # weights can blow up between two checkpoints (or an older file may hold NaNs), so last.ckpt is not assumed
+        from ssl_vision.checkpoint_io import describe_newest_finite, describe_nonfinite, first_nonfinite
+        bad = first_nonfinite(self.state_dict())
+        weights = ("" if bad is None else f"; the weights themselves are already non-finite (first: "
+                   f"{describe_nonfinite(*bad)})")
+        later = ("" if step == self.global_step else f" (noticed at global step {self.global_step}: the loss is read "
+                 "back every trainer.log_every_n_steps steps and before every checkpoint)")
+        callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        raise FloatingPointError(
+            f"non-finite loss {value} at global step {step} (epoch {epoch}){later}{weights}; likely causes: "
+            "learning rate too high (lower method.optim.base_lr or lengthen warmup_epochs), temperature too low, or "
+            "fp16 overflow (use trainer.precision=bf16-mixed or 32-true). Training stopped here; no checkpoint was "
+            "written after that step. " + describe_newest_finite(getattr(callback, "dirpath", None)))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the objective's state updates that follow it (EMA teachers, bank writes).
@@ -192,17 +305,25 @@ class SSLModule(L.LightningModule):
         feats, labels = self._probe_batch
         self._probe_batch = None
         keep = labels >= 0                     # unlabeled samples (STL-10's unlabeled split) carry -1
-        if not bool(keep.any()):
+        # the count comes from the host copy of the labels (on_before_batch_transfer): reading it from the device,
+        # or indexing by the mask, would stall the host every step
+        labeled, self._labeled_on_host = self._labeled_on_host, None
+        if labeled is None:
+            labeled = int(keep.sum())
+        if labeled == 0:
             return
         opt = self._probe_optimizer()
         with torch.autocast(self.device.type, enabled=False):
-            logits = self.online_probe(feats[keep].float())
-            loss = F.cross_entropy(logits, labels[keep])
+            logits = self.online_probe(feats.float())
+            if labeled == labels.numel():
+                loss = F.cross_entropy(logits, labels)
+            else:  # the mean over the labelled samples, without gathering them
+                loss = (F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * keep).sum() / labeled
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(self.online_probe.parameters())
         opt.step()
-        self.log("train/probe_loss", loss.detach(), batch_size=int(keep.sum()))
+        self.log("train/probe_loss", loss.detach(), batch_size=labeled)
 
     def _probe_optimizer(self) -> torch.optim.Optimizer:
         if self._probe_opt is None:
@@ -249,6 +370,7 @@ class SSLModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite_loss()  # never a checkpoint of a state after a non-finite loss
         checkpoint["ssl_vision"] = {"run_info": self.run_info, "optim": asdict(self.optim_spec),
                                     "probe_optimizer": self._probe_opt.state_dict() if self._probe_opt else None}
 
@@ -256,6 +378,22 @@ class SSLModule(L.LightningModule):
         extra = checkpoint.get("ssl_vision") or {}
         self._probe_opt_state = extra.get("probe_optimizer")
         self._probe_opt = None
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        # Resuming a fit: the optimizer must be the one the checkpoint's state belongs to; everything else about the
+        # optimizer and schedule is rebuilt from this run's config in configure_optimizers (_continue_schedule).
+        check_same_optimizer((extra.get("optim") or {}).get("name"), self.optim_spec.name, "the resumed checkpoint")
+        self._resume_checkpoint = checkpoint
+        adapt = getattr(trainer.datamodule, "adapt_resume_position", None)
+        self._resume_position = adapt(checkpoint) if adapt is not None else None
+        if self._resume_position is not None:
+            self._resume_position["global_step"] = int(checkpoint.get("global_step", 0))
+
+
+def _plain(value):
+    """Config values as comparable plain data (a tuple saved from the dataclass reads back as a list or tuple)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def collapse_std(embedding: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Optimizers, parameter groups and step-based schedules shared by every objective.
 
-Everything here is a function of the *optimizer step* (methods.md 0.1): callers pass
+Everything here is a function of the *optimizer step* (docs/reference.md §0.1): callers pass
 ``trainer.global_step`` and ``trainer.estimated_stepping_batches``, never epochs or wall time.
 
 * :class:`LARS` -- layer-wise adaptive rate scaling, You et al. 2017, https://arxiv.org/abs/1708.03888,
-  in the form of MoCo v3 / MAE ``LARS`` (methods.md 0.2).
+  in the form of MoCo v3 / MAE ``LARS`` (docs/reference.md §0.2).
 * :func:`param_groups` / :func:`build_optimizer` -- no weight decay and no LARS adaptation for 1-D tensors.
 * :func:`warmup_cosine`, :func:`cosine_between`, :func:`momentum_schedule`, :class:`WarmupCosineLR`.
 * :func:`linear_scaled_lr` (Goyal et al. 2017, https://arxiv.org/abs/1706.02677) and
@@ -30,6 +30,8 @@ __all__ = [
     "WarmupCosineLR",
     "linear_scaled_lr",
     "clip_grad_per_param",
+    "check_same_optimizer",
+    "groups_for_resume",
     "OPTIMIZERS",
     "LR_SCALING_RULES",
 ]
@@ -42,7 +44,7 @@ LR_SCALING_RULES = ("linear", "sqrt", "none")
 # LARS
 # --------------------------------------------------------------------------------------------------
 class LARS(torch.optim.Optimizer):
-    """LARS with momentum, exactly as methods.md 0.2 (MoCo v3 ``moco/optimizer.py``, MAE ``util/lars.py``).
+    """LARS with momentum, exactly as docs/reference.md §0.2 (MoCo v3 ``moco/optimizer.py``, MAE ``util/lars.py``).
 
     For every parameter ``w`` with gradient ``g`` in a group with ``lars_exclude=False``::
 
@@ -155,7 +157,7 @@ def param_groups(
     """Split parameters into a decayed group and a no-decay / LARS-excluded group.
 
     Tensors with ``ndim <= 1`` (biases, BatchNorm/LayerNorm affine parameters, scalars) get
-    ``weight_decay=0`` and ``lars_exclude=True``, as in BYOL, SimCLR, MoCo v3 and MAE (methods.md 0.2, 12).
+    ``weight_decay=0`` and ``lars_exclude=True``, as in BYOL, SimCLR, MoCo v3 and MAE (docs/reference.md §0.2, §12).
     Parameters with ``requires_grad=False`` (momentum encoders, MoCo v3's frozen patch projection, MAE's
     fixed pos-embeds) are skipped: an optimizer that holds them would still apply weight decay to them.
 
@@ -233,7 +235,7 @@ def _check_progress(step: int, total_steps: int) -> None:
 def cosine_between(step: int, total_steps: int, v0: float, v_end: float) -> float:
     """Half cosine from ``v0`` (step 0) to ``v_end`` (step ``total_steps`` and after).
 
-    ``v_end + ½(v0 − v_end)(1 + cos(π·t/T))`` (methods.md 0.1), written as ``v0 − (v0 − v_end)·½(1 − cos)``
+    ``v_end + ½(v0 − v_end)(1 + cos(π·t/T))`` (docs/reference.md §0.1), written as ``v0 − (v0 − v_end)·½(1 − cos)``
     so step 0 gives ``v0`` bit-exactly, while ``t >= T`` returns ``v_end`` itself: the EMA momentum must be
     exactly 1.0 at the last step (DINO/BYOL), not 0.9999999999999999.
     """
@@ -260,7 +262,7 @@ def warmup_cosine(
 
     Step 0 gives ``start``, step ``warmup_steps`` gives ``base``, the cosine runs over
     ``T = total_steps − warmup_steps`` with ``t`` counted from the end of warmup, and any step
-    ``>= total_steps`` gives ``final`` (methods.md 0.1; MoCo v3, SimCLR, BYOL, SwAV, DINO, MAE).
+    ``>= total_steps`` gives ``final`` (docs/reference.md §0.1; MoCo v3, SimCLR, BYOL, SwAV, DINO, MAE).
     """
     _check_progress(step, total_steps)
     if not 0 <= warmup_steps <= total_steps:
@@ -317,8 +319,53 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return self._lr_at(self.last_epoch)
 
+    def state_continuing(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A state dict for *this* schedule (its length, warmup, factors and ``base_lrs``, i.e. the current config)
+        positioned at the step of ``saved`` (a state dict of an earlier run's scheduler): what a resumed run loads so
+        that a changed run length or lr continues from the step reached instead of replaying the old curve."""
+        step = int(saved["last_epoch"])
+        state = dict(saved)  # step bookkeeping (last_epoch, _step_count, ...) as saved
+        state.update(total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     warmup_start_factor=self.warmup_start_factor, final_factor=self.final_factor,
+                     base_lrs=list(self.base_lrs), _last_lr=self._lr_at(step))
+        return state
+
     def _get_closed_form_lr(self) -> list[float]:
         return self._lr_at(self.last_epoch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming with a changed configuration
+# --------------------------------------------------------------------------------------------------
+def check_same_optimizer(saved_name: str | None, name: str, source: str) -> None:
+    """Refuse to resume ``source`` (a checkpoint trained with optimizer ``saved_name``) with another optimizer: its
+    state (SGD/LARS momentum buffers, AdamW moments and step counts) has no meaning for another one, and torch
+    would fail on it only at the first step (``KeyError: 'step'``)."""
+    if saved_name is None or saved_name.lower() == name.lower():
+        return
+    raise ValueError(f"{source} was trained with method.optim.name={saved_name}, this run asks for "
+                     f"method.optim.name={name}: the optimizer state in the checkpoint (momentum buffers / Adam "
+                     f"moments) cannot carry over to another optimizer. Resume with method.optim.name={saved_name} "
+                     f"(lr, weight decay, momentum and schedule may change on resume), or start fresh with "
+                     f"resume=null.")
+
+
+def groups_for_resume(saved_groups: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
+                      lrs: Sequence[float]) -> list[dict[str, Any]]:
+    """The saved optimizer's ``param_groups`` with every hyper-parameter (weight decay, momentum, betas, the initial
+    lr, the LARS options...) taken from ``optimizer`` -- built from the current config -- and each group's lr set to
+    ``lrs`` (the current schedule at the resumed step). The saved ``params`` (state indices) are kept, so the
+    per-parameter state (momentum buffers, Adam moments) still loads."""
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's has "
+                         f"{len(optimizer.param_groups)}: the model or the method's parameter grouping changed "
+                         f"(resume with the same method.kwargs, or start fresh with resume=null)")
+    out = []
+    for saved, group, lr in zip(saved_groups, optimizer.param_groups, lrs, strict=True):
+        new = {k: v for k, v in group.items() if k != "params"}
+        new["params"], new["lr"] = saved["params"], lr
+        out.append(new)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,57 +5,260 @@ Nothing here reads a config.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import TrainerFn
+
+#: the clock of every duration in a run's record (a module attribute, so a test can drive it)
+clock = time.perf_counter
 
 #: keys every results.json carries (other tools and benchmarks read them; keep stable, see README).
 RESULT_KEYS = ("method", "backbone", "data", "steps", "images_seen", "wall_s", "images_per_s", "train_loss",
-               "knn_top1", "knn_top1_init", "probe_top1", "checkpoint")
+               "knn_top1", "knn_top1_init", "probe_top1", "checkpoint", "train_s", "images_per_s_steady", "legs")
+
+
+def warmup_steps(total_steps: float | int) -> int:
+    """Optimizer steps at the start of each leg left out of ``images_per_s_steady``: 10 % of the run's steps, at most
+    5 and at least 1 (``min(5, max(1, floor(0.1 * total)))``; 5 when the length is unknown)."""
+    if total_steps is None or total_steps != total_steps or total_steps == float("inf"):
+        return 5
+    return min(5, max(1, int(0.1 * total_steps)))
 
 
 class ThroughputTimer(L.Callback):
-    """Wall time of fit, and the training-only time (validation excluded) behind ``images_per_s``."""
+    """Images and time of a run, summed over every leg of it (a run resumed N times has N + 1 legs).
 
-    def __init__(self) -> None:
-        self.fit_start = self.train_s = 0.0
-        self.wall_s = 0.0
-        self._epoch_t0: float | None = None
-        self._val_t0: float | None = None
-        self.images_seen = 0
+    A stateful callback: Lightning saves :meth:`state_dict` in every checkpoint and gives it back to
+    :meth:`load_state_dict` on a resume, so the numbers continue from the checkpoint the run resumes from (what a leg
+    did after its last checkpoint was lost with it and is redone, so it is not counted twice).
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.fit_start = time.perf_counter()
+    * ``train_s``: time in training batches only -- each batch from the end of the previous one (or the start of its
+      epoch, or the end of a mid-epoch validation) to its own end: loading it (and the loader's start-up for the
+      first batch of an epoch), forward, backward, optimizer step, a checkpoint written after a step. Validation,
+      kNN evaluation and everything around ``fit`` are left out.
+    * ``images_seen``: training samples over all processes; ``images_per_s = images_seen / train_s``.
+    * ``images_per_s_steady``: the same over the batches after the first :func:`warmup_steps` optimizer steps of each
+      leg (allocation, worker start-up, compilation); None when no batch is left.
+    * ``wall_s``: the whole command of every leg (``run_pretraining``: building, evaluation at init, fit, final
+      evaluation), from ``start`` (this leg's) to :meth:`finish`; earlier legs as recorded in the checkpoint resumed
+      from (or in the run's ``results.json`` when that one describes the same step).
+    * ``legs``: one entry per leg: start time, steps from/to, images, train_s, wall_s, the checkpoint it resumed from.
+    """
+
+    def __init__(self, start: float | None = None, resumed_from: str | None = None,
+                 previous_results: dict | None = None) -> None:
+        self._previous_results = previous_results  # the run's results.json, adopted if it is of the step resumed
+        self._t_leg = clock() if start is None else start
+        self._earlier = {"images_seen": 0, "train_s": 0.0, "steady_images": 0, "steady_s": 0.0, "wall_s": 0.0}
+        self.earlier_legs: list[dict] = []
+        started = time.localtime(time.time() - (clock() - self._t_leg))  # when the leg's command began
+        self.leg = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z", started), "from_step": None, "to_step": None,
+                    "images_seen": 0, "train_s": 0.0, "steady_images": 0, "steady_s": 0.0, "wall_s": None,
+                    "resumed_from": resumed_from}
+        self.knn_top1_init: float | None = None   # carried with the run: a resumed leg does not recompute it
+        self._t: float | None = None               # start of the interval the next batch end closes
+        self._step_before: int | None = None
+        self._warmup = 5
+        self._wall_end: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.leg["from_step"] = int(trainer.global_step)
+        self._warmup = warmup_steps(trainer.estimated_stepping_batches)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._epoch_t0 = time.perf_counter()
+        self._t = clock()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_before = int(trainer.global_step)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training and self._epoch_t0 is not None:  # validation inside an epoch: stop the train clock
-            self.train_s += time.perf_counter() - self._epoch_t0
-            self._epoch_t0 = None
+        # validation inside fit (epoch end or mid-epoch) is not training time. (``trainer.training`` is False while
+        # it runs, even inside fit: the function being run is what says so.)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._t = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.training:
-            self._epoch_t0 = time.perf_counter()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._t = clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images_seen += int(batch[1].shape[0]) * trainer.world_size
+        now = clock()
+        n = int(batch[1].shape[0]) * trainer.world_size
+        dt = now - self._t if self._t is not None else 0.0
+        self.leg["images_seen"] += n
+        self.leg["to_step"] = int(trainer.global_step)
+        self.leg["train_s"] += dt
+        if self._step_before is not None and self.leg["from_step"] is not None \
+                and self._step_before - self.leg["from_step"] >= self._warmup:
+            self.leg["steady_images"] += n
+            self.leg["steady_s"] += dt
+        self._t = now
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._epoch_t0 is not None:
-            self.train_s += time.perf_counter() - self._epoch_t0
-            self._epoch_t0 = None
+        self._t = None
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self.wall_s = time.perf_counter() - self.fit_start
+    def state_dict(self) -> dict:
+        return {"totals": self._totals(clock()), "legs": [*self.earlier_legs, self._leg_record()],
+                "knn_top1_init": self.knn_top1_init}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        totals = state_dict.get("totals") or {}
+        self._earlier = {k: type(v)(totals.get(k, v)) for k, v in self._earlier.items()}
+        self.earlier_legs = list(state_dict.get("legs") or [])
+        if self.knn_top1_init is None:
+            self.knn_top1_init = state_dict.get("knn_top1_init")
+        prev, legs = self._previous_results, self.earlier_legs
+        if prev and legs and prev.get("steps") is not None and prev.get("steps") == legs[-1].get("to_step"):
+            self.adopt_earlier(prev)
+
+    # --------------------------------------------------------------------------------------------------- the record
+    def adopt_earlier(self, results: dict) -> None:
+        """Take earlier legs' ``wall_s`` and ``legs`` from a ``results.json`` of the same run at the step resumed from:
+        it also holds their time after the last checkpoint (final evaluation)."""
+        if isinstance(results.get("legs"), list) and results.get("wall_s") is not None:
+            self._earlier["wall_s"] = float(results["wall_s"])
+            self.earlier_legs = list(results["legs"])
+
+    def finish(self, to_step: int) -> None:
+        """Close this leg (its wall time ends now): call after the final evaluation, before writing results."""
+        self._wall_end = clock()
+        self.leg["to_step"] = int(to_step)
+        if self.leg["from_step"] is None:  # nothing was left to train: fit returned before its training loop
+            self.leg["from_step"] = int(to_step)
+
+    def _leg_record(self) -> dict:
+        now = clock() if self._wall_end is None else self._wall_end
+        rec = {k: v for k, v in self.leg.items() if k not in ("steady_images", "steady_s")}
+        rec["wall_s"] = round(now - self._t_leg, 3)
+        rec["train_s"] = round(self.leg["train_s"], 3)
+        return rec
+
+    def _totals(self, now: float) -> dict:
+        t = dict(self._earlier)
+        for k in ("images_seen", "train_s", "steady_images", "steady_s"):
+            t[k] += self.leg[k]
+        t["wall_s"] += (now if self._wall_end is None else self._wall_end) - self._t_leg
+        return t
+
+    @property
+    def images_seen(self) -> int:
+        return int(self._totals(clock())["images_seen"])
+
+    @property
+    def train_s(self) -> float:
+        return self._totals(clock())["train_s"]
+
+    @property
+    def wall_s(self) -> float:
+        return self._totals(clock())["wall_s"]
 
     @property
     def images_per_s(self) -> float:
-        return self.images_seen / self.train_s if self.train_s > 0 else 0.0
+        t = self._totals(clock())
+        return t["images_seen"] / t["train_s"] if t["train_s"] > 0 else 0.0
+
+    @property
+    def images_per_s_steady(self) -> float | None:
+        t = self._totals(clock())
+        return t["steady_images"] / t["steady_s"] if t["steady_s"] > 0 else None
+
+    @property
+    def legs(self) -> list[dict]:
+        return [*self.earlier_legs, self._leg_record()]
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger``, but one ``metrics.csv`` per run across resumes.
+
+    Lightning's writer deletes an existing ``metrics.csv`` when it starts (and rewrites the header from the keys of
+    its own first rows); here a resumed leg appends to the run's file under the header it has, adding columns only
+    when new keys appear. Rows the previous leg logged after the checkpoint being resumed are dropped first
+    (:func:`trim_metrics_csv`, called by ``run_pretraining``), so the steps continue without going back.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> "_AppendingExperimentWriter":
+        if self._experiment is not None:
+            return self._experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv; keep it and continue its header
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), None)
+            self.metrics_keys = list(header or [])
+
+
+def trim_metrics_csv(path: Path, before_step: int) -> int:
+    """Drop the rows of ``path`` (a ``metrics.csv``) logged at ``step >= before_step``: what a killed leg logged after
+    the checkpoint a resume starts from (that work is redone and logged again). Rewritten atomically; returns the
+    number of rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    if not fields or "step" not in fields:
+        return 0
+    keep = [r for r in rows if not (r.get("step") not in (None, "") and int(float(r["step"])) >= before_step)]
+    if len(keep) == len(rows):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"[ssl_vision] {path}: dropped {len(rows) - len(keep)} rows logged after step {before_step - 1} by the leg "
+          f"that was interrupted; the resumed leg logs those steps again")
+    return len(rows) - len(keep)
+
+
+def adopt_leg_dir(leg_dir: Path, run_dir: Path) -> Path | None:
+    """A resumed leg's own Hydra output directory (``.hydra/`` with its config and overrides, its log file) is moved
+    into ``<run_dir>/resumes/<its name>/``, so the run directory holds the record of every leg and no near-empty
+    timestamped directory is left beside it. Entries already there are merged (a second call moves what appeared
+    since, e.g. DDP processes' logs). Returns the new place, or None when there is nothing to move."""
+    leg_dir, run_dir = Path(leg_dir), Path(run_dir)
+    if not leg_dir.is_dir() or leg_dir.resolve() == run_dir.resolve():
+        return None
+    dest = run_dir / "resumes" / leg_dir.name
+    try:
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(leg_dir, dest)
+            return dest
+        for entry in list(leg_dir.iterdir()):
+            target, n = dest / entry.name, 1
+            while target.exists():
+                target, n = dest / f"{entry.name}.{n}", n + 1
+            os.rename(entry, target)
+        leg_dir.rmdir()
+    except OSError as exc:  # another file system (EXDEV), permissions: leave it where it is
+        print(f"[ssl_vision] could not move this leg's output directory {leg_dir} into {dest} ({exc}); it stays")
+        return None
+    return dest
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -93,6 +296,19 @@ def keep_previous(path: Path, stamp: str | None = None) -> Path | None:
     os.replace(path, kept)
     print(f"[ssl_vision] {path} existed; kept the previous one as {kept.name}")
     return kept
+
+
+def read_results(run_dir: Path) -> dict | None:
+    """The run's ``results.json`` as a dict, or None when there is none (or it cannot be read: noted)."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"[ssl_vision] cannot read {path} ({exc}); its numbers are not carried over")
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_results(run_dir: Path, results: dict) -> Path:

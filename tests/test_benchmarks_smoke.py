@@ -1,4 +1,4 @@
-"""Issue 8 benchmark scripts run end to end in their --quick form (subprocesses; numbers are not checked)."""
+"""The performance benchmark scripts run end to end in their --quick form (subprocesses; numbers are not checked)."""
 
 from __future__ import annotations
 

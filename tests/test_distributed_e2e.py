@@ -17,7 +17,7 @@ process with batch B, same seed and data. What is compared, and why it is a vali
     rows and block j is normalised together with the other blocks of rank j mod 2 -- exactly the rows process
     j mod 2 normalises together under DDP. (MoCo v1/v2 shuffle-BN needs no mimic: with a ViT and BN-free v1/v2 heads
     the key path has no BN; its permutation is global and seeded by the step on any process count.)
-  - *MAE masks are drawn per rank* (methods.md 9): the reference draws rank r's rows of the masking noise with the
+  - *MAE masks are drawn per rank* (docs/reference.md §9): the reference draws rank r's rows of the masking noise with the
     same function, rank set to r.
   Every other source of randomness (data order, augmentation, MoCo shuffles, InstDisc noise, initialisation) is
   keyed by seed, epoch, step or index, never by process, so nothing else is mimicked.

@@ -61,7 +61,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
 @pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1080960 vs "
                                                   "1080848"), OSError(28, "No space left on device")])
 def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
-    """What torch.save raises when the disk fills mid-write (the RuntimeError is the one CI met at stop 12) becomes an
+    """What torch.save raises when the disk fills mid-write (the RuntimeError is the one a full disk gave in CI) becomes an
     ENOSPC OSError that says the disk is full, how much is free, and what to do; the previous checkpoint survives."""
     io_ = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -254,7 +254,7 @@ def test_resume_auto_also_finds_multirun_jobs(tmp_path):
     other = tmp_path / "multirun" / "2024-01-03_00-00-00" / "0-byol-resnet18-synthetic" / "checkpoints" / "last.ckpt"
     for i, p in enumerate((single, job, other)):
         p.parent.mkdir(parents=True)
-        p.write_bytes(b"x")
+        torch.save({"global_step": 4}, p)  # resume=auto reads the step of each candidate
         os.utime(p, (1000 + i, 1000 + i))
     assert find_resume_checkpoint("auto", tmp_path, "simclr-resnet18-synthetic") == job
     os.utime(single, (5000, 5000))

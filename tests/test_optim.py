@@ -1,4 +1,4 @@
-"""ssl_vision.optim against the formulas of methods.md 0.1 / 0.2, written out here independently."""
+"""ssl_vision.optim against the formulas of docs/reference.md §0.1 / §0.2, written out here independently."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ssl_vision.optim import (
 
 # ---------------------------------------------------------------------------------------------- LARS
 def ref_lars(w, g, u, lr, mu, wd, eta, exclude=False):
-    """methods.md 0.2 written out: returns (new w, new u)."""
+    """docs/reference.md §0.2 written out: returns (new w, new u)."""
     if exclude:
         gp, r = g, 1.0
     else:

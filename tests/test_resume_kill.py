@@ -79,7 +79,10 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted(make_cfg, tmp_p
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert f"resuming {ckpt}" in out.stdout
     assert resumed["steps"] == TOTAL and Path(resumed["run_dir"]) == run_dir.resolve()
-    assert resumed["images_seen"] == (TOTAL - killed_at) * 16  # only the batches after the checkpoint were run
+    # the run's record counts every leg: the killed one up to its checkpoint, the resumed one the batches after it
+    assert resumed["images_seen"] == TOTAL * 16
+    assert [(leg["from_step"], leg["to_step"], leg["images_seen"]) for leg in resumed["legs"]] == \
+        [(0, killed_at, killed_at * 16), (killed_at, TOTAL, (TOTAL - killed_at) * 16)]
 
     straight = run_pretraining(make_cfg([*COMMON, "data.num_workers=0"], tmp_path / "straight"))
     assert straight["steps"] == TOTAL

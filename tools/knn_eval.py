@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Weighted kNN of a frozen backbone (methods.md 10.1): ``python tools/knn_eval.py checkpoint=<path>``.
+"""Weighted kNN of a frozen backbone (docs/reference.md §10.1): ``python tools/knn_eval.py checkpoint=<path>``.
 
 Options (conf/knn.yaml): ``ks=[10,20,100,200] temperature=0.07 use_teacher=true batch_size=... num_workers=...
 device=auto train_subset=... expect_backbone=resnet18``; data from the checkpoint unless ``data=<name>`` or
 ``+data.root=/path``. Every k comes from one faiss search. Prints top-1 / top-5 per k, writes
-``<checkpoint stem>.knn.json`` beside the checkpoint (an existing one is kept renamed) and prints that JSON as
-the last line of stdout.
+``<checkpoint stem>.knn.json`` beside the checkpoint, or into ``output_dir=<folder>`` (an existing one is kept
+renamed), and prints that JSON as the last line of stdout -- also when the file cannot be written (a read-only
+checkpoint directory), before the error that says so.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ssl_vision.eval.checkpoints import beside, load_backbone, write_json_keeping_old  # noqa: E402
+from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.eval.features import (build_eval_loaders, extract_features, resolve_device,  # noqa: E402
                                       resolve_eval_data)
 from ssl_vision.eval.knn import knn_accuracy  # noqa: E402
+from ssl_vision.eval.outputs import (exit_on_unwritable_output, output_path, publish, warn_if_unwritable,  # noqa: E402
+                                     write_result_json)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -51,19 +54,22 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Evaluate, write the JSON beside the checkpoint, print per-k lines and the JSON last."""
+    """Evaluate, print per-k lines, write the JSON (beside the checkpoint or in ``output_dir``) and print it last.
+
+    The JSON line is printed even when the file cannot be written; the error (naming ``output_dir=``) follows."""
+    out = output_path(cfg.checkpoint, ".knn.json", cfg.output_dir)
+    warn_if_unwritable(out, cfg.output_dir is not None)
     results = evaluate(cfg)
-    out = write_json_keeping_old(beside(cfg.checkpoint, ".knn.json"), results)
     for k, acc in results["knn"].items():
         print(f"knn k={k:>4} T={results['temperature']}: top1 {acc['top1']:.2f}  top5 {acc['top5']:.2f}")
-    print(f"[ssl_vision] wrote {out}")
-    print(json.dumps(results), flush=True)
+    publish(json.dumps(results), lambda: write_result_json(out, results), out, cfg.output_dir is not None)
     return results
 
 
 @hydra.main(config_path="../conf", config_name="knn", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    results = run(cfg)
+    with exit_on_unwritable_output():
+        results = run(cfg)
     return results["knn"][str(results["ks"][0])]["top1"]  # Hydra sweepers can optimise this
 
 

@@ -18,6 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("WANDB_MODE", "offline")                   # never wait on a login
 
+from ssl_vision.run_lock import register_resolvers  # noqa: E402  (stdlib + omegaconf only: no torch here)
+
+register_resolvers()  # ${ssl_vision_unique_dir:...}: hydra.run.dir / hydra.sweep.dir in conf/pretrain.yaml
+
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:

@@ -92,6 +92,7 @@ _ROW_LOOP_FLOATS = 1 << 14  # CPU rows this large are scattered / read one by on
 _SLICE_FLOATS = 1 << 18  # grouped path on the CPU: jitter ops on at most this many floats (1 MB) per call
 _BLUR_KEY, _GRAY_KEY = 1_000_000, 2_000_000  # the grouped path's sort-key digits (jitter-order codes stay below)
 RAW_KEY = "raw_images"  # marks a train batch of the batched backend
+ENCODED_KEY = "encoded_images"  # marks a train batch of undecoded JPEG files (data.decode=device, .encoded)
 
 
 def load_side(image_size: int) -> int:
@@ -149,7 +150,8 @@ def collate_raw(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def is_raw_batch(batch: Any) -> bool:
-    return isinstance(batch, Mapping) and RAW_KEY in batch
+    """A train batch whose views are still to be made (``batch_views``): raw images, or encoded JPEG files."""
+    return isinstance(batch, Mapping) and (RAW_KEY in batch or ENCODED_KEY in batch)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -603,7 +605,9 @@ class BatchedViews:
         sizes = torch.tensor(batch["sizes"], dtype=torch.long).reshape(-1, 2)
         u = self.uniforms(batch["keys"])
         dev, n = images.device, images.shape[0]
-        scale, shift = (1.0 / self.std).to(dev), (-self.mean / self.std).to(dev)  # (v - mean) / std = v*scale+shift
+        # (v - mean) / std = v*scale+shift; non_blocking: a blocking copy would wait for all the queued device work
+        scale = (1.0 / self.std).to(dev, non_blocking=True)
+        shift = (-self.mean / self.std).to(dev, non_blocking=True)
         step = self.chunk_size(images) if dev.type == "cpu" else n
         views = [torch.empty((n, self.in_chans, f.side, f.side), device=dev) for f, c in
                  zip(self.families, self.counts) for _ in range(c)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_vision.data.batched import BatchedViews, RawImages, collate_raw, load_side
 from ssl_vision.data.datasets import BAD_IMAGE_POLICIES, IndexedDataset, build_dataset, take_subset
+from ssl_vision.data.encoded import DECODE_MODES, DeviceDecodedViews, EncodedImages, collate_encoded
 from ssl_vision.data.sampling import GlobalBatchSampler, SeededViews
 from ssl_vision.data.views import build_eval_transform, build_multiview
 
@@ -104,6 +106,7 @@ class SSLDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         on_bad_image: str = "error",
+        decode: str = "host",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -112,6 +115,12 @@ class SSLDataModule(L.LightningDataModule):
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.on_bad_image={on_bad_image!r}; valid: {', '.join(BAD_IMAGE_POLICIES)}")
         self.on_bad_image = on_bad_image
+        if decode not in DECODE_MODES:
+            raise ValueError(f"data.decode={decode!r}; valid: {', '.join(DECODE_MODES)}")
+        if decode == "device" and name != "imagefolder":
+            raise ValueError(f"data.decode=device decodes JPEG files of an ImageFolder (data=imagefolder or "
+                             f"data=imagenet); data {name!r} needs data.decode=host")
+        self.decode = decode  # host: PIL in the loader workers; device: JPEG bytes to the device (.encoded)
         self.name, self.root, self.download = name, root, download
         self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -129,18 +138,31 @@ class SSLDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None  # untransformed (img, label) items, after train_subset
         self.knn_train_dataset: Dataset | None = None  # labeled train images for the kNN bank
         self.test_dataset: Dataset | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, samples seen) of a resume under another batch
 
     def with_backend(self, backend: str) -> SSLDataModule:
         """``per_sample`` (default): views made image by image in the loader workers (PIL, :mod:`.views`).
         ``batched``: train batches are raw uint8 images (``collate_raw``) and :attr:`batch_views` turns them into
         ``(views, labels, indices)`` on the model's device (``SSLModule.on_after_batch_transfer`` calls it); see
-        :mod:`.batched`. Returns ``self``."""
+        :mod:`.batched`. With ``decode="device"`` (``data.decode``, ImageFolder JPEGs; needs ``batched``) the train
+        batches hold the files' bytes and :attr:`batch_views` decodes them on that device first (:mod:`.encoded`).
+        Returns ``self``."""
         if backend not in ("per_sample", "batched"):
             raise ValueError(f"augment.backend must be 'per_sample' or 'batched', got {backend!r}")
+        self._check_decode(backend)
         self.backend = backend
         self.batch_views = None if backend == "per_sample" else BatchedViews(
             self.views, self.image_size, self.in_chans, self.mean, self.std, self.seed)
+        if self.decode == "device":  # JPEG bytes are decoded where the views are made (see .encoded)
+            self.batch_views = DeviceDecodedViews(self.batch_views, self.in_chans, load_side(self.image_size),
+                                                  self.on_bad_image)
         return self
+
+    def _check_decode(self, backend: str) -> None:
+        if self.decode == "device" and backend != "batched":
+            raise ValueError(f"data.decode=device needs augment.backend=batched (the images are decoded on the "
+                             f"model's device and the views made there), got augment.backend={backend}; set "
+                             f"augment.backend=batched, or data.decode=host to decode with PIL in the loader workers")
 
     def _build(self, split: str, stl_unlabeled: bool = False) -> Dataset:
         return build_dataset(
@@ -209,8 +231,15 @@ class SSLDataModule(L.LightningDataModule):
             )
         # Data order from (seed, epoch) over the *global* batch and augmentation from (seed, epoch, index):
         # identical for any number of processes or workers, and a resumed run sees what an uninterrupted one would.
-        sampler = GlobalBatchSampler(len(train), self.batch_size, seed=self.seed, shuffle=True)
-        if self.backend == "batched":  # un-augmented uint8 images; the views are made on the device
+        sampler = self._train_sampler()
+        if self._resume_at is not None:  # a position translated by adapt_resume_position, for this loader's first pass
+            sampler.resume_at(*self._resume_at)
+            self._resume_at = None
+        self._check_decode(self.backend)
+        if self.decode == "device":  # undecoded JPEG files; decoded and augmented on the device
+            dataset, collate = EncodedImages(train, self.on_bad_image), collate_encoded
+            self.batch_views.source = dataset  # names bad files and finds their replacements
+        elif self.backend == "batched":  # un-augmented uint8 images; the views are made on the device
             dataset, collate = RawImages(train, self.in_chans, load_side(self.image_size)), collate_raw
         else:
             dataset, collate = SeededViews(train, self.train_transform, seed=self.seed), None
@@ -218,6 +247,43 @@ class SSLDataModule(L.LightningDataModule):
         return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                                collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.persistent_workers, batches_done=self._train_batches_done)
+
+    def _train_sampler(self) -> GlobalBatchSampler:
+        return GlobalBatchSampler(len(self._require(self.train_dataset)), self.batch_size, seed=self.seed, shuffle=True)
+
+    def adapt_resume_position(self, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        """Translate a checkpoint's data position into this run's global batch and data size, in place, before the
+        trainer restores it (``SSLModule.on_load_checkpoint`` calls this).
+
+        Lightning counts an epoch's progress in batches; after a change of the global batch (``data.batch_size``,
+        devices, nodes) the saved count means other samples. The position is kept by samples seen
+        (:meth:`GlobalBatchSampler.resume_position`): the train loader's saved state and Lightning's batch counters
+        are rewritten to the batch count that stands for them under this run, so the resumed epoch continues at its
+        first unseen sample and ends when the epoch's order is used up. A warning names the old and new global
+        batch, data size and seed. Returns the position (``epoch``, ``batches_done``, ``samples_done``,
+        ``changed``), or None when the checkpoint holds no train-loader position (then nothing is changed).
+        """
+        fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        states = (fit.get("state_dict") or {}).get("combined_loader") or []
+        if len(states) != 1 or not isinstance(states[0], dict) or "batches_done" not in states[0]:
+            return None
+        sampler = self._train_sampler()
+        pos = sampler.resume_position(states[0])
+        if not pos["changed"]:
+            return pos
+        warnings.warn(pos["message"], stacklevel=2)
+        # Lightning builds the train loader after this (and does not hand it the saved loader state when it built it
+        # already): the loader's sampler gets the position when it is made
+        self._resume_at = (pos["epoch"], pos["samples_done"])
+        old_batches = int(states[0]["batches_done"])
+        new_batches = pos["batches_done"] if pos["epoch"] == int(states[0]["epoch"]) else sampler.batches_per_epoch()
+        states[0] = sampler.state_dict(0) | {"epoch": pos["epoch"], "batches_done": pos["batches_done"],
+                                             "samples_done": pos["samples_done"]}
+        progress = fit.get("epoch_loop.batch_progress") or {}
+        for counters in (progress.get("current") or {}, progress.get("total") or {}):
+            for key in counters:  # ready / started / processed / completed keep their offsets from one another
+                counters[key] += new_batches - old_batches
+        return pos
 
     def _train_batches_done(self) -> int | None:
         """Train batches of the current epoch already run, while a trainer fits (None otherwise, e.g. a loop over

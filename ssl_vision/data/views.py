@@ -1,6 +1,6 @@
 """Augmented views: one ``ViewSpec`` per crop family, PIL transforms in the order of the papers' code.
 
-The presets themselves live in ``conf/augment/*.yaml`` (values from methods.md section 0.4); this module only turns a
+The presets themselves live in ``conf/augment/*.yaml`` (values from docs/reference.md §0.4); this module only turns a
 spec into a transform. Crop sizes are written as a ratio of the data's image size so that a recipe written for 224 px
 (a 96-px local crop is ``size_ratio = 96/224``) scales to 32-px CIFAR or 96-px STL-10.
 """

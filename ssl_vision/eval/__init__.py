@@ -1,1 +1,1 @@
-"""Evaluation harness: kNN (faiss), linear probe, online monitors. See methods.md section 10."""
+"""Evaluation harness: kNN (faiss), linear probe, online monitors. See docs/reference.md §10."""

@@ -6,7 +6,7 @@ Two inputs are understood:
   rebuilt with :func:`~ssl_vision.backbones.create_backbone` from ``checkpoint["ssl_vision"]["run_info"]``
   (its ``backbone`` config and ``data`` in_chans / image_size) and loaded from the ``backbone.*`` keys of
   ``state_dict``, or, with ``use_teacher``, from the teacher / momentum copy that DINO (and BYOL's target)
-  keep under ``objective.*`` (DINO evaluates its teacher, methods.md 10.1);
+  keep under ``objective.*`` (DINO evaluates its teacher, docs/reference.md §10.1);
 * an **exported backbone** (``<stem>.backbone.safetensors`` + ``<stem>.backbone.json``, see
   :mod:`ssl_vision.eval.export`).
 
@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from ssl_vision.backbones import create_backbone
-from ssl_vision.checkpoint_io import load_checkpoint
+from ssl_vision.checkpoint_io import check_checkpoint_path, describe_nonfinite, first_nonfinite, load_checkpoint
 from ssl_vision.run_record import keep_previous, write_json_atomic
 
 __all__ = ["load_backbone", "create_kwargs", "beside", "keep_existing", "write_json_keeping_old",
@@ -81,9 +82,37 @@ def _check_expected(name: str, expect_backbone: str | None, path: Path) -> None:
                          f"(expect_backbone={expect_backbone!r} vs checkpoint backbone {name!r})")
 
 
-def _build(kw: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> tuple[nn.Module, int]:
-    """Rebuild the backbone and load ``state`` strictly; a key mismatch is a clear error, not a silent skip."""
+#: how many mismatching tensors a shape error lists (one line each)
+_MAX_LISTED = 5
+
+
+def _shape_mismatches(model: nn.Module, state: dict[str, torch.Tensor], kw: dict[str, Any], path: Path,
+                      source: str) -> str | None:
+    """One line per tensor whose stored shape differs from the rebuilt model's (at most ``_MAX_LISTED``), instead of
+    torch's page of "size mismatch" lines; None when every shared key fits."""
+    own = model.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if not bad:
+        return None
+    lines = [f"  {k}: stored {a}, built {b}" for k, a, b in bad[:_MAX_LISTED]]
+    if len(bad) > _MAX_LISTED:
+        lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
+    config = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    return (f"{path}: {len(bad)} of {len(state)} stored tensors do not fit the backbone that {source} describes "
+            f"({config}):\n" + "\n".join(lines) + "\nThe weights were saved from another construction (backbone "
+            f"width / channels / patch_size, or the data's in_chans / image_size): fix {source} to the values the "
+            f"weights were trained with, or give the checkpoint that belongs to it")
+
+
+def _build(kw: dict[str, Any], state: dict[str, torch.Tensor], path: Path,
+           source: str = "the checkpoint's backbone config") -> tuple[nn.Module, int]:
+    """Rebuild the backbone and load ``state`` strictly; a key or shape mismatch is a clear error (the mismatching
+    tensors listed with both shapes and the config they were built from), not a silent skip."""
     model, dim = create_backbone(**kw)
+    mismatch = _shape_mismatches(model, state, kw, path, source)
+    if mismatch:
+        raise ValueError(mismatch)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: the stored weights do not fit {kw['name']} built with {kw}: "
@@ -139,15 +168,31 @@ def _from_export(path: Path, expect_backbone: str | None, use_teacher: bool):
     if not sidecar.is_file():
         raise FileNotFoundError(f"{path}: the sidecar {sidecar.name} (how to build the backbone) is missing; "
                                 f"re-run tools/export.py on the training checkpoint")
-    meta = json.loads(sidecar.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{sidecar}: format {meta.get('format')!r} is not {EXPORT_FORMAT!r}")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{sidecar}: the export's sidecar is not valid JSON ({exc}); it should be the "
+                         f"{EXPORT_FORMAT} JSON that tools/export.py writes beside {path.name}: re-run tools/export.py "
+                         f"on the training checkpoint") from exc
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{sidecar}: format {found!r} is not {EXPORT_FORMAT!r}; expected the sidecar that "
+                         f"tools/export.py writes")
+    if not isinstance(meta.get("create_kwargs"), dict) or "name" not in meta["create_kwargs"]:
+        raise ValueError(f"{sidecar}: no 'create_kwargs' with a backbone 'name' (how to rebuild the backbone); "
+                         f"re-run tools/export.py on the training checkpoint")
     kw = dict(meta["create_kwargs"])
     _check_expected(kw["name"], expect_backbone, path)
     if use_teacher and meta.get("weights") != "teacher":
         warnings.warn(f"use_teacher=true but {path} holds the {meta.get('weights')} backbone (an export holds one "
                       f"backbone; export with use_teacher=true to get the teacher); using it", stacklevel=3)
-    model, dim = _build(kw, load_file(str(path)), path)
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: cannot read the safetensors weights ({exc}): the file is truncated or not a "
+                         f"safetensors file (size {path.stat().st_size} bytes); re-run tools/export.py on the "
+                         f"training checkpoint, or copy the file again") from exc
+    model, dim = _build(kw, weights, path, source=f"the sidecar {sidecar.name} (create_kwargs)")
     if dim != meta.get("feature_dim", dim):
         raise ValueError(f"{sidecar}: feature_dim {meta['feature_dim']} but the rebuilt backbone gives {dim}")
     info = {"path": str(path), "format": "export", "method": meta.get("method"), "backbone": kw["name"],
@@ -174,13 +219,19 @@ def load_backbone(path: str | Path, expect_backbone: str | None = None,
         (checkpoint | export), ``method``, ``backbone``, ``create_kwargs``, ``feature_dim``, ``weights``
         (student | teacher), ``weights_prefix``, ``data`` (the pretraining data config), ``global_step``, ``epoch``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = check_checkpoint_path(path)  # missing -> FileNotFoundError; a directory -> ValueError listing its .ckpt files
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
         if not path.is_file():
             raise FileNotFoundError(f"{path} (the weights beside the sidecar JSON) does not exist")
     if path.suffix == ".safetensors":
-        return _from_export(path, expect_backbone, use_teacher)
-    return _from_training_checkpoint(path, expect_backbone, use_teacher)
+        model, dim, info = _from_export(path, expect_backbone, use_teacher)
+    else:
+        model, dim, info = _from_training_checkpoint(path, expect_backbone, use_teacher)
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:  # a diverged run's weights: every feature would be NaN and every tool's number meaningless
+        raise ValueError(f"{path}: the {info.get('weights') or 'stored'} backbone's weights are not finite, first in "
+                         f"{describe_nonfinite(bad[0], bad[1])} (global step {info.get('global_step')}): the run had "
+                         f"diverged when this was written. Evaluate an earlier checkpoint of the run instead "
+                         f"(ls {path.parent})")
+    return model, dim, info

@@ -108,20 +108,28 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, path: Path, title: st
         ax.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def embed_backbone(backbone: nn.Module, data: EvalData, png: Path, num_samples: int | None = 2000,
+def embed_backbone(backbone: nn.Module, data: EvalData, png: Path | None, num_samples: int | None = 2000,
                    method: str = "tsne", perplexity: float = 30.0, seed: int = 0, batch_size: int = 256,
                    num_workers: int = 0, device: str = "auto", title: str = "",
                    threads: int | None = None) -> dict[str, Any]:
-    """Extract, embed and plot; returns ``{"points": (n, 2) array, "labels": (n,) array, "params": ...}``."""
+    """Extract, embed and plot; returns ``{"points": (n, 2) array, "labels": (n,) array, "params": ...}``.
+
+    ``png=None`` skips the plot (tools/embed_plot.py computes first, prints, then writes with :func:`plot_embedding`).
+    """
     if method not in METHODS:  # before the (slow) extraction
         raise ValueError(f"unknown embedding method {method!r}; valid: {', '.join(METHODS)}")
     feats, labels = sample_test_features(backbone, data, num_samples, seed, batch_size, num_workers, device)
     points, params = embed_2d(feats, method, perplexity, seed, threads=threads)
     y = labels.numpy()
-    plot_embedding(points, y, png, title or f"{method} of {len(y)} {data.name} test images",
-                   CLASS_NAMES.get(data.name))
+    if png is not None:
+        plot_embedding(points, y, png, title or f"{method} of {len(y)} {data.name} test images",
+                       CLASS_NAMES.get(data.name))
     return {"points": points, "labels": y, "params": params, "feature_dim": int(feats.shape[1])}

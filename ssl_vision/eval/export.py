@@ -28,18 +28,17 @@ the same construction (``create_backbone(**create_kwargs)``); the JSON says so i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import nn
 
 from ssl_vision.backbones import SMALL_STEM_MAX_SIZE, TORCHVISION_RESNETS, VIT_ALIASES
-from ssl_vision.eval.checkpoints import EXPORT_FORMAT, beside, keep_existing, load_backbone
+from ssl_vision.eval.checkpoints import EXPORT_FORMAT, keep_existing, load_backbone
+from ssl_vision.eval.outputs import explain_write_errors, output_path, save_safetensors_atomic
 from ssl_vision.run_record import mtime_stamp, write_json_atomic
 
-__all__ = ["export_backbone", "stock_model"]
+__all__ = ["export_backbone", "stock_model", "backbone_sidecar", "write_backbone_files"]
 
 _STOCK_WIDTHS = [64, 128, 256, 512]
 
@@ -83,47 +82,52 @@ def stock_model(create_kwargs: dict[str, Any], model: nn.Module) -> dict[str, An
     return _timm_stock(create_kwargs, model)
 
 
-def export_backbone(checkpoint: str | Path, out_dir: str | Path | None = None,
+def export_backbone(checkpoint: str | Path, output_dir: str | Path | None = None,
                     use_teacher: bool = False) -> dict[str, Any]:
     """Write ``<stem>.backbone.safetensors`` and ``<stem>.backbone.json`` for a training checkpoint.
 
     Args:
         checkpoint: a ``.ckpt`` from pretraining (read with ``weights_only=True``).
-        out_dir: where to write (default: beside the checkpoint).
+        output_dir: where to write (default: beside the checkpoint); created if missing.
         use_teacher: export the teacher / momentum backbone (DINO) instead of the student.
 
     Returns the sidecar dict plus ``weights_path`` / ``json_path``. Existing export files are kept under a
-    stamped name, never overwritten silently. Both files are written to temporary names and renamed.
+    stamped name, never overwritten silently. Both files are written to temporary names and renamed; a folder
+    that cannot be written raises :class:`~ssl_vision.eval.outputs.OutputNotWritable` naming ``output_dir``.
     """
     checkpoint = Path(checkpoint)
     model, dim, info = load_backbone(checkpoint, use_teacher=use_teacher)
-    target = beside(checkpoint, ".backbone.safetensors")
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        target = Path(out_dir) / target.name
-    return write_backbone_files(target, model, dim, info, checkpoint)
+    target = output_path(checkpoint, ".backbone.safetensors", output_dir)
+    with explain_write_errors(target, output_dir is not None):
+        return write_backbone_files(target, model, dim, info, checkpoint)
+
+
+def backbone_sidecar(model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path,
+                     **extra: Any) -> dict[str, Any]:
+    """The export's JSON sidecar (see the module docstring) for ``model``; ``extra`` is added to it."""
+    return {"format": EXPORT_FORMAT, "backbone": info["backbone"], "create_kwargs": info["create_kwargs"],
+            "feature_dim": dim, "method": info["method"], "weights": info["weights"],
+            "weights_prefix": info["weights_prefix"], "stock": stock_model(info["create_kwargs"], model),
+            "data": info["data"], "source_checkpoint": str(Path(checkpoint).resolve()),
+            "global_step": info["global_step"], "epoch": info["epoch"], **extra}
 
 
 def write_backbone_files(target: Path, model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path,
                          **extra: Any) -> dict[str, Any]:
     """``target`` (safetensors, the backbone's state_dict) and its ``.json`` sidecar in the export format, which
     :func:`~ssl_vision.eval.checkpoints.load_backbone` and every evaluation tool read. ``extra`` goes into the
-    sidecar. Existing files are kept under a stamped name; both are written to temporary names and renamed."""
+    sidecar. Existing files are kept under a stamped name; both are written to temporary names and renamed, with
+    the mode of any new file (0644 under umask 022); ``target``'s folder is created if missing."""
     target = Path(target)
     sidecar = target.with_suffix(".json")
-    meta = {"format": EXPORT_FORMAT, "backbone": info["backbone"], "create_kwargs": info["create_kwargs"],
-            "feature_dim": dim, "method": info["method"], "weights": info["weights"],
-            "weights_prefix": info["weights_prefix"], "stock": stock_model(info["create_kwargs"], model),
-            "data": info["data"], "source_checkpoint": str(Path(checkpoint).resolve()),
-            "global_step": info["global_step"], "epoch": info["epoch"], **extra}
+    meta = backbone_sidecar(model, dim, info, checkpoint, **extra)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
     existing = [p for p in (target, sidecar) if p.exists()]
     if existing:  # the old pair is kept under one stamp (the weights' time): the two files may differ by a second
         stamp = mtime_stamp(existing[0])
         for old in existing:
             keep_existing(old, stamp)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": "pt", "ssl_vision": EXPORT_FORMAT})
-    os.replace(tmp, target)
+    save_safetensors_atomic(state, target, metadata={"format": "pt", "ssl_vision": EXPORT_FORMAT})
     write_json_atomic(sidecar, meta)  # written last: a sidecar means the weights beside it are complete
     return {**meta, "weights_path": str(target.resolve()), "json_path": str(sidecar.resolve())}

@@ -1,4 +1,4 @@
-"""Frozen-backbone features for offline evaluation (methods.md 10): data, extraction, an on-disk cache.
+"""Frozen-backbone features for offline evaluation (docs/reference.md §10): data, extraction, an on-disk cache.
 
 * :class:`EvalData` -- the data values evaluation needs (a subset of ``conf/data/*.yaml``), as typed fields.
 * :func:`build_eval_loaders` -- train and test loaders under the deterministic eval transform, in file order.
@@ -15,6 +15,7 @@ running statistics, no dropout / drop-path), the order is the data set's, and au
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import warnings
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_vision.data import IndexedDataset, ViewSpec, build_dataset, build_eval_transform, build_view_transform
 from ssl_vision.data.datasets import take_subset
 from ssl_vision.data.sampling import SeededViews
+from ssl_vision.eval.outputs import OPTION
 
 __all__ = ["EvalData", "resolve_eval_data", "build_eval_splits", "build_eval_loaders", "augmented_loader",
            "extract_features", "cached_features", "file_sha256", "resolve_device"]
@@ -66,6 +68,14 @@ class EvalData:
         return cls(**kw)
 
 
+def _datamodule_keys() -> set[str]:
+    """The keyword arguments of ``SSLDataModule``: the keys every ``conf/data/*.yaml`` has."""
+    import inspect
+
+    from ssl_vision.data import SSLDataModule
+    return {n for n in inspect.signature(SSLDataModule.__init__).parameters if n != "self"}
+
+
 def resolve_eval_data(stored: Mapping[str, Any], override: Mapping[str, Any] | None, backbone_in_chans: int,
                       backbone_image_size: int | None = None) -> EvalData:
     """The checkpoint's data config ``stored`` with the keys of ``override`` replacing its values.
@@ -77,7 +87,9 @@ def resolve_eval_data(stored: Mapping[str, Any], override: Mapping[str, Any] | N
     """
     merged = dict(stored)
     if override:
-        known = set(stored) | {f.name for f in dataclasses.fields(EvalData)}
+        # keys a current data config has count as known too: a checkpoint written before a data key existed
+        # (e.g. ``decode``) still takes ``data=<name>``
+        known = set(stored) | {f.name for f in dataclasses.fields(EvalData)} | _datamodule_keys()
         unknown = sorted(set(override) - known)
         if unknown:
             raise ValueError(f"unknown data keys {unknown}; valid keys: {', '.join(sorted(known))}")
@@ -131,7 +143,7 @@ def build_eval_loaders(data: EvalData, batch_size: int, num_workers: int, train_
             _loader(IndexedDataset(test, transform), batch_size, num_workers))
 
 
-#: the linear probe's train augmentation (methods.md 10.2): RandomResizedCrop + flip, no colour ops
+#: the linear probe's train augmentation (docs/reference.md §10.2): RandomResizedCrop + flip, no colour ops
 PROBE_AUGMENT = ViewSpec(scale=(0.08, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0, flip_p=0.5)
 
 
@@ -197,7 +209,8 @@ def cached_features(cache: Path, fingerprint: dict[str, Any],
 
     ``fingerprint`` is a dict of plain values (weights hash, student/teacher, data, split, transform). The cache
     file is ``{"features": (N, D) float32, "labels": (N,) int64, "fingerprint": dict}``, written atomically and
-    read with ``weights_only=True``. Returns ``(features, labels, "hit" | "written" | "replaced")``.
+    read with ``weights_only=True``. Returns ``(features, labels, "hit" | "written" | "replaced" | "not written")``;
+    "not written" when the cache's folder cannot be written (read-only, full): the features are used all the same.
     """
     cache = Path(cache)
     status = "written"
@@ -213,6 +226,16 @@ def cached_features(cache: Path, fingerprint: dict[str, Any],
         status = "replaced"
     feats, labels = compute()
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-    torch.save({"features": feats, "labels": labels, "fingerprint": fingerprint}, tmp)
-    os.replace(tmp, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"features": feats, "labels": labels, "fingerprint": fingerprint}, f)
+        os.replace(tmp, cache)
+    except OSError as exc:  # the cache only saves time: a read-only folder or a full disk must not lose the result
+        tmp.unlink(missing_ok=True)
+        hint = (f"; set {OPTION}=<a writable folder> to cache features there" if exc.errno in
+                (errno.EACCES, errno.EPERM, errno.EROFS) else "")
+        print(f"[ssl_vision] feature cache {cache} not written ({exc.strerror or exc}){hint}; continuing without it",
+              flush=True)
+        return feats, labels, "not written"
     return feats, labels, status

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pretrained backbone + linear head (methods.md 10.3, MAE ``main_finetune.py``).
+"""End-to-end fine-tuning of a pretrained backbone + linear head (docs/reference.md §10.3, MAE ``main_finetune.py``).
 
 Unlike the linear probe, every weight trains and the model is in ``train()`` mode (BN statistics update,
 drop-path is active). The recipe follows MAE (He et al. 2021, https://arxiv.org/abs/2111.06377, appendix A.3):

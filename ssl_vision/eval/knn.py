@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification on frozen features (methods.md 10.1).
+"""Weighted k-nearest-neighbour classification on frozen features (docs/reference.md §10.1).
 
 The protocol of InstDisc (Wu et al. 2018, https://arxiv.org/abs/1805.01978, ``test.py``) and DINO
 (Caron et al. 2021, https://arxiv.org/abs/2104.14294, ``eval_knn.py``): L2-normalise train and test
@@ -30,7 +30,7 @@ _FLOAT32_LOG_MAX = 88.0
 _GATHER_BUDGET = 1 << 24
 # faiss' exact search multiplies blocks of (<= 4096 queries) x (this many bank rows) and merges each block into the
 # running top-k. At k = 200 the merge dominates faiss' default 1024-row blocks (~60% of the plain sgemm rate on a
-# 1.28M bank); 8192 rows (a 128 MiB block) reach the sgemm rate (benchmarks/knn_bench.py, RESULTS.md issue 8).
+# 1.28M bank); 8192 rows (a 128 MiB block) reach the sgemm rate (benchmarks/knn_bench.py; RESULTS.md, "kNN evaluation").
 _FAISS_DATABASE_BLOCK = 8192
 
 

@@ -1,4 +1,4 @@
-"""Linear probe on a frozen backbone (methods.md 10.2).
+"""Linear probe on a frozen backbone (docs/reference.md §10.2).
 
 The backbone stays frozen **and in ``eval()`` mode** for the whole run (MoCo's note: BN in train mode would
 rewrite its running statistics, which are part of the model; cf. kdexd/virtex#16). Without augmentation (the
@@ -16,7 +16,7 @@ The classifier is ``Linear(d, C)`` with weight N(0, 0.01) and zero bias. The rep
 ``"last"``: top-1 / top-5 on the test split after the last epoch. ``report_best_on_test`` adds, clearly flagged,
 the best epoch *selected on the test split* (optimistic; some papers report it, never silently here).
 
-End-to-end fine-tuning (methods.md 10.3, ``tools/linear_probe.py finetune=true``) lives in
+End-to-end fine-tuning (docs/reference.md §10.3, ``tools/linear_probe.py finetune=true``) lives in
 :mod:`ssl_vision.eval.finetune`; it reuses :func:`topk_accuracy` from here.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_vision.eval.checkpoints import beside
+from ssl_vision.eval.outputs import output_path
 from ssl_vision.eval.features import (EvalData, augmented_loader, build_eval_loaders, build_eval_splits,
                                       cached_features, extract_features, file_sha256, resolve_device)
 from ssl_vision.optim import LARS, linear_scaled_lr, param_groups, warmup_cosine
@@ -241,13 +241,14 @@ def _plain(spec: dict[str, Any]) -> dict[str, Any]:
 def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, backbone: nn.Module, info: dict,
                      batch_size: int, num_workers: int, device: str = "auto", augment: bool = False,
                      cache: bool = True, report_best_on_test: bool = False, train_subset: int | None = None,
-                     extract: Callable = extract_features) -> dict[str, Any]:
+                     extract: Callable = extract_features, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Linear-probe a loaded, frozen ``backbone`` (from :func:`load_backbone`) on ``data``.
 
     ``batch_size`` / ``num_workers`` are for feature extraction (the probe's own batch is ``spec.batch_size``).
-    Features are cached beside ``checkpoint`` unless ``augment`` (then recomputed every epoch from seeded
-    RandomResizedCrop + flip views, backbone still in eval mode) or ``cache=False``. ``extract`` is the
-    extraction function (tests count its calls).
+    Features are cached beside ``checkpoint`` (in ``output_dir`` when given) unless ``augment`` (then recomputed
+    every epoch from seeded RandomResizedCrop + flip views, backbone still in eval mode) or ``cache=False``; a
+    cache that cannot be written (read-only folder) is skipped with a note. ``extract`` is the extraction function
+    (tests count its calls).
     """
     dev = resolve_device(device)
     backbone = backbone.to(dev).eval().requires_grad_(False)
@@ -261,7 +262,7 @@ def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, ba
             status[split] = "off"
             return extract(backbone, loader, dev)
         fp = {**weights_id, "data": data_id, "split": split, "transform": "eval"}
-        f, y, status[split] = cached_features(beside(checkpoint, f".features.{split}.pt"), fp,
+        f, y, status[split] = cached_features(output_path(checkpoint, f".features.{split}.pt", output_dir), fp,
                                               lambda: extract(backbone, loader, dev))
         return f, y
 

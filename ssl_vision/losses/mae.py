@@ -1,4 +1,4 @@
-"""MAE's reconstruction target and loss (He et al. 2021, https://arxiv.org/abs/2111.06377; methods.md 9).
+"""MAE's reconstruction target and loss (He et al. 2021, https://arxiv.org/abs/2111.06377; docs/reference.md §9).
 
 Pure tensor functions, layout as facebookresearch/mae ``models_mae.py``: a patch is flattened in (row, column,
 channel) order, ``p·p·C`` values, and patches are numbered row-major over the ``h × w`` grid.
@@ -63,7 +63,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, nor
     """MAE loss: per-patch MSE averaged over the **masked** patches only.
 
     ``L = Σ_{n,i} M_{n,i} · mean_d (pred − t)²_{n,i,d} / Σ_{n,i} M_{n,i}`` with ``t`` the patchified image,
-    standardised per patch when ``norm_pix`` (methods.md 9). Predictions for visible patches do not enter:
+    standardised per patch when ``norm_pix`` (docs/reference.md §9). Predictions for visible patches do not enter:
     the pitfall "loss over all patches" makes the task partly copying and hurts the representation.
 
     pred, target: (N, L, P); mask: (N, L), 1 = removed (predicted), 0 = visible. Returns a scalar.

@@ -2,7 +2,7 @@
 
 Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination",
 https://arxiv.org/abs/1805.01978 (code: zhirongw/lemniscate.pytorch, ``lib/NCEAverage.py``, ``lib/NCECriterion.py``,
-``lib/LinearAverage.py``). methods.md section 1.
+``lib/LinearAverage.py``). docs/reference.md §1.
 
 Pure functions: the caller gathers the bank rows, draws the noise and all-reduces the partition estimate.
 Inputs are *logits* ``s = v·f/τ``; probabilities are formed in float32 as ``P = exp(s − log Z)``, so the functions
@@ -18,6 +18,16 @@ import torch.nn.functional as F
 
 #: the constant lemniscate's NCECriterion adds to every denominator
 NCE_EPS = 1e-7
+
+
+def check_on_device(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless every element of the bool tensor ``condition`` holds, without reading it
+    back to the host: ``torch._assert_async`` raises at once on the CPU, and on a GPU the check runs as a kernel that
+    fails the next CUDA call (a device-side assertion) instead of making the host wait for the device every step."""
+    try:
+        torch._assert_async(condition.all(), message)
+    except RuntimeError as err:
+        raise ValueError(message) from err
 
 
 def partition_estimate(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -46,9 +56,14 @@ def nce_loss(logits: torch.Tensor, z: torch.Tensor | float, num_samples: int, ep
     """
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"nce_loss expects (N, 1+m) scores with m >= 1 noise columns, got {tuple(logits.shape)}")
-    z = torch.as_tensor(z, dtype=torch.float32, device=logits.device)
-    if not bool(z > 0):
-        raise ValueError(f"the partition constant Z must be > 0, got {float(z)}")
+    if not torch.is_tensor(z):
+        if not z > 0:
+            raise ValueError(f"the partition constant Z must be > 0, got {z}")
+        z = torch.tensor(z, dtype=torch.float32, device=logits.device)
+    else:  # checked on the device, never read back (a per-step read would stall the host on a GPU)
+        z = z.to(dtype=torch.float32, device=logits.device)
+        check_on_device(z > 0, "the partition constant Z must be > 0 (a tensor Z is checked on its device, so its "
+                               "value cannot be shown here)")
     m = logits.shape[1] - 1
     noise_mass = m / num_samples                               # m · P_n
     log_p = logits.float() - z.log()                           # log P(i|f), exact even where P underflows

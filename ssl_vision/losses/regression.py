@@ -1,7 +1,7 @@
 """Non-contrastive regression losses: BYOL's normalised MSE and SimSiam's negative cosine.
 
 Both compare a prediction ``p`` of one view with a stop-gradient target ``z`` of the other view. The
-stop-gradient is part of the loss definition (``sg(z)`` in methods.md 6 and 7), so it is applied here: no
+stop-gradient is part of the loss definition (``sg(z)`` in docs/reference.md §6 and §7), so it is applied here: no
 gradient ever flows into ``z``, whatever the caller did. Nothing is gathered across processes: each loss is a
 per-sample quantity averaged over the local batch, and DDP's gradient average gives the global-batch mean.
 """

@@ -26,7 +26,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
                    world_size: int = 1) -> torch.Tensor:
     """Soft assignment of N local samples to K prototypes with equal prototype mass over the *global* batch.
 
-    Algorithm of methods.md section 5 (official ``distributed_sinkhorn``), on ``Q = exp(scores/ε)ᵀ`` (K × N):
+    Algorithm of docs/reference.md §5 (official ``distributed_sinkhorn``), on ``Q = exp(scores/ε)ᵀ`` (K × N):
     ``Q /= ΣQ`` (global); ``iterations`` × [rows: ``Q /= global row sums``, ``Q /= K``; columns (local, each sample
     is on one process): ``Q /= column sums``, ``Q /= B``]; finally ``Q *= B`` so every sample's code sums to 1.
     ``B = N · world_size`` is the global number of rows to assign (queue rows included), so ranks must all pass
@@ -64,7 +64,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
 
 def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, assigned: Sequence[int],
                        temperature: float = 0.1) -> torch.Tensor:
-    """SwAV's swapped prediction loss (methods.md section 5).
+    """SwAV's swapped prediction loss (docs/reference.md §5).
 
     ``L = (1/|A|) Σ_{s∈A} (1/(V−1)) Σ_{t≠s} mean_b[ −Σ_k q_{s,b,k} · log softmax(scores_{t,b}/τ)_k ]``
 

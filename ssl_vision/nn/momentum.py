@@ -18,7 +18,7 @@ def momentum_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """θ_target ← m·θ_target + (1 − m)·θ_online over **parameters only** (methods.md 0.1).
+    """θ_target ← m·θ_target + (1 − m)·θ_online over **parameters only** (docs/reference.md §0.1).
 
     BN running statistics of the target are its own (from its own forward passes), never averaged.
     Both modules must have the same parameter names and shapes.

@@ -1,7 +1,7 @@
 """BYOL (Grill et al. 2020, https://arxiv.org/abs/2006.07733; deepmind-research/byol).
 
 An online network (backbone → projector → predictor) regresses the projection of the *other* view made by a
-target network (backbone → projector, no predictor), which is an EMA of the online one. methods.md section 6.
+target network (backbone → projector, no predictor), which is an EMA of the online one. docs/reference.md §6.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from torch import nn
 
 from ssl_vision.losses.regression import byol_loss, regression_loss
 from ssl_vision.nn.momentum import ema_update_, momentum_copy
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, num_global_crops, register
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
+                                        num_global_crops, register)
 from ssl_vision.optim import momentum_schedule
 
 
@@ -32,11 +33,11 @@ class BYOL(Objective):
     = EMA copy of backbone + projector (never the predictor), and the symmetric ``2 − 2cos`` loss.
 
     Each view goes through the networks in its own pass, so BN statistics are per view as in the official code
-    (lucidrains/byol-pytorch concatenates the views, mixing their statistics; methods.md 6 pitfalls).
+    (lucidrains/byol-pytorch concatenates the views, mixing their statistics; docs/reference.md §6 pitfalls).
     The target is updated after every optimizer step with ``τ = 1 − (1 − τ_base)·½(1 + cos(π·k/K))``, k the
     optimizer steps taken so far (gradient accumulation counted once) and K their total, so the last update uses
     exactly τ = 1. (The official code evaluates τ at the step index before the increment, k − 1; this is one
-    step later so that τ reaches 1.0 at the end, as the schedule in methods.md 0.1 says.)
+    step later so that τ reaches 1.0 at the end, as the schedule in docs/reference.md §0.1 says.)
 
     Multi-crop (``augment=multicrop``, an option; not in the paper, solo-learn's formulation): the target sees
     the global crops (the leading crops at the first crop's size) and every crop's prediction regresses the
@@ -49,9 +50,11 @@ class BYOL(Objective):
     def __init__(self, feature_dim: int, proj_hidden_dim: int = 4096, proj_out_dim: int = 256,
                  pred_hidden_dim: int = 4096, base_momentum: float = 0.99):
         super().__init__()
-        if not 0.0 <= base_momentum <= 1.0:
-            raise ValueError(f"method.kwargs.base_momentum (τ_base) must be in [0, 1], got {base_momentum}; "
-                             "BYOL uses 0.99 (0.996 for 1000 epochs)")
+        check_range("base_momentum", base_momentum, 0.0, 1.0,
+                    note="τ_base of the target EMA; BYOL uses 0.99 (0.996 for 1000 epochs)")
+        check_count("proj_hidden_dim", proj_hidden_dim, note="BYOL: 4096")
+        check_count("proj_out_dim", proj_out_dim, note="BYOL: 256")
+        check_count("pred_hidden_dim", pred_hidden_dim, note="BYOL: 4096")
         self.base_momentum = base_momentum
         self.projector = byol_mlp(feature_dim, proj_hidden_dim, proj_out_dim)
         self.predictor = byol_mlp(proj_out_dim, pred_hidden_dim, proj_out_dim)

@@ -7,6 +7,8 @@ every crop (multi-crop, one backbone pass per resolution); no pair compares a vi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,7 +16,8 @@ from ssl_vision import distributed as dist
 from ssl_vision.losses.dino import dino_cross_entropy, teacher_temperature
 from ssl_vision.nn.dino_head import DINOHead
 from ssl_vision.nn.momentum import ema_update_, momentum_copy
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
+                                        check_temperature, forward_by_resolution, register)
 from ssl_vision.optim import clip_grad_per_param, momentum_schedule
 
 #: DINO's teacher sees this many crops: the global ones, which the data puts first.
@@ -59,15 +62,18 @@ class DINO(Objective):
                  warmup_teacher_temp_epochs: int = 30, center_momentum: float = 0.9, momentum_teacher: float = 0.996,
                  freeze_last_layer: int = 1, clip_grad: float = 3.0):
         super().__init__()
-        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
-            raise ValueError(f"DINO temperatures must be > 0, got student_temp={student_temp}, "
-                             f"teacher_temp={teacher_temp}, warmup_teacher_temp={warmup_teacher_temp}")
-        if not 0 <= center_momentum < 1 or not 0 <= momentum_teacher <= 1:
-            raise ValueError(f"method.center_momentum must be in [0, 1) and momentum_teacher in [0, 1] "
-                             f"(DINO: 0.9, 0.996), got {center_momentum} and {momentum_teacher}")
-        if clip_grad < 0 or freeze_last_layer < 0 or warmup_teacher_temp_epochs < 0:
-            raise ValueError(f"method.clip_grad, freeze_last_layer and warmup_teacher_temp_epochs must be >= 0, got "
-                             f"{clip_grad}, {freeze_last_layer}, {warmup_teacher_temp_epochs}")
+        check_temperature("student_temp", student_temp, "DINO's student uses 0.1")
+        check_temperature("teacher_temp", teacher_temp, "DINO's teacher uses 0.04-0.07")
+        check_temperature("warmup_teacher_temp", warmup_teacher_temp, "DINO's teacher warms up from 0.04")
+        check_range("center_momentum", center_momentum, 0.0, 1.0, high_open=True, note="DINO: 0.9")
+        check_range("momentum_teacher", momentum_teacher, 0.0, 1.0, note="DINO: 0.996 (0.9995 at small batches)")
+        check_range("clip_grad", clip_grad, 0.0, math.inf, note="DINO: 3.0; 0 = no clipping")
+        check_count("freeze_last_layer", freeze_last_layer, minimum=0, note="epochs; DINO: 1")
+        check_count("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, minimum=0, note="DINO: 30")
+        check_count("out_dim", out_dim, note="prototypes; DINO: 65536")
+        check_count("hidden_dim", hidden_dim, note="DINO: 2048")
+        check_count("bottleneck_dim", bottleneck_dim, note="DINO: 256")
+        check_count("head_layers", head_layers, note="DINO: 3")
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp = warmup_teacher_temp

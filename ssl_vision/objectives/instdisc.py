@@ -1,5 +1,5 @@
 """InstDisc (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination",
-https://arxiv.org/abs/1805.01978; code: zhirongw/lemniscate.pytorch). methods.md sections 1 and 11.
+https://arxiv.org/abs/1805.01978; code: zhirongw/lemniscate.pytorch). docs/reference.md §1 and §11.
 
 Every training image is its own class. Its 128-d L2-normalised embedding ``f`` is scored against a memory bank
 ``V`` (one row per image, no gradient) with a non-parametric softmax ``P(i|f) = exp(v_i·f/τ)/Z``, trained by NCE
@@ -7,7 +7,7 @@ against ``m`` noise rows drawn uniformly from the bank (or, with ``nce_k=0``, by
 rows). After the optimizer step the bank rows of the batch move towards the new features:
 ``v_i ← n(μ·v_i + (1−μ)·f_i)``.
 
-Distributed (methods.md 11): the partition constant Z is all-reduced when it is estimated, and every process
+Distributed (docs/reference.md §11): the partition constant Z is all-reduced when it is estimated, and every process
 applies the bank writes of the *global* batch (``(index, feature)`` are all-gathered), so the banks stay identical.
 Noise is drawn from a generator seeded by ``(noise_seed, global_step)`` for the whole global batch, each process
 keeping its own rows: 1 and W processes (and a resumed run) draw exactly the same negatives for each sample.
@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vision import distributed as dist
-from ssl_vision.losses.nce import bank_softmax_loss, nce_loss, partition_estimate
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.losses.nce import bank_softmax_loss, check_on_device, nce_loss, partition_estimate
+from ssl_vision.nn.memory import HostMirror
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
+                                        check_temperature, register)
 
 
 def bank_init(num_samples: int, dim: int) -> torch.Tensor:
@@ -51,7 +53,7 @@ def draw_noise(positives: torch.Tensor, num_samples: int, num_noise: int, seed: 
     process keeps its own rows, so sample b meets the same negatives whether the batch is split over 1 or W
     processes (the price: every process draws N·W·m integers instead of N·m).
     As in the official code (an alias sampler over uniform weights) a noise row may coincide with the positive;
-    ``exclude_positive`` instead draws from the other n−1 rows (methods.md's small-data-set pitfall).
+    ``exclude_positive`` instead draws from the other n−1 rows (the small-data-set pitfall in docs/reference.md §1).
     With gradient accumulation the micro-batches of one step reuse the same noise rows for different samples;
     each sample's noise is still uniform and independent of it. Returns (N, m) int64 on ``positives.device``.
     """
@@ -102,12 +104,11 @@ class InstDisc(Objective):
                              "the launcher passes the data module's num_train_samples, pass it when building by hand")
         if num_samples < 2:
             raise ValueError(f"InstDisc needs a training set of at least 2 images, got num_samples={num_samples}")
-        if temperature <= 0:
-            raise ValueError(f"method.kwargs.temperature must be > 0, got {temperature}")
-        if nce_k < 0:
-            raise ValueError(f"method.kwargs.nce_k must be >= 0 (0 = full softmax over the bank), got {nce_k}")
-        if not 0.0 <= bank_momentum < 1.0:
-            raise ValueError(f"method.kwargs.bank_momentum must be in [0, 1), got {bank_momentum}")
+        check_temperature("temperature", temperature, "InstDisc uses 0.07")
+        check_count("nce_k", nce_k, minimum=0, note="noise samples per positive, 0 = full softmax over the bank; "
+                                                    "InstDisc: 4096")
+        check_range("bank_momentum", bank_momentum, 0.0, 1.0, high_open=True, note="InstDisc: 0.5")
+        check_count("embed_dim", embed_dim, note="InstDisc: 128")
         self.num_samples, self.temperature, self.bank_momentum = num_samples, temperature, bank_momentum
         self.noise_seed, self.noise_excludes_positive = noise_seed, noise_excludes_positive
         # m ≤ n − 1: more noise draws than other images only repeats rows (and n − 1 is all there is to exclude)
@@ -123,6 +124,8 @@ class InstDisc(Objective):
         self.register_buffer("bank", bank_init(num_samples, embed_dim))
         self.register_buffer("z", torch.tensor(0.0))
         self.register_buffer("z_set", torch.tensor(False))
+        self._z_set = HostMirror()  # host copy of z_set: read once (after construction or a load), not per step
+        HostMirror.watch(self, "_z_set")
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (indices, features) awaiting the bank write
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
@@ -135,9 +138,11 @@ class InstDisc(Objective):
             raise ValueError("InstDisc needs the sample indices of the batch (StepInfo.indices): the memory bank "
                              "has one row per training image; SSLDataModule's train batches carry them")
         idx = idx.to(self.bank.device, torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
-            raise ValueError(f"sample index {int(idx.max())} outside the memory bank of {self.num_samples} rows; "
-                             "num_samples must be the size of the training set the indices refer to")
+        if idx.numel():  # checked on the device: a per-step read of the indices would stall the host on a GPU
+            check_on_device((idx >= 0) & (idx < self.num_samples),
+                            f"a sample index is outside the memory bank of {self.num_samples} rows (valid: 0 to "
+                            f"{self.num_samples - 1}); num_samples must be the size of the training set the indices "
+                            "refer to")
         h = backbone(views[0])                                            # (N, D)
         f = self.embed(h)                                                 # (N, E)
         # Scores in float32 even under autocast: at τ = 0.07 a bf16 logit error of 0.06 is a 6% error in exp.
@@ -153,7 +158,7 @@ class InstDisc(Objective):
                                    dist.rank(), dist.world_size(), self.noise_excludes_positive)
                 cols = torch.cat([idx[:, None], noise], dim=1)            # (N, 1+m), positive in slot 0
                 logits = bank_scores(f32, bank, cols) / self.temperature
-                if not bool(self.z_set):
+                if not self._z_set.read(self.z_set):
                     self._estimate_z(logits)
                 loss = nce_loss(logits, self.z, self.num_samples)
                 pos = logits[:, 0]
@@ -168,7 +173,7 @@ class InstDisc(Objective):
         """Z = n · mean(exp(s)) over this first batch's positive and noise scores, averaged over processes (every
         process holds as many scores), then frozen: re-estimating it would silently change the objective."""
         self.z.copy_(dist.all_reduce_mean(partition_estimate(logits, self.num_samples)))
-        self.z_set.fill_(True)
+        self._z_set.write(self.z_set, True)
 
     @torch.no_grad()
     def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:

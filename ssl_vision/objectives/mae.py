@@ -10,6 +10,7 @@ uses the backbone's ordinary timm forward on whole images, which sees the same f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +22,7 @@ from ssl_vision import distributed as dist
 from ssl_vision.backbones import is_vit
 from ssl_vision.losses.mae import masked_mse, patchify
 from ssl_vision.nn.pos_embed import sincos_2d_pos_embed
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, check_count, check_range, register
 
 PROBE_FEATURES = ("full", "visible")
 
@@ -63,7 +64,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
 
 @torch.no_grad()
 def init_mae_weights_(module: nn.Module) -> None:
-    """MAE init (methods.md 9): xavier-uniform Linear weights and zero biases, LayerNorm weight 1 / bias 0."""
+    """MAE init (docs/reference.md §9): xavier-uniform Linear weights and zero biases, LayerNorm weight 1 / bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)  # the qkv Linear as one matrix, as MAE (not per Q/K/V like MoCo v3)
@@ -106,13 +107,15 @@ class MAE(Objective):
                  decoder_heads: int = 16, decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
                  probe_features: str = "full", mask_seed: int = 0):
         super().__init__()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"method.kwargs.mask_ratio must be in [0, 1), got {mask_ratio} (MAE: 0.75)")
+        check_range("mask_ratio", mask_ratio, 0.0, 1.0, low_open=True, high_open=True,
+                    note="the fraction of patches removed; the loss is on removed patches only; MAE: 0.75")
+        check_count("decoder_dim", decoder_dim, note="MAE: 512")
+        check_count("decoder_depth", decoder_depth, note="MAE: 8")
+        check_count("decoder_heads", decoder_heads, note="MAE: 16")
+        check_range("decoder_mlp_ratio", decoder_mlp_ratio, 0.0, math.inf, low_open=True, note="MAE: 4.0")
         if decoder_dim % decoder_heads:
             raise ValueError(f"method.kwargs.decoder_dim={decoder_dim} must be divisible by "
-                             f"decoder_heads={decoder_heads}")
-        if decoder_depth < 1:
-            raise ValueError(f"method.kwargs.decoder_depth must be >= 1, got {decoder_depth}")
+                             f"decoder_heads={decoder_heads} (MAE: 512 and 16)")
         if probe_features not in PROBE_FEATURES:
             raise ValueError(f"method.kwargs.probe_features must be one of {PROBE_FEATURES}, got {probe_features!r}")
         self.feature_dim, self.mask_ratio, self.norm_pix_loss = feature_dim, mask_ratio, norm_pix_loss
@@ -236,7 +239,7 @@ class MAE(Objective):
     def masking_noise(self, imgs: torch.Tensor, step: StepInfo) -> torch.Tensor:
         """Uniform noise (N, L) from a generator seeded by (mask_seed, rank, global step, micro-batch).
 
-        A key instead of the global RNG: ranks draw different masks (methods.md 9, "seed per rank") and a resumed
+        A key instead of the global RNG: ranks draw different masks (docs/reference.md §9, "Synchronise") and a resumed
         run -- whose global RNG is not restored -- draws the same masks as the uninterrupted one.
         """
         last_step, micro = self._micro

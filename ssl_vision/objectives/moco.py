@@ -1,5 +1,5 @@
 """MoCo v1/v2 (He et al. 2019, https://arxiv.org/abs/1911.05722; Chen et al. 2020, https://arxiv.org/abs/2003.04297)
-and MoCo v3 (Chen, Xie, He 2021, https://arxiv.org/abs/2104.02057). methods.md sections 2, 3 and 11.
+and MoCo v3 (Chen, Xie, He 2021, https://arxiv.org/abs/2104.02057). docs/reference.md §2, §3 and §11.
 
 v1/v2: a query encoder (backbone + head) is trained to pick its key ``k⁺`` (the other view through a momentum
 *key encoder*) out of a queue of K past keys. The key encoder is an EMA copy, updated at the start of every forward;
@@ -22,10 +22,11 @@ from ssl_vision import distributed as dist
 from ssl_vision.backbones import is_vit
 from ssl_vision.losses.infonce import info_nce, moco_v3_contrastive
 from ssl_vision.nn.heads import build_mlp
-from ssl_vision.nn.memory import KeyQueue
+from ssl_vision.nn.memory import HostMirror, KeyQueue
 from ssl_vision.nn.momentum import ema_update_, momentum_copy
 from ssl_vision.nn.pos_embed import sincos_2d_pos_embed
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, num_global_crops, register
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
+                                        check_temperature, num_global_crops, register)
 from ssl_vision.optim import cosine_between
 
 
@@ -34,7 +35,7 @@ def momentum_at(step: StepInfo, m0: float, m_end: float | None) -> float:
     """EMA momentum used at the start of the forward of optimizer step ``step.global_step``.
 
     ``m_end=None``: constant ``m0`` (MoCo v1/v2). Otherwise the half cosine ``m0 → m_end`` (MoCo v3 ``--moco-m-cos``,
-    methods.md 0.1) over the steps ``0 … T−1`` of the run, so the *last* forward of the run uses exactly ``m_end``
+    docs/reference.md §0.1) over the steps ``0 … T−1`` of the run, so the *last* forward of the run uses exactly ``m_end``
     (1.0 for v3). The official code divides by T instead and ends a hair below 1.
     """
     if m_end is None:
@@ -44,25 +45,26 @@ def momentum_at(step: StepInfo, m0: float, m_end: float | None) -> float:
 
 
 def _check_momentum(m0: float, m_end: float | None) -> None:
-    for name, m in (("momentum", m0), ("momentum_end", m_end)):
-        if m is not None and not 0.0 <= m <= 1.0:
-            raise ValueError(f"method.kwargs.{name} must be in [0, 1], got {m}")
+    check_range("momentum", m0, 0.0, 1.0, note="the key encoder's EMA; MoCo: 0.999, MoCo v3: 0.99")
+    if m_end is not None:
+        check_range("momentum_end", m_end, 0.0, 1.0, note="null = constant; MoCo v3: 1.0")
 
 
 @torch.no_grad()
-def _update_momentum_encoder(last_step: torch.Tensor, pairs: list[tuple[nn.Module, nn.Module]], step: StepInfo,
-                             momentum: float) -> None:
+def _update_momentum_encoder(last_step: torch.Tensor, mirror: HostMirror, pairs: list[tuple[nn.Module, nn.Module]],
+                             step: StepInfo, momentum: float) -> None:
     """EMA (parameters only; BN statistics stay the key encoder's own) once per optimizer step.
 
     ``last_step`` (a buffer, so resume continues it) is the step of the last update: with gradient accumulation the
     forward runs several times per step, but the online weights only change at the step. At step 0 the copy is
-    still identical to the online network, so skipping it changes nothing.
+    still identical to the online network, so skipping it changes nothing. ``mirror`` is its host copy: the buffer
+    is read once (after construction or a load), never per step.
     """
-    if step.global_step == int(last_step):
+    if step.global_step == mirror.read(last_step):
         return
     for target, online in pairs:
         ema_update_(target, online, momentum)
-    last_step.fill_(step.global_step)
+    mirror.write(last_step, step.global_step)
 
 
 def _two_views(views: list[torch.Tensor], method: str, augment: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +102,12 @@ class MoCo(Objective):
         super().__init__()
         if head not in ("linear", "mlp"):
             raise ValueError(f"method.kwargs.head must be 'linear' (MoCo v1) or 'mlp' (MoCo v2), got {head!r}")
-        if temperature <= 0:
-            raise ValueError(f"method.kwargs.temperature must be > 0, got {temperature}")
-        if shuffle_bn_splits < 1:
-            raise ValueError(f"method.kwargs.shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
+        check_temperature("temperature", temperature, "MoCo uses 0.07 (v1) and 0.2 (v2)")
+        check_count("queue_size", queue_size,
+                    note="negatives in the queue, a multiple of the global batch; MoCo: 65536")
+        check_count("embed_dim", embed_dim, note="MoCo: 128")
+        check_count("proj_hidden_dim", proj_hidden_dim, note="MoCo v2: 2048")
+        check_count("shuffle_bn_splits", shuffle_bn_splits, note="BN groups of the key batch; MoCo: 8")
         _check_momentum(momentum, momentum_end)
         self.temperature, self.momentum, self.momentum_end = temperature, momentum, momentum_end
         self.shuffle_bn, self.shuffle_bn_splits, self.shuffle_seed = shuffle_bn, shuffle_bn_splits, shuffle_seed
@@ -116,6 +120,8 @@ class MoCo(Objective):
         self.key_backbone: nn.Module | None = None  # set by bind()
         self.queue = KeyQueue(embed_dim, queue_size)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self._ema_step = HostMirror()  # host copy of ema_step, dropped on every load_state_dict
+        HostMirror.watch(self, "_ema_step")
 
     def bind(self, backbone: nn.Module) -> None:
         self.key_backbone = momentum_copy(backbone)
@@ -125,7 +131,8 @@ class MoCo(Objective):
             raise RuntimeError("MoCo.bind(backbone) must be called before the first forward (SSLModule does it)")
         x_q, x_k = _two_views(views, "MoCo", "moco_v1 or augment=moco_v2")
         m = momentum_at(step, self.momentum, self.momentum_end)
-        _update_momentum_encoder(self.ema_step, [(self.key_backbone, backbone), (self.key_head, self.head)], step, m)
+        _update_momentum_encoder(self.ema_step, self._ema_step,
+                                 [(self.key_backbone, backbone), (self.key_head, self.head)], step, m)
         h = backbone(x_q)                                          # (N, D)
         q = F.normalize(self.head(h), dim=1)                       # (N, E)
         k, k_all, _ = self.keys(x_k, step)                         # (N, E), (B, E)
@@ -243,8 +250,11 @@ class MoCoV3(Objective):
                  pred_last_bn: bool = False, momentum: float = 0.99, momentum_end: float = 1.0,
                  vit_moco_init: bool = True, vit_fixed_pos_embed: bool = True, vit_frozen_patch_embed: bool = True):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"method.kwargs.temperature must be > 0, got {temperature}")
+        check_temperature("temperature", temperature, "MoCo v3 uses 0.2 for ViTs and 1.0 for ResNet-50")
+        for key, value, paper in (("proj_hidden_dim", proj_hidden_dim, 4096), ("proj_out_dim", proj_out_dim, 256),
+                                  ("proj_layers", proj_layers, 3), ("pred_hidden_dim", pred_hidden_dim, 4096),
+                                  ("pred_layers", pred_layers, 2)):
+            check_count(key, value, note=f"MoCo v3: {paper}")
         _check_momentum(momentum, momentum_end)
         self.temperature, self.momentum, self.momentum_end = temperature, momentum, momentum_end
         self.vit_moco_init, self.vit_fixed_pos_embed = vit_moco_init, vit_fixed_pos_embed
@@ -256,6 +266,8 @@ class MoCoV3(Objective):
         self.momentum_projector = momentum_copy(self.projector)
         self.momentum_backbone: nn.Module | None = None  # set by bind()
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self._ema_step = HostMirror()  # host copy of ema_step, dropped on every load_state_dict
+        HostMirror.watch(self, "_ema_step")
 
     def bind(self, backbone: nn.Module) -> None:
         if is_vit(backbone):
@@ -272,8 +284,8 @@ class MoCoV3(Objective):
             raise RuntimeError("MoCoV3.bind(backbone) must be called before the first forward (SSLModule does it)")
         x1, x2 = _two_views(views, "MoCo v3", "moco_v3")
         m = momentum_at(step, self.momentum, self.momentum_end)
-        _update_momentum_encoder(self.ema_step, [(self.momentum_backbone, backbone),
-                                                 (self.momentum_projector, self.projector)], step, m)
+        _update_momentum_encoder(self.ema_step, self._ema_step, [(self.momentum_backbone, backbone),
+                                                                 (self.momentum_projector, self.projector)], step, m)
         if len(views) > 2:  # multi-crop
             n_global = num_global_crops(views)
             hs = [backbone(x) for x in views]                  # one pass per crop, as per view above

@@ -11,7 +11,8 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.losses import multi_positive_nt_xent, nt_xent
 from ssl_vision.nn.heads import build_mlp
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_temperature,
+                                        forward_by_resolution, register)
 
 
 @register("simclr")
@@ -32,8 +33,10 @@ class SimCLR(Objective):
     def __init__(self, feature_dim: int, temperature: float = 0.1, proj_hidden_dim: int = 2048,
                  proj_out_dim: int = 128, proj_layers: int = 3):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"method.temperature must be > 0, got {temperature}")
+        check_temperature("temperature", temperature, "SimCLR uses 0.1-0.5 (0.5 at batch 256, 0.1 at 4096)")
+        check_count("proj_hidden_dim", proj_hidden_dim, note="SimCLR: 2048")
+        check_count("proj_out_dim", proj_out_dim, note="SimCLR: 128")
+        check_count("proj_layers", proj_layers, note="SimCLR v2: 3")
         self.temperature = temperature
         self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, bn=True, last_bn=True,
                                    last_bn_shift=False, last_bias=False, init_std=0.01)
@@ -51,7 +54,7 @@ class SimCLR(Objective):
         x_a, x_b = views[0], views[1]
         h = backbone(torch.cat([x_a, x_b]))                  # (2N, D)
         z_a, z_b = self.projector(h).chunk(2)                # (N, E) each
-        # negatives come from the global batch: gather with gradient (backward sums over ranks, methods.md 0.3)
+        # negatives come from the global batch: gather with gradient (backward sums over ranks, docs/reference.md §0.3)
         z_a_all, z_b_all = dist.gather_with_grad(z_a), dist.gather_with_grad(z_b)
         loss = nt_xent(z_a, z_b, self.temperature, z_a_all, z_b_all, offset=n * dist.rank())
         return ObjectiveOutput(loss=loss, features=h[:n], embedding=z_a)

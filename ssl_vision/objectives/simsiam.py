@@ -2,7 +2,7 @@
 
 One encoder (backbone → projector) and a bottleneck predictor; each view's prediction regresses the
 stop-gradient projection of the other view with the negative cosine. No momentum encoder, no negatives.
-methods.md section 7.
+docs/reference.md §7.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vision.losses.regression import simsiam_loss
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, register
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, check_count, register
 from ssl_vision.optim import param_groups
 
 
@@ -43,7 +43,7 @@ def simsiam_projector(in_dim: int, hidden_dim: int, out_dim: int, num_layers: in
 
 def simsiam_predictor(dim: int, hidden_dim: int) -> nn.Sequential:
     """Bottleneck Linear(dim, hidden, no bias) → BN → ReLU → Linear(hidden, dim) with bias and **no** output BN
-    (BN at the predictor output changes SimSiam's behaviour, methods.md 7). (N, dim) -> (N, dim)."""
+    (BN at the predictor output changes SimSiam's behaviour, docs/reference.md §7). (N, dim) -> (N, dim)."""
     return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, dim, bias=True))
 
@@ -69,7 +69,11 @@ class SimSiam(Objective):
     def __init__(self, feature_dim: int, proj_hidden_dim: int = 2048, proj_out_dim: int = 2048, proj_layers: int = 3,
                  pred_hidden_dim: int = 512, fix_pred_lr: bool = True, collapse_warn_fraction: float = 0.1):
         super().__init__()
-        if not 0.0 <= collapse_warn_fraction < 1.0:
+        check_count("proj_hidden_dim", proj_hidden_dim, note="SimSiam: 2048")
+        check_count("proj_out_dim", proj_out_dim, note="SimSiam: 2048")
+        check_count("proj_layers", proj_layers, note="SimSiam: 3 (2 on CIFAR)")
+        check_count("pred_hidden_dim", pred_hidden_dim, note="SimSiam: 512")
+        if not (isinstance(collapse_warn_fraction, (int, float)) and 0.0 <= collapse_warn_fraction < 1.0):
             raise ValueError(f"method.kwargs.collapse_warn_fraction must be in [0, 1) (a fraction of 1/√d; "
                              f"0 disables the warning), got {collapse_warn_fraction}")
         self.fix_pred_lr = fix_pred_lr
@@ -117,5 +121,5 @@ class SimSiam(Objective):
             warnings.warn(f"SimSiam looks collapsed at epoch {step.epoch} (step {step.global_step}): std of the "
                           f"normalised projection is {value:.2e}, below {self.collapse_warn_fraction} × 1/√{dim} = "
                           f"{self.collapse_warn_fraction * healthy:.2e} (healthy ≈ {healthy:.2e}). Usual fixes: lower "
-                          "lr, keep fix_pred_lr, check the augmentation and the predictor (methods.md 7).",
+                          "lr, keep fix_pred_lr, check the augmentation and the predictor (docs/reference.md §7).",
                           RuntimeWarning, stacklevel=2)

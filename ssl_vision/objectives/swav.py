@@ -18,7 +18,9 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.losses.swav import sinkhorn_knopp, swapped_prediction
 from ssl_vision.nn.heads import build_mlp
-from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
+from ssl_vision.nn.memory import HostMirror
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_temperature,
+                                        forward_by_resolution, register)
 
 
 @register("swav")
@@ -49,17 +51,21 @@ class SwAV(Objective):
                  sinkhorn_iterations: int = 3, crops_for_assign: Sequence[int] = (0, 1),
                  freeze_prototypes_niters: int = 5005, queue_length: int = 0, queue_start_epoch: int = 15):
         super().__init__()
-        if temperature <= 0 or sinkhorn_epsilon <= 0:
-            raise ValueError(f"method.temperature and method.sinkhorn_epsilon must be > 0 (SwAV: 0.1, 0.05), got "
-                             f"{temperature} and {sinkhorn_epsilon}")
-        if sinkhorn_iterations < 1:
-            raise ValueError(f"method.sinkhorn_iterations must be >= 1 (SwAV: 3), got {sinkhorn_iterations}")
-        if not crops_for_assign or len(set(crops_for_assign)) != len(crops_for_assign) or min(crops_for_assign) < 0:
-            raise ValueError(f"method.crops_for_assign must list distinct crop indices, e.g. [0, 1]; got "
-                             f"{list(crops_for_assign)}")
-        if queue_length < 0 or queue_start_epoch < 0 or freeze_prototypes_niters < 0:
-            raise ValueError(f"method.queue_length, queue_start_epoch and freeze_prototypes_niters must be >= 0; got "
-                             f"{queue_length}, {queue_start_epoch}, {freeze_prototypes_niters}")
+        check_temperature("temperature", temperature, "SwAV uses 0.1")
+        check_temperature("sinkhorn_epsilon", sinkhorn_epsilon, "SwAV uses 0.05, 0.03 for some runs")
+        check_count("num_prototypes", num_prototypes, note="SwAV: 3000 on ImageNet, at least proj_out_dim")
+        check_count("proj_hidden_dim", proj_hidden_dim, note="SwAV: 2048")
+        check_count("proj_out_dim", proj_out_dim, note="SwAV: 128")
+        check_count("sinkhorn_iterations", sinkhorn_iterations, note="SwAV: 3")
+        if (isinstance(crops_for_assign, (str, bytes)) or not crops_for_assign
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in crops_for_assign)
+                or len(set(crops_for_assign)) != len(crops_for_assign)):
+            raise ValueError(f"method.kwargs.crops_for_assign must list distinct crop indices >= 0, e.g. [0, 1] "
+                             f"(SwAV: the two global crops); got {crops_for_assign!r}")
+        check_count("queue_length", queue_length, minimum=0, note="0 = no queue; SwAV: 3840 at batch 256")
+        check_count("queue_start_epoch", queue_start_epoch, minimum=0, note="SwAV: 15")
+        check_count("freeze_prototypes_niters", freeze_prototypes_niters, minimum=0,
+                    note="SwAV: 5005 optimizer steps at batch 256")
         if num_prototypes < proj_out_dim:
             # K < E: every embedding can turn orthogonal to all prototypes (all scores 0, uniform codes and
             # predictions, loss = ln K): a collapsed solution that a K = 100, E = 128 trial run fell into.
@@ -78,6 +84,8 @@ class SwAV(Objective):
         # queue of past L2-normalised embeddings of the assigned crops, newest first (see the class docstring)
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, proj_out_dim))
         self.register_buffer("queue_fill", torch.zeros((), dtype=torch.long))  # rows written, all ranks, ≤ length
+        self._queue_fill = HostMirror()  # host copy of queue_fill (no device read per step), dropped on every load
+        HostMirror.watch(self, "_queue_fill")
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
@@ -127,7 +135,7 @@ class SwAV(Objective):
             raise ValueError(f"method.queue_length={self.queue_length} must be a multiple of the global batch "
                              f"B = {n} per process × {world} processes = {n * world} (official SwAV trims it to "
                              f"{self.queue_length - self.queue_length % (n * world)}); set queue_length accordingly")
-        return int(self.queue_fill) >= self.queue_length
+        return self._queue_fill.read(self.queue_fill) >= self.queue_length
 
     def _local_queue(self, i: int) -> torch.Tensor:
         """(L/W, E) this process's block of the queue of assigned crop ``i``."""
@@ -145,7 +153,8 @@ class SwAV(Objective):
         blocks = self.queue.view(a, world, self.queue_length // world, e)
         blocks[:, :, n:] = blocks[:, :, :-n].clone()
         blocks[:, :, :n] = new.to(blocks.dtype)
-        self.queue_fill.fill_(min(int(self.queue_fill) + n * world, self.queue_length))
+        self._queue_fill.write(self.queue_fill,
+                               min(self._queue_fill.read(self.queue_fill) + n * world, self.queue_length))
 
     # ------------------------------------------------------------------------------------------ hooks
     def before_optimizer_step(self, step: StepInfo) -> None:

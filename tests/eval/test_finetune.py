@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (methods.md 10.3): MAE's layer-wise lr decay ratios, mixup / cutmix soft targets, real
+"""End-to-end fine-tuning (docs/reference.md §10.3): MAE's layer-wise lr decay ratios, mixup / cutmix soft targets, real
 steps on a tiny ViT and a tiny ResNet that change the weights (and only the copy), and the tool entry point."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Weighted kNN (methods.md 10.1) against a brute-force reference written out with torch."""
+"""Weighted kNN (docs/reference.md §10.1) against a brute-force reference written out with torch."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_accuracy_checks_test_labels():
         knn_accuracy(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.randn(3, 4), torch.tensor([0, 5, 1]), 3)
 
 
-# ------------------------------------------------------------------------------- issue 8: chunking and speed
+# ---------------------------------------------------------------------------------------- chunking and speed
 @pytest.mark.parametrize("budget", [1 << 24, 3 * 10 * 16])  # one block, and blocks of 3 rows (last one partial)
 def test_rowwise_similarity_is_the_plain_per_pair_dot_product(monkeypatch, budget):
     """The buffered gather gives the very same bits as the straightforward (q[:, None] * train[idx]).sum(-1)."""

@@ -219,7 +219,7 @@ class RecordMomentum(L.Callback):
 
 
 def byol_schedule(k, total, tau0=0.99):
-    """τ_k = 1 − (1 − τ0)·½(1 + cos(π·k/K)) (BYOL, methods.md 0.1)."""
+    """τ_k = 1 − (1 − τ0)·½(1 + cos(π·k/K)) (BYOL, docs/reference.md §0.1)."""
     return 1 - (1 - tau0) * 0.5 * (1 + math.cos(math.pi * k / total))
 
 
@@ -348,8 +348,8 @@ def test_resume_equals_uninterrupted_including_target(make_cfg, tmp_path):
 def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(make_cfg, tmp_path):
     """A checkpoint written inside an epoch (``checkpoint.every_n_steps=3``; 4 steps per epoch here) already holds
     that step's EMA update of the target and the online probe's step: resuming from it gives every weight of the
-    uninterrupted run, target network and probe included. (Both updates used to run after the checkpoint callback,
-    so a resumed run lagged by one target update.)"""
+    uninterrupted run, target network and probe included. (Were both updates to run after the checkpoint callback,
+    a resumed run would lag by one target update.)"""
     common = ["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST, *SMALL_HEADS, "trainer.max_epochs=2",
               "eval.final_eval=false", "checkpoint.every_n_steps=3", "checkpoint.save_top_k=-1"]
     straight = run_pretraining(make_cfg(common, tmp_path / "straight"))

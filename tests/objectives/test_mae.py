@@ -295,7 +295,7 @@ def _rank_fn(rank, world, x, noise):
 
 
 def test_two_processes_equal_one_process():
-    """MAE communicates nothing itself (methods.md 11): with the same masks, DDP's gradient average of per-rank mean
+    """MAE communicates nothing itself (docs/reference.md §11): with the same masks, DDP's gradient average of per-rank mean
     losses (equal masked counts per rank) equals the one-process gradient. A ViT has no BatchNorm, so no eval()."""
     g = torch.Generator().manual_seed(1)
     x, noise = torch.randn(8, 3, 32, 32, generator=g), torch.rand(8, 16, generator=g)

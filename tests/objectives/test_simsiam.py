@@ -210,7 +210,7 @@ def test_predictor_lr_fixed_while_encoder_follows_warmup_cosine(make_cfg):
     base = 0.05 * 16 / 256                     # linear scaling rule
     assert res["steps"] == total and len(rec.lrs) == total
 
-    def encoder_lr(t):  # linear warmup from 0, then half cosine to 0 (methods.md 0.1), written out
+    def encoder_lr(t):  # linear warmup from 0, then half cosine to 0 (docs/reference.md §0.1), written out
         if t < warmup:
             return base * t / warmup
         return 0.5 * base * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))

@@ -44,7 +44,7 @@ def multicrop(n=4, seed=1, large=8, small=4, num_small=2):
 
 # ------------------------------------------------------------------------------------------ formulas (references)
 def sinkhorn_by_formula(scores, eps, iters):
-    """methods.md 5 on one process, in float64: Q = exp(S/ε)ᵀ; Q /= ΣQ; iters × (rows /= sum, /K; cols /= sum, /B)."""
+    """docs/reference.md §5 on one process, in float64: Q = exp(S/ε)ᵀ; Q /= ΣQ; iters × (rows /= sum, /K; cols /= sum, /B)."""
     q = torch.exp(scores.double() / eps).t()
     k, b = q.shape
     q = q / q.sum()
