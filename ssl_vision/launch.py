@@ -34,6 +34,11 @@ from ssl_vision.run_record import (ThroughputTimer, adopt_leg_dir, read_results,
 register_resolvers()  # ${ssl_vision_unique_dir:...} in conf/pretrain.yaml, for configs composed in-process
 
 
+# SSLModule's batch-transfer hooks are meant to run with our SSLDataModule (counting labels on the host, raw batches
+# to views on the device); Lightning warns about that combination on every fit, which says nothing to a user.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule`")
+
+
 def build_datamodule(cfg: DictConfig) -> SSLDataModule:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     views = OmegaConf.to_container(cfg.augment.views, resolve=True)
