@@ -37,6 +37,9 @@ register_resolvers()  # ${ssl_vision_unique_dir:...} in conf/pretrain.yaml, for 
 # SSLModule's batch-transfer hooks are meant to run with our SSLDataModule (counting labels on the host, raw batches
 # to views on the device); Lightning warns about that combination on every fit, which says nothing to a user.
 warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule`")
+# A run writes init.ckpt before fit and a resumed run continues in its own checkpoints/: a non-empty directory is
+# what our runs expect there, and Lightning's warning about it would only alarm.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def build_datamodule(cfg: DictConfig) -> SSLDataModule:
