@@ -9,7 +9,6 @@ optimizer, and runs a weighted kNN (faiss) at validation time.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import lightning as L
@@ -20,6 +19,7 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.data.batched import is_raw_batch
 from ssl_vision.eval.knn import knn_accuracy
+from ssl_vision.nn.monitor import collapse_std  # noqa: F401  (re-exported: ssl_vision.module.collapse_std)
 from ssl_vision.objectives.base import Objective, StepInfo
 from ssl_vision.optim import (WarmupCosineLR, build_optimizer, check_same_optimizer, cosine_between,
                               groups_for_resume, linear_scaled_lr, param_groups)
@@ -394,14 +394,3 @@ class SSLModule(L.LightningModule):
 def _plain(value):
     """Config values as comparable plain data (a tuple saved from the dataclass reads back as a list or tuple)."""
     return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def collapse_std(embedding: torch.Tensor) -> torch.Tensor:
-    """Mean over dimensions of the batch std of the L2-normalised embedding (SimSiam's collapse monitor).
-
-    Healthy ≈ 1/√E for an E-dim embedding; → 0 when all samples map to one point. (N, E) -> scalar.
-    """
-    if embedding.shape[0] < 2:
-        warnings.warn("collapse_std needs at least 2 samples", stacklevel=2)
-        return embedding.new_zeros(())
-    return F.normalize(embedding.float(), dim=1).std(dim=0).mean()

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ssl_vision.eval.checkpoints import keep_existing, load_backbone  # noqa: E402
+from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
+from ssl_vision.run_record import keep_previous  # noqa: E402
 from ssl_vision.eval.embed import CLASS_NAMES, METHODS, embed_backbone, plot_embedding  # noqa: E402
 from ssl_vision.eval.features import resolve_eval_data  # noqa: E402
 from ssl_vision.eval.outputs import (exit_on_unwritable_output, output_path, publish, warn_if_unwritable,  # noqa: E402
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
 
     def write() -> None:
         png.parent.mkdir(parents=True, exist_ok=True)
-        keep_existing(png)
+        keep_previous(png)
         plot_embedding(res["points"], res["labels"], png, title, CLASS_NAMES.get(data.name))
         write_result_json(side, payload)
 

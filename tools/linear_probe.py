@@ -75,7 +75,7 @@ def save_finetuned(ckpt: Path, model, info: dict, res: dict, output_dir: str | N
     """The fine-tuned backbone as ``<stem>.finetuned.backbone.safetensors`` + ``.json`` (the export format: every
     evaluation tool reads it with ``checkpoint=``) and its classifier head as ``<stem>.finetuned.head.safetensors``,
     beside the checkpoint or in ``output_dir``."""
-    from ssl_vision.eval.checkpoints import keep_existing
+    from ssl_vision.run_record import keep_previous
     from ssl_vision.eval.export import write_backbone_files
 
     if hasattr(model, "backbone"):  # finetune.Classifier: backbone + Linear head
@@ -87,7 +87,7 @@ def save_finetuned(ckpt: Path, model, info: dict, res: dict, output_dir: str | N
     backbone_path = output_path(ckpt, ".finetuned.backbone.safetensors", output_dir)
     head_path = output_path(ckpt, ".finetuned.head.safetensors", output_dir)
     head_path.parent.mkdir(parents=True, exist_ok=True)
-    keep_existing(head_path)
+    keep_previous(head_path)
     save_safetensors_atomic({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, head_path)
     meta = write_backbone_files(backbone_path, backbone, info["feature_dim"], {**info, "weights": "finetuned"},
                                 ckpt, finetune={"top1": res["top1"], "epochs": res["epochs"], "steps": res["steps"],

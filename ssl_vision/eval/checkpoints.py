@@ -18,7 +18,6 @@ unpickler (and could therefore run code) is refused with a ``ValueError`` that s
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ssl_vision.backbones import create_backbone
 from ssl_vision.checkpoint_io import check_checkpoint_path, describe_nonfinite, first_nonfinite, load_checkpoint
 from ssl_vision.run_record import keep_previous, write_json_atomic
 
-__all__ = ["load_backbone", "create_kwargs", "beside", "keep_existing", "write_json_keeping_old",
+__all__ = ["load_backbone", "create_kwargs", "beside", "write_json_keeping_old",
            "STUDENT_PREFIX", "TEACHER_PREFIXES", "EXPORT_FORMAT"]
 
 #: where SSLModule keeps the trained backbone in its state_dict
@@ -53,12 +52,9 @@ def beside(path: str | Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
-keep_existing = keep_previous  # the evaluation tools' name for it (results, heads, figures, exports)
-
-
 def write_json_keeping_old(path: Path, payload: dict) -> Path:
     """Write ``payload`` to ``path`` atomically; an existing file is first kept under a stamped name."""
-    keep_existing(Path(path))
+    keep_previous(Path(path))
     write_json_atomic(Path(path), payload)
     return Path(path)
 

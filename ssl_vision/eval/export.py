@@ -34,7 +34,8 @@ from typing import Any
 from torch import nn
 
 from ssl_vision.backbones import SMALL_STEM_MAX_SIZE, TORCHVISION_RESNETS, VIT_ALIASES
-from ssl_vision.eval.checkpoints import EXPORT_FORMAT, keep_existing, load_backbone
+from ssl_vision.eval.checkpoints import EXPORT_FORMAT, load_backbone
+from ssl_vision.run_record import keep_previous
 from ssl_vision.eval.outputs import explain_write_errors, output_path, save_safetensors_atomic
 from ssl_vision.run_record import mtime_stamp, write_json_atomic
 
@@ -127,7 +128,7 @@ def write_backbone_files(target: Path, model: nn.Module, dim: int, info: dict[st
     if existing:  # the old pair is kept under one stamp (the weights' time): the two files may differ by a second
         stamp = mtime_stamp(existing[0])
         for old in existing:
-            keep_existing(old, stamp)
+            keep_previous(old, stamp)
     save_safetensors_atomic(state, target, metadata={"format": "pt", "ssl_vision": EXPORT_FORMAT})
     write_json_atomic(sidecar, meta)  # written last: a sidecar means the weights beside it are complete
     return {**meta, "weights_path": str(target.resolve()), "json_path": str(sidecar.resolve())}

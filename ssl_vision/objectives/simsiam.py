@@ -11,10 +11,10 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssl_vision.losses.regression import simsiam_loss
+from ssl_vision.nn.monitor import collapse_std
 from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, check_count, register
 from ssl_vision.optim import param_groups
 
@@ -46,11 +46,6 @@ def simsiam_predictor(dim: int, hidden_dim: int) -> nn.Sequential:
     (BN at the predictor output changes SimSiam's behaviour, docs/reference.md §7). (N, dim) -> (N, dim)."""
     return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, dim, bias=True))
-
-
-def normalized_std(z: torch.Tensor) -> torch.Tensor:
-    """Mean over dimensions of the batch std of ``n(z)``: ≈ 1/√d when healthy, → 0 on collapse. (N, d) -> scalar."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 @register("simsiam")
@@ -101,7 +96,7 @@ class SimSiam(Objective):
         z1, z2 = self.projector(h1), self.projector(h2)        # (N, d)
         p1, p2 = self.predictor(z1), self.predictor(z2)        # (N, d)
         loss = simsiam_loss(p1, p2, z1, z2)                    # stop-gradient on z inside the loss
-        z_std = normalized_std(z1.detach())
+        z_std = collapse_std(z1.detach())
         self._check_collapse(z_std, z1.shape[1], step)
         return ObjectiveOutput(loss=loss, features=h1, embedding=z1, logs={"z_std": z_std})
 
