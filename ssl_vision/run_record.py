@@ -5,6 +5,7 @@ Nothing here reads a config.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -218,18 +219,10 @@ def trim_metrics_csv(path: Path, before_step: int) -> int:
     keep = [r for r in rows if not (r.get("step") not in (None, "") and int(float(r["step"])) >= before_step)]
     if len(keep) == len(rows):
         return 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(keep)
     print(f"[ssl_vision] {path}: dropped {len(rows) - len(keep)} rows logged after step {before_step - 1} by the leg "
           f"that was interrupted; the resumed leg logs those steps again")
     return len(rows) - len(keep)
@@ -261,19 +254,27 @@ def adopt_leg_dir(leg_dir: Path, run_dir: Path) -> Path | None:
     return dest
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_write(path: Path, **open_kwargs):
+    """Open a temporary file beside ``path`` for writing text; on success it is flushed, fsync'ed and renamed onto
+    ``path``, on any error removed: a crash never leaves a half-written file, and the previous one stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        with open(tmp, "w", **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON via a temporary file and rename, so a crash never leaves a half-written file."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def mtime_stamp(path: Path) -> str:

@@ -154,40 +154,21 @@ def test_loss_guard_names_the_newest_finite_checkpoint_not_last_ckpt(make_cfg, m
 
 
 # ------------------------------------------------------------------------------------ evaluation refuses NaN weights
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One 1-step SimCLR run's last.ckpt (resnet18 at width 0.125, 32 px synthetic)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from tests.conftest import CONF
-
-    tmp = tmp_path_factory.mktemp("trained")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"paths.output_root={tmp / 'outputs'}", *BASE, "trainer.max_steps=1"],
-                      return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp / "run")
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return Path(run_pretraining(cfg)["checkpoint"])
+# the shared 1-step SimCLR checkpoint (resnet18 at width 0.125, 32 px synthetic) of tests/test_faults.py
+from tests.test_faults import simclr_checkpoint  # noqa: E402,F401  (a pytest fixture)
 
 
 @pytest.mark.parametrize("fmt", ["checkpoint", "export"])
-def test_load_backbone_refuses_non_finite_weights(trained, tmp_path, fmt):
+def test_load_backbone_refuses_non_finite_weights(simclr_checkpoint, tmp_path, fmt):
     """Before, an inf weight loaded silently: kNN printed chance level with exit 0 and the linear probe said
     "lower the lr". Now load_backbone (which every evaluation tool calls) raises naming the file and the tensor."""
-    ckpt = torch.load(trained, weights_only=True)
+    ckpt = torch.load(simclr_checkpoint, weights_only=True)
     ckpt["state_dict"]["backbone.layer1.0.conv1.weight"][0, 0, 0, 0] = float("inf")
     if fmt == "checkpoint":
         path = tmp_path / "diverged.ckpt"
         torch.save(ckpt, path)  # what an older version could write
     else:
-        model, _, info = load_backbone(trained)
+        model, _, info = load_backbone(simclr_checkpoint)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("inf")
         path = tmp_path / "diverged.backbone.safetensors"
@@ -200,7 +181,7 @@ def test_load_backbone_refuses_non_finite_weights(trained, tmp_path, fmt):
         load_backbone(path)
     msg = str(err.value)
     assert str(path) in msg and "layer1.0.conv1.weight" in msg and "not finite" in msg and "1 infinite" in msg
-    load_backbone(trained)  # the intact one still loads
+    load_backbone(simclr_checkpoint)  # the intact one still loads
 
 
 # ------------------------------------------------------------------------------------------ integrity on load (CRC)
@@ -278,9 +259,9 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, kind, ex
     assert "weights_only=False" not in str(err.value) and "can run code" not in str(err.value)
 
 
-def test_a_directory_as_checkpoint_lists_its_checkpoints(trained, tmp_path):
+def test_a_directory_as_checkpoint_lists_its_checkpoints(simclr_checkpoint, tmp_path):
     """Before: load_backbone said "does not exist" for a directory (which exists)."""
-    ckpt_dir = trained.parent
+    ckpt_dir = simclr_checkpoint.parent
     for load in (load_checkpoint, load_backbone):
         with pytest.raises(ValueError, match=rf"checkpoint path {re.escape(str(ckpt_dir))} is a directory, not a "
                                              r"checkpoint file; pass one file in it, e\.g\. .*last\.ckpt"):
