@@ -41,16 +41,27 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from ssl_vision.data.batched import BatchedViews, RawImages, collate_raw  # noqa: E402
 from ssl_vision.data.sampling import SeededViews  # noqa: E402
-from ssl_vision.data.views import build_multiview  # noqa: E402
+from ssl_vision.data.views import ViewSpec, build_multiview, view_specs  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def preset(name: str) -> list[dict]:
+def _views(name: str) -> dict:
+    """conf/augment/<name>.yaml's views merged onto those of the preset it aliases (``defaults: [<other>, _self_]``)."""
     cfg = yaml.safe_load((ROOT / "conf" / "augment" / f"{name}.yaml").read_text())
-    while "views" not in cfg:  # an alias: `defaults: [<other>, _self_]`
-        cfg = yaml.safe_load((ROOT / "conf" / "augment" / f"{cfg['defaults'][0]}.yaml").read_text())
-    return cfg["views"]
+    views: dict = {}
+    for base in cfg.get("defaults", []):
+        if isinstance(base, str) and base != "_self_" and not base.startswith("/"):
+            views = _views(base)
+    for key, view in (cfg.get("views") or {}).items():
+        views[key] = {**views.get(key, {}), **view}
+    return views
+
+
+def preset(name: str) -> list[ViewSpec]:
+    """The preset's views in order (each states what differs from ``ViewSpec``'s defaults; ViT crops, i.e. without a
+    backbone family's crops from conf/augment_recipe/)."""
+    return view_specs(_views(name))
 
 
 def synthetic_images(n: int, side: int, seed: int = 0) -> list[tuple[Image.Image, int]]:

@@ -37,7 +37,8 @@ Each round times ``--steps`` steps of ours then of lightly's (after ``--warmup``
 rounds alternating. images/s = batch / median step time; ``ratio`` = ours / lightly (> 1: ours faster) over all
 rounds; ``ratio_per_round`` the same ratio within each round (both sides back to back, so under the same machine
 load): its spread is the run-to-run noise to read the ratio against.
-Prints a table and one JSON line (also ``--json``).
+Prints a table and one JSON line (also ``--json``). ``benchmarks/parity.py`` trains the same lightly-built models
+(:class:`LightlyMethod`) and compares the kNN accuracy they reach with ours.
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ def time_ours(module: L.LightningModule, batch: tuple, batch_size: int, warmup: 
 class LightlyMethod(nn.Module):
     """A lightly model + loss + optimizer; ``step(views)`` is one training step as in lightly's examples."""
 
-    def __init__(self, method: str, cfg: Any, backbone: nn.Module, dim: int, lr: float) -> None:
+    def __init__(self, method: str, cfg: Any, backbone: nn.Module, dim: int, lr: float, with_optimizer: bool = True,
+                 freeze_prototypes_steps: int = 0) -> None:
+        """``with_optimizer=False``: no ``self.opt`` (the caller builds one, as benchmarks/parity.py does);
+        ``freeze_prototypes_steps``: SwAV's prototypes get no update for that many steps (``loss(step=...)``)."""
         super().__init__()
         from lightly import loss as LL
         from lightly.models import modules as LM
@@ -197,12 +201,14 @@ class LightlyMethod(nn.Module):
             self.criterion = LL.NegativeCosineSimilarity()
         elif m == "swav":
             self.head = LM.SwaVProjectionHead(dim, k.proj_hidden_dim, k.proj_out_dim)
-            self.prototypes = LM.SwaVPrototypes(k.proj_out_dim, k.num_prototypes)
+            self.prototypes = LM.SwaVPrototypes(k.proj_out_dim, k.num_prototypes,
+                                                n_steps_frozen_prototypes=freeze_prototypes_steps)
             self.criterion = LL.SwaVLoss(temperature=k.temperature, sinkhorn_iterations=k.sinkhorn_iterations,
                                          sinkhorn_epsilon=k.sinkhorn_epsilon)
         elif m == "dino":
             def head() -> nn.Module:
                 return LM.DINOProjectionHead(dim, k.hidden_dim, k.bottleneck_dim, k.out_dim,
+                                             batch_norm=bool(k.get("use_bn_in_head", False)),
                                              norm_last_layer=k.norm_last_layer)
 
             self.head, self.head_m = head(), head()  # weight-normed: not deep-copyable; a second one, as lightly
@@ -230,7 +236,9 @@ class LightlyMethod(nn.Module):
             raise ValueError(f"no lightly counterpart for {method!r}; valid: {', '.join(METHODS)}")
         o = cfg.method.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        if o.name == "lars":
+        if not with_optimizer:
+            self.opt = None
+        elif o.name == "lars":
             from lightly.utils.lars import LARS
             self.opt = LARS(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
                             trust_coefficient=o.trust_coefficient)
@@ -245,7 +253,9 @@ class LightlyMethod(nn.Module):
                 return self.head_m(self.backbone_m(x).flatten(1))
         return self.head(self.backbone(x).flatten(1))
 
-    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def loss(self, views: list[torch.Tensor], step: int | None = None, epoch: int = 0) -> torch.Tensor:
+        """The method's loss on ``views``; ``step`` (optimizer steps taken) for SwAV's prototype freezing, ``epoch``
+        for DINO's teacher-temperature warmup."""
         m, k = self.method, self.k
         if m == "simclr":
             return self.criterion(self._embed(views[0]), self._embed(views[1]))
@@ -261,12 +271,12 @@ class LightlyMethod(nn.Module):
             return 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
         if m == "swav":
             self.prototypes.normalize()
-            out = [self.prototypes(nn.functional.normalize(self._embed(v), dim=1)) for v in views]
+            out = [self.prototypes(nn.functional.normalize(self._embed(v), dim=1), step) for v in views]
             return self.criterion(out[:2], out[2:])
         if m == "dino":
             teacher = [self._embed(v, momentum=True) for v in views[:2]]
             student = [self._embed(v) for v in views]
-            return self.criterion(teacher, student, epoch=0)
+            return self.criterion(teacher, student, epoch=epoch)
         # mae
         from lightly.models import utils as LU
         images = views[0]
@@ -278,15 +288,22 @@ class LightlyMethod(nn.Module):
         pred = self.decoder.predict(LU.get_at_index(self.decoder.decode(masked), idx_mask))
         patches = LU.patchify(images, self.encoder.vit.patch_embed.patch_size[0])
         target = LU.get_at_index(patches, idx_mask - 1)  # idx_mask counts the class token
+        if k.get("norm_pix_loss", False):  # per-patch mean / variance normalised target, as MAE's norm_pix_loss
+            target = LU.normalize_mean_var(target, dim=-1)
         return self.criterion(pred, target)
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        """lightly's EMA of the momentum / teacher copies towards the online backbone and head."""
+        from lightly.models.utils import update_momentum
+        update_momentum(self.backbone, self.backbone_m, m=m)
+        update_momentum(self.head, self.head_m, m=m)
 
     def step(self, views: list[torch.Tensor]) -> None:
         if self.method in ("moco_v2", "moco_v3", "byol", "dino"):
-            from lightly.models.utils import update_momentum
             mom = {"moco_v2": self.k.get("momentum", 0.999), "moco_v3": self.k.get("momentum", 0.99),
-                   "byol": self.k.get("base_momentum", 0.99), "dino": self.k.get("momentum_teacher", 0.996)}
-            update_momentum(self.backbone, self.backbone_m, m=mom[self.method])
-            update_momentum(self.head, self.head_m, m=mom[self.method])
+                   "byol": self.k.get("momentum", 0.99), "dino": self.k.get("momentum", 0.996)}
+            self.update_momentum(mom[self.method])
         loss = self.loss(views)
         loss.backward()
         self.opt.step()

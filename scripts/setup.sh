@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up ssl_vision on a fresh machine: the Debian Fashion-MNIST package (when missing and apt is there),
-# a venv in .venv with the pinned packages. Safe to run again (it skips what is already done).
+# a venv in .venv with the tested package versions (constraints.txt). Safe to run again (it skips what is already
+# done, and reinstalls when pyproject.toml, setup.py or constraints.txt is newer than the last install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FMNIST=/usr/share/datasets/fashion-mnist
@@ -19,10 +20,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import ssl_vision, torch, torchvision, lightning, hydra, faiss, timm, pytest" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
-  echo "[setup] installing packages into .venv (torch 2.14.1 + torchvision 0.29.1 pinned)"
+   || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ] \
+   || [ setup.py -nt .venv/.installed ]; then
+  echo "[setup] installing packages into .venv (the versions of constraints.txt:" \
+       "$(grep -E '^torch(vision)?==' constraints.txt | tr '\n' ' '))"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   touch .venv/.installed
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

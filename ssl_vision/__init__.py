@@ -5,3 +5,7 @@ the evaluation harness (:mod:`ssl_vision.eval`) reads any checkpoint.
 """
 
 __version__ = "0.1.0"
+
+from ssl_vision.config_schema import register as _register_config_schema  # noqa: E402
+
+_register_config_schema()  # schema/method, schema/augment, ... in Hydra's ConfigStore: conf/*.yaml merge onto them

@@ -283,6 +283,79 @@ def describe_newest_finite(directory: str | Path | None) -> str:
             f"{how}.")
 
 
+# ------------------------------------------------------------------------------------------------------ loop position
+def normalize_fit_position(checkpoint: Any, batches_per_epoch: int | None = None) -> str | None:
+    """Make a checkpoint's loop progress say where the run stands in its data, in place; returns what was corrected
+    (None when nothing was).
+
+    The position that matters is in the train loader's saved state (``loops.fit_loop.state_dict.combined_loader``,
+    written by ``ResumableLoader``): epoch ``e`` of the data order, and Lightning's count ``k`` of its batches run
+    (``epoch_loop.batch_progress.current.processed``). Lightning also restores from its epoch counters
+    (``epoch_progress``), and those are wrong in two situations, each of which made a resumed run silently train
+    the wrong samples:
+
+    * **An epoch stopped short** (``trainer.should_stop``: ``trainer.max_time``, a callback, a signal handler that
+      sets it; or ``max_steps`` inside an epoch): Lightning marks the epoch processed anyway, and a checkpoint written
+      then (``on_train_epoch_end``, ``on_train_end``) sends the resumed run to the next epoch, skipping the rest of
+      epoch ``e``. Corrected to "inside epoch ``e``" (``processed = completed = e``), so the run continues at batch
+      ``k + 1`` of ``e``.
+    * **A checkpoint written on an epoch's last batch** (``checkpoint.every_n_steps`` dividing the epoch): Lightning
+      resumes it by closing the epoch but then runs the next epoch without counting it as started (and without its
+      ``on_train_epoch_start`` hooks), so the checkpoints of that resumed leg say one epoch fewer, and a further resume
+      from one of them trains an epoch again (one epoch too many overall). Such a checkpoint is rewritten into the
+      form of one written at that epoch's end (``on_train_epoch_end``), which Lightning resumes at the start of epoch
+      ``e + 1``; and the epoch counters of checkpoints written by such a leg (``ready``/``started`` one behind) are set
+      to epoch ``e``.
+
+    ``batches_per_epoch``: the trainer's count (``trainer.num_training_batches``) when known; otherwise the loader's
+    saved ``num_samples // global_batch``. A checkpoint without a train-loader position of this shape (not written by
+    ``tools/pretrain.py``) is left alone.
+    """
+    fit = ((checkpoint.get("loops") or {}).get("fit_loop")) if isinstance(checkpoint, dict) else None
+    if not isinstance(fit, dict):
+        return None
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    states = (fit.get("state_dict") or {}).get("combined_loader") or []
+    if not (isinstance(epochs, dict) and isinstance(batches, dict) and len(states) == 1
+            and isinstance(states[0], dict) and "epoch" in states[0]):
+        return None
+    try:
+        current, e, k = batches["current"], int(states[0]["epoch"]), int(batches["current"]["processed"])
+        if k <= 0:
+            return None  # nothing of the epoch run yet: nothing to place
+        if batches_per_epoch is None and states[0].get("global_batch") and states[0].get("num_samples"):
+            batches_per_epoch = int(states[0]["num_samples"]) // int(states[0]["global_batch"])
+        done = bool(batches.get("is_last_batch")) or (batches_per_epoch is not None and k >= int(batches_per_epoch))
+        at_batch_end = int(current["completed"]) == k - 1  # written inside on_train_batch_end
+        saved = dict(epochs["current"])
+        want = {"ready": e + 1, "started": e + 1, "processed": int(saved["processed"]),
+                "completed": int(saved["completed"])}
+        what = None
+        if not done:
+            want["processed"] = want["completed"] = e
+            if int(saved["processed"]) > e:
+                what = f"epoch {e} was stopped after {k} of its batches; resuming continues it at batch {k + 1}"
+        elif at_batch_end:
+            want["processed"], want["completed"] = e + 1, e
+            current["completed"] = k
+            batches["total"]["completed"] = int(batches["total"]["processed"])
+            batches["is_last_batch"] = True
+            stepped = fit.get("epoch_loop.state_dict")
+            if isinstance(stepped, dict) and "_batches_that_stepped" in stepped:
+                stepped["_batches_that_stepped"] = int(stepped["_batches_that_stepped"]) + 1
+            what = f"written on the last batch of epoch {e}; resuming starts epoch {e + 1}"
+        if (int(saved["ready"]), int(saved["started"])) != (e + 1, e + 1) and what is None:
+            what = f"its epoch counters said epoch {int(saved['ready']) - 1} for a position in epoch {e}"
+        changed = any(epochs[part] != want for part in ("total", "current"))
+        if changed or what:
+            for part in ("total", "current"):
+                epochs[part] = dict(want)
+            checkpoint["epoch"] = int(want["completed"])  # trainer.current_epoch as it stands at that position
+    except (KeyError, TypeError, ValueError):
+        return None  # another layout of the loop state: not ours to rewrite
+    return (what or "epoch counters set to the data position") if changed or what else None
+
+
 # ------------------------------------------------------------------------------------------------------------ writing
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint writer that never leaves a half-written or non-finite checkpoint behind.
@@ -301,6 +374,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A SIGKILL during a write leaves ``.<name>.tmp-<pid>@<host>``; such files whose writer process no longer runs on
     this host are removed the next time a checkpoint is written in that directory (a live process's never are).
     """
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loading (the file a fit resumes from), then :func:`normalize_fit_position`: a checkpoint
+        written before the loop position was kept right resumes where its data position says, with a note."""
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        checkpoint = super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        what = normalize_fit_position(checkpoint)
+        if what:
+            print(f"[ssl_vision] {path}: loop position corrected ({what})", flush=True)
+        return checkpoint
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -426,6 +509,13 @@ class RunCheckpoint(ModelCheckpoint):
         kwargs.setdefault("enable_version_counter", False)
         kwargs.setdefault("filename", PERIODIC_FILENAME)
         super().__init__(*args, **kwargs)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Every checkpoint of the fit (this callback's, any other's, ``trainer.save_checkpoint``) records the loop
+        position its data position says (:func:`normalize_fit_position`), with the trainer's own batch count."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        n = trainer.num_training_batches
+        normalize_fit_position(checkpoint, int(n) if isinstance(n, int) or float(n).is_integer() else None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

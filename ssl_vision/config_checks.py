@@ -66,7 +66,7 @@ def _type_name(value: Any) -> str:
 
 def check_pretrain_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigValueError` for the first field of the wrong type or range, naming the key, the value
-    and what is expected (see ``_RULES``); also every ``augment.views.<i>.count`` (crops per recipe, >= 1) and
+    and what is expected (see ``_RULES``); also every ``augment.views.<name>.count`` (crops per recipe, >= 1) and
     ``eval.knn_k`` (a list of positive integers).
 
     Keys a config does not have are skipped (the checks follow the config, they do not define it)."""
@@ -78,10 +78,13 @@ def check_pretrain_config(cfg: DictConfig) -> None:
             raise ConfigValueError(f"{key} must be {expected}, got {value!r} ({_type_name(value)}); set it with "
                                    f"{key}=<value> on the command line or in the config")
     views = OmegaConf.select(cfg, "augment.views", default=None)
-    for i, view in enumerate(views if OmegaConf.is_list(views) else []):
+    named = (views.items() if OmegaConf.is_dict(views) else enumerate(views) if OmegaConf.is_list(views) else [])
+    if OmegaConf.is_dict(views) and len(views) == 0:
+        raise ConfigValueError("augment.views is empty: a preset needs at least one view (conf/augment/*.yaml)")
+    for name, view in named:
         count = view.get("count", 1) if OmegaConf.is_dict(view) else None
         if not (_is_int(count) and count >= 1):
-            raise ConfigValueError(f"augment.views.{i}.count must be a positive integer (crops drawn with this "
+            raise ConfigValueError(f"augment.views.{name}.count must be a positive integer (crops drawn with this "
                                    f"recipe, e.g. 2 global + 6 local for multi-crop), got {count!r} "
                                    f"({_type_name(count)})")
     knn_k = OmegaConf.select(cfg, "eval.knn_k", default=_MISSING)
@@ -90,3 +93,30 @@ def check_pretrain_config(cfg: DictConfig) -> None:
         if not isinstance(ks, list) or not ks or not all(_is_int(k) and k >= 1 for k in ks):
             raise ConfigValueError(f"eval.knn_k must be a list of positive integers, e.g. eval.knn_k=[20,200] (the "
                                    f"first is the reported knn_top1), got {ks!r}")
+
+
+def recipe_line(cfg: DictConfig, recipes_dir: str | None = None) -> str:
+    """The one line a run prints first about its recipe: the paper recipe of the (method, backbone family) pair in
+    use and its source (``recipe.name`` / ``recipe.source``, set by ``conf/recipe/<method>/<family>.yaml``), or that
+    there is none for the pair and the method's own defaults apply (naming the pairs that have one); an
+    ``experiment=<name>`` on top is named too."""
+    from pathlib import Path
+
+    method = OmegaConf.select(cfg, "method.name", default=None)
+    family = OmegaConf.select(cfg, "family.name", default=None)
+    name = OmegaConf.select(cfg, "recipe.name", default=None)
+    experiment = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            experiment = HydraConfig.get().runtime.choices.get("experiment")
+    except Exception:  # a config composed without Hydra's runtime node (tests, notebooks)
+        experiment = None
+    on_top = f"; experiment={experiment} is applied on top" if experiment else ""
+    if name:
+        return f"[ssl_vision] recipe {name}: {OmegaConf.select(cfg, 'recipe.source', default=None)}{on_top}"
+    where = Path(recipes_dir) if recipes_dir else Path(__file__).resolve().parents[1] / "conf" / "recipe"
+    known = sorted(f"{method}/{p.stem}" for p in (where / str(method)).glob("*.yaml"))
+    return (f"[ssl_vision] no paper recipe for ({method}, {family}): the defaults of conf/method/{method}.yaml apply"
+            f" (paper recipes of {method}: {', '.join(known) or 'none'}){on_top}")

@@ -12,21 +12,22 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ssl_vision import distributed as dist
 from ssl_vision.backbones import create_backbone
-from ssl_vision.config_checks import check_pretrain_config
+from ssl_vision.config_checks import check_pretrain_config, recipe_line
 from ssl_vision.data import SSLDataModule
 from ssl_vision.module import EvalSpec, OptimSpec, SSLModule
 from ssl_vision.objectives import build_objective
+from ssl_vision.progress import StepBoundedProgressBar, route_lightning_logs
 from ssl_vision.checkpoint_io import AtomicCheckpointIO, RunCheckpoint
 from ssl_vision.resume import check_resume_compatible, find_resume_checkpoint
 from ssl_vision import run_record
+from ssl_vision.loggers import RunTracking, build_loggers, finish_tracking, run_config
 from ssl_vision.run_lock import RunLock, is_global_zero_process, register_resolvers
 from ssl_vision.run_record import (ThroughputTimer, adopt_leg_dir, read_results, trim_metrics_csv,
                                    write_results)
@@ -34,9 +35,6 @@ from ssl_vision.run_record import (ThroughputTimer, adopt_leg_dir, read_results,
 register_resolvers()  # ${ssl_vision_unique_dir:...} in conf/pretrain.yaml, for configs composed in-process
 
 
-# SSLModule's batch-transfer hooks are meant to run with our SSLDataModule (counting labels on the host, raw batches
-# to views on the device); Lightning warns about that combination on every fit, which says nothing to a user.
-warnings.filterwarnings("ignore", message=r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule`")
 # A run writes init.ckpt before fit and a resumed run continues in its own checkpoints/: a non-empty directory is
 # what our runs expect there, and Lightning's warning about it would only alarm.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -98,13 +96,24 @@ def backbone_trunks(module: SSLModule) -> list[str]:
             for o in owners]
 
 
+def method_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The Lightning callbacks the method's config lists (``method.callbacks``: ``[{_target_: ..., key: value}]``),
+    instantiated in order; none when the key is absent. They write into the trainer's ``default_root_dir``, the run
+    directory."""
+    from hydra.utils import instantiate
+
+    specs = cfg.method.get("callbacks") or []
+    built = [instantiate(spec, _convert_="all") for spec in specs]
+    for spec, cb in zip(specs, built):
+        if not isinstance(cb, L.Callback):
+            raise TypeError(f"method.callbacks: {spec.get('_target_')!r} made a {type(cb).__name__}, not a "
+                            f"lightning Callback")
+    return built
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    logger = False
-    if cfg.logger.get("_target_"):
-        # save_dir null (conf/logger/*.yaml): the run directory, so a resumed run logs where it started
-        where = {"save_dir": str(run_dir)} if "save_dir" in cfg.logger and cfg.logger.save_dir is None else {}
-        logger = instantiate(cfg.logger, **where)
+    logger = build_loggers(cfg, run_dir)  # logs/metrics.csv always, plus the trackers logger= selects (loggers.py)
     sync_bn = bool(cfg.method.get("sync_batchnorm", False))
     multi = (tcfg.get("devices") not in (1, "1") or tcfg.get("num_nodes", 1) != 1)
     if sync_bn and multi and tcfg.get("accelerator") == "cpu":
@@ -115,8 +124,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
         tcfg["strategy"] = dist.TimeoutDDPStrategy(timeout_s=collective_timeout_s(cfg))
     if tcfg.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         # the bar reads the logged loss back from the device at each refresh (a host-device sync): refresh it when
-        # the loggers read the values anyway, every trainer.log_every_n_steps steps
-        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, int(tcfg.get("log_every_n_steps") or 1)))]
+        # the loggers read the values anyway, every trainer.log_every_n_steps steps; the epoch's total stops where
+        # trainer.max_steps ends the run (so does the ETA)
+        callbacks = [*callbacks, StepBoundedProgressBar(refresh_rate=max(1, int(tcfg.get("log_every_n_steps") or 1)))]
     # AtomicCheckpointIO: a crash while saving leaves the previous checkpoint intact (temp file + fsync + rename)
     return L.Trainer(**tcfg, logger=logger, callbacks=callbacks, sync_batchnorm=sync_bn and multi,
                      use_distributed_sampler=False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
@@ -140,7 +150,8 @@ def save_init_checkpoint(module: SSLModule, path: Path) -> None:
     kNN-evaluated, linear-probed or fine-tuned like any checkpoint. Not resumable (no optimizer state)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     AtomicCheckpointIO().save_checkpoint({"state_dict": module.state_dict(), "global_step": 0, "epoch": 0,
-                                          "ssl_vision": {"run_info": module.run_info, "init": True}}, path)
+                                          "ssl_vision": {"run_info": module.run_info, "init": True,
+                                                         **module.model_record()}}, path)
 
 
 def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
@@ -178,6 +189,9 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
     (:class:`~ssl_vision.run_record.ThroughputTimer`).
     """
     check_pretrain_config(cfg)  # a value of the wrong type or range is named here, before anything is built
+    if is_global_zero_process():  # which paper recipe of (method, backbone family) this run trains with, if any
+        print(recipe_line(cfg), flush=True)
+    route_lightning_logs()  # each Lightning INFO line once (through Hydra's handlers), not twice
     t_start = run_record.clock()  # wall_s covers the whole call: building, evaluation at init, fit, final eval
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_prefix = f"{cfg.method.name}-{cfg.backbone.name}-{cfg.data.name}"
@@ -222,15 +236,12 @@ def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, r
     timer = ThroughputTimer(start=t_start, resumed_from=str(resume.resolve()) if resume is not None else None,
                             previous_results=previous)
     ckpt = build_checkpoint_callback(cfg, run_dir)
-    callbacks = [timer, ckpt]
-    if cfg.method.name == "mae":  # a PNG grid of original / masked / reconstruction in the run directory
-        from ssl_vision.mae_viz import MAEReconstructionCallback
-        callbacks.append(MAEReconstructionCallback(every_n_epochs=cfg.checkpoint.every_n_epochs, num_images=8,
-                                                   out_dir=run_dir, mean=list(cfg.data.mean),
-                                                   std=list(cfg.data.std)))
+    callbacks = [timer, ckpt, RunTracking(run_config(cfg), timer)]  # the config and throughput to every logger
+    callbacks += method_callbacks(cfg)  # e.g. MAE's reconstruction grid (conf/method/mae.yaml: callbacks)
     trainer = build_trainer(cfg, run_dir, [*callbacks, *(extra_callbacks or [])])
-    if resume_step is not None and leader and isinstance(trainer.logger, CSVLogger):
-        trim_metrics_csv(Path(trainer.logger.log_dir) / "metrics.csv", before_step=resume_step)
+    if resume_step is not None and leader:
+        for csv_log in (lg for lg in trainer.loggers if isinstance(lg, CSVLogger)):
+            trim_metrics_csv(Path(csv_log.log_dir) / "metrics.csv", before_step=resume_step)
 
     if cfg.eval.knn_at_init and resume is None:
         trainer.validate(module, datamodule=dm, verbose=False)
@@ -255,6 +266,8 @@ def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, r
         "train_loss": None if loss is None else float(loss),
         "knn_top1": module.val_results.get("knn_top1"), "knn_top1_init": timer.knn_top1_init,
         "probe_top1": module.val_results.get("probe_top1"),
+        "knn_protocol": module.knn_protocol,  # k, temperature, bank_size, test_size behind knn_top1 (and _init)
+        "eval_skipped": dm.eval_skipped,  # why knn_top1 / probe_top1 are null (data without labels), else null
         "checkpoint": str(Path(ckpt.last_model_path).resolve()) if ckpt.last_model_path else None,
         "run_dir": str(run_dir.resolve()),
         "legs": timer.legs,
@@ -262,7 +275,7 @@ def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, r
     if previous and previous.get("steps") == steps:
         # nothing (or nothing new) was trained or evaluated in this leg -- a resume of a finished run: keep the
         # numbers the run's results.json has rather than replacing them with empty ones
-        for key in ("train_loss", "knn_top1", "probe_top1", "knn_top1_init"):
+        for key in ("train_loss", "knn_top1", "probe_top1", "knn_top1_init", "knn_protocol"):
             if results[key] is None and previous.get(key) is not None:
                 results[key] = previous[key]
     if leader and resumed_elsewhere:  # what DDP processes wrote into this leg's directory since
@@ -270,4 +283,5 @@ def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, r
     results["is_global_zero"] = trainer.is_global_zero
     if trainer.is_global_zero:
         write_results(run_dir, {k: v for k, v in results.items() if k != "is_global_zero"})
+    finish_tracking(trainer, results, run_config(cfg))  # throughput and results to the loggers; wandb run finished
     return results

@@ -2,7 +2,9 @@
 
 :func:`save_reconstruction_grid` writes the PNG for any batch; :class:`MAEReconstructionCallback` writes
 ``mae_reconstructions_step{N}.png`` into the run directory during training, on a fixed batch of the test loader with
-fixed masks, so successive pictures are comparable.
+fixed masks, so successive pictures are comparable, and logs the same picture to the run's loggers that take images
+(wandb, TensorBoard) as ``mae/reconstructions``. Small images are enlarged by an integer factor (nearest neighbour,
+so each pixel stays a sharp square) to at least ``min_size`` px, and each row is labelled in a margin on the left.
 
 With ``norm_pix_loss`` the decoder predicts each patch *standardised by its own mean and variance*; shown raw, these
 look like noise (facebookresearch/mae#12, VideoMAE#25). The predictions are therefore mapped back with the target
@@ -12,18 +14,28 @@ demo does -- and then un-normalised with the data mean/std.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from torchvision.utils import save_image
+from torch.nn import functional as F
+from torchvision.utils import make_grid
 
 from ssl_vision.losses.mae import NORM_PIX_EPS, patch_stats, patchify, unpatchify
 
 #: grey (display space, [0, 1]) that fills removed patches in the "masked" row
 MASK_FILL = 0.5
+#: the rows of :func:`reconstruction_rows`, as labelled in the picture
+ROW_LABELS = ("original", "masked", "reconstruction", "recon. + visible")
+#: images smaller than this (px, the longer side) are enlarged by an integer factor to at least this size
+MIN_SIZE = 96
+#: padding between the images of the grid (px, after enlarging)
+PADDING = 2
 
 
 def _to_display(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
@@ -71,18 +83,74 @@ def reconstruction_rows(objective: nn.Module, backbone: nn.Module, images: torch
         backbone.train(modes[1])
 
 
+def upscale_factor(height: int, width: int, min_size: int = MIN_SIZE) -> int:
+    """The integer factor that brings an image's longer side to at least ``min_size`` px (1 when it is already)."""
+    return max(1, math.ceil(min_size / max(height, width)))
+
+
+def grid_image(rows: torch.Tensor, labels: Sequence[str] | None = ROW_LABELS, min_size: int = MIN_SIZE
+               ) -> Image.Image:
+    """(R, N, C, H, W) pictures in [0, 1] -> an RGB image: R rows of N images, each enlarged by
+    :func:`upscale_factor` (nearest neighbour), :data:`PADDING` px between them (torchvision ``make_grid``), and, when
+    ``labels`` are given (one per row), a white margin on the left with each row's label, centred on its row.
+
+    Size: the grid is ``N·(W·s + 2) + 2`` wide and ``R·(H·s + 2) + 2`` high; the labels add their margin's width.
+    """
+    n_rows, n, _, h, w = rows.shape
+    if labels is not None and len(labels) != n_rows:
+        raise ValueError(f"labels: one per row, {n_rows} rows, got {len(labels)} labels {list(labels)}")
+    scale = upscale_factor(h, w, min_size)
+    tiles = rows.flatten(0, 1).detach().float().cpu().clamp(0, 1)
+    if scale > 1:
+        tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
+    grid = make_grid(tiles, nrow=n, padding=PADDING)  # (3, H', W'): one channel is repeated to three
+    grid_img = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    if labels is None:
+        return grid_img
+    row_h = h * scale + PADDING
+    font = ImageFont.load_default(size=max(10, min(16, row_h // 4)))
+    margin = max(int(ImageDraw.Draw(grid_img).textlength(str(t), font=font)) for t in labels) + 2 * 6
+    out = Image.new("RGB", (margin + grid_img.width, grid_img.height), "white")
+    out.paste(grid_img, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        draw.text((6, PADDING + r * row_h + (row_h - PADDING) / 2), str(text), fill="black", font=font, anchor="lm")
+    return out
+
+
 def save_reconstruction_grid(objective: nn.Module, backbone: nn.Module, images: torch.Tensor, path: str | Path, *,
                              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                             seed: int = 0) -> Path:
-    """Write the 4-row grid of :func:`reconstruction_rows` as a PNG (2 px padding, one column per image).
+                             seed: int = 0, labels: bool = True, min_size: int = MIN_SIZE) -> Path:
+    """Write the 4-row grid of :func:`reconstruction_rows` as a PNG (:func:`grid_image`: one column per image,
+    enlarged to at least ``min_size`` px, rows labelled with :data:`ROW_LABELS` unless ``labels=False``).
 
-    Size: width ``N·(W + 2) + 2``, height ``4·(H + 2) + 2`` (torchvision ``make_grid``). Returns the path.
+    Size: the grid is ``N·(W·s + 2) + 2`` wide and ``4·(H·s + 2) + 2`` high, ``s`` = :func:`upscale_factor`; the
+    labels' margin adds to the width. Returns the path.
     """
     rows = reconstruction_rows(objective, backbone, images, mean=mean, std=std, seed=seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.flatten(0, 1).cpu(), path, nrow=images.shape[0], padding=2)
+    grid_image(rows, labels=ROW_LABELS if labels else None, min_size=min_size).save(path)
     return path
+
+
+def log_image_to_loggers(loggers: Sequence, key: str, path: str | Path, step: int) -> list[str]:
+    """Log the PNG at ``path`` to each logger that takes images: wandb (``WandbLogger.log_image``) and TensorBoard
+    (``add_image``); others (CSV) are skipped. Returns the names of the loggers it went to. Global rank 0 only."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    done = []
+    img = Image.open(path).convert("RGB")
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[img], step=step, caption=[Path(path).name])
+        elif isinstance(logger, TensorBoardLogger):
+            tensor = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+            logger.experiment.add_image(key, tensor, global_step=step, dataformats="CHW")
+        else:
+            continue
+        done.append(type(logger).__name__)
+    return done
 
 
 class MAEReconstructionCallback(L.Callback):
@@ -90,14 +158,17 @@ class MAEReconstructionCallback(L.Callback):
 
     The images are the first ``num_images`` of the datamodule's last validation loader (the test split under the
     eval transform), taken once and reused, with fixed masks (``seed``). ``out_dir`` defaults to the trainer's
-    ``default_root_dir`` (the run directory). Only the global-zero process draws (no communication involved).
+    ``default_root_dir`` (the run directory). Each picture also goes to the trainer's loggers that take images
+    (wandb, TensorBoard: ``mae/reconstructions`` at the global step). Only the global-zero process draws (no
+    communication involved).
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, out_dir: str | Path | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0,
+                 min_size: int = MIN_SIZE):
         if every_n_epochs < 1 or num_images < 1:
             raise ValueError(f"every_n_epochs and num_images must be >= 1, got {every_n_epochs}, {num_images}")
-        self.every_n_epochs, self.num_images, self.seed = every_n_epochs, num_images, seed
+        self.every_n_epochs, self.num_images, self.seed, self.min_size = every_n_epochs, num_images, seed, min_size
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.mean, self.std = mean, std
         self._images: torch.Tensor | None = None
@@ -123,8 +194,9 @@ class MAEReconstructionCallback(L.Callback):
             return
         images = self._batch(trainer).to(pl_module.device)
         save_reconstruction_grid(pl_module.objective, pl_module.backbone, images, path, mean=self.mean, std=self.std,
-                                 seed=self.seed)
+                                 seed=self.seed, min_size=self.min_size)
         self.written.append(path)
+        log_image_to_loggers(trainer.loggers, "mae/reconstructions", path, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -1,57 +1,28 @@
-"""``SSLModule``: one LightningModule for every method: backbone + objective + online evaluation.
+"""``SSLModule``: one LightningModule for every method: backbone + objective, optimizer wiring, logging.
 
-Composition, not inheritance: the module owns the backbone, the objective owns heads and method state.
-It wires the optimizer (SGD / LARS / AdamW, no decay on 1-D params, linear-scaled lr, per-step warmup-cosine),
-logs loss / lr / collapse monitor every step, trains an online linear probe on detached features with its own
-optimizer, and runs a weighted kNN (faiss) at validation time.
+Composition, not inheritance: the module owns the backbone, the objective owns heads and method state, the online
+evaluator (:class:`~ssl_vision.eval.online.OnlineEvaluator`: linear probe with its own optimizer, weighted kNN at
+validation) owns the evaluation. The module wires the optimizer (SGD / LARS / AdamW, no decay on 1-D params,
+linear-scaled lr, per-step warmup-cosine), resume semantics, and logs loss / lr / the objective's collapse monitor
+every step. Data-side hooks (raw batches to views, host label counts) belong to the data module.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ssl_vision import distributed as dist
-from ssl_vision.data.batched import is_raw_batch
-from ssl_vision.eval.knn import knn_accuracy
-from ssl_vision.nn.monitor import collapse_std  # noqa: F401  (re-exported: ssl_vision.module.collapse_std)
+from ssl_vision.config_schema import OptimSpec  # the schema of method.optim (conf/method/); ssl_vision.module.OptimSpec
+from ssl_vision.eval.checkpoints import create_kwargs, model_record
+from ssl_vision.eval.online import EvalSpec, OnlineEvaluator, upgrade_checkpoint
+from ssl_vision.nn.monitor import collapse_std
 from ssl_vision.objectives.base import Objective, StepInfo
 from ssl_vision.optim import (WarmupCosineLR, build_optimizer, check_same_optimizer, cosine_between,
                               groups_for_resume, linear_scaled_lr, param_groups)
-
-
-@dataclass
-class OptimSpec:
-    """Optimizer and lr schedule of a method (``conf/method/*.yaml: optim``)."""
-
-    name: str = "sgd"                 # sgd | lars | adamw
-    base_lr: float = 0.03             # scaled by the global batch per ``lr_scaling``
-    lr_scaling: str = "linear"        # linear (× B/256) | sqrt (× √B) | none
-    weight_decay: float = 1e-4        # never applied to 1-D tensors (biases, norms)
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
-    nesterov: bool = False
-    trust_coefficient: float = 0.001  # LARS η
-    trust_clip: bool = False          # LARC clipping of the LARS rate (solo-learn's clip_lr): min(η‖w‖/‖g‖, lr)/lr
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.0  # warmup starts at base × this
-    final_factor: float = 0.0         # cosine ends at base × this
-    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (DINO 0.04 → 0.4)
-
-
-@dataclass
-class EvalSpec:
-    """Online evaluation during pretraining."""
-
-    knn_k: list[int] = field(default_factory=lambda: [200])
-    knn_temperature: float = 0.1
-    probe_lr: float = 0.1
-    probe_momentum: float = 0.9
 
 
 class SSLModule(L.LightningModule):
@@ -65,24 +36,19 @@ class SSLModule(L.LightningModule):
         self.num_classes = num_classes
         self.run_info = dict(run_info or {})   # stored in checkpoints so tools can rebuild the model
         objective.bind(backbone)
-        # The online probe has its own optimizer and is stepped outside the main backward; it is kept out of
-        # DDP's gradient sync (its grads are averaged by hand) so the main loss need not touch it.
-        self.online_probe = nn.Linear(feature_dim, num_classes)
-        nn.init.normal_(self.online_probe.weight, std=0.01)
-        nn.init.zeros_(self.online_probe.bias)
-        self._ddp_params_and_buffers_to_ignore = [f"online_probe.{n}" for n, _ in self.online_probe.named_parameters()]
-        self._probe_opt: torch.optim.Optimizer | None = None
-        self._probe_opt_state: dict | None = None
-        self._probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._val: dict[int, dict[str, list[torch.Tensor]]] = {}
+        # The online evaluator (probe + kNN) has its own optimizer and is stepped outside the main backward; it is
+        # kept out of DDP's gradient sync (it averages its grads itself) so the main loss need not touch it.
+        self.online_probe = OnlineEvaluator(feature_dim, num_classes, self.eval_spec)
+        self._ddp_params_and_buffers_to_ignore = [f"online_probe.{n}" for n, _ in (
+            *self.online_probe.named_parameters(), *self.online_probe.named_buffers())]
         self.last_val_step = -1
         self._total_steps: int | None = None
         self._resume_checkpoint: dict | None = None  # the checkpoint being resumed, until configure_optimizers
         self._resume_position: dict | None = None    # where its data position lands under this run's batch / data
         self.last_train_loss: torch.Tensor | None = None
         self._nonfinite: tuple[torch.Tensor, ...] | None = None  # step, epoch, value of the first non-finite loss
-        self._labeled_on_host: int | None = None                 # train labels >= 0 in the batch, from the host
         self.val_results: dict[str, float] = {}
+        self.knn_protocol: dict | None = None  # k, T, bank and test sizes of the kNN behind val_results
 
     # ----------------------------------------------------------------------------------------- progress
     def total_steps(self) -> int:
@@ -208,26 +174,6 @@ class SSLModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.objective.before_optimizer_step(self.step_info())
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Count a train batch's labelled samples while its labels are still on the host (for the online probe)."""
-        self._labeled_on_host = None
-        if self._trainer is not None and self.trainer.training:
-            labels = batch.get("labels") if isinstance(batch, dict) else (
-                batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None)
-            if torch.is_tensor(labels) and labels.device.type == "cpu":
-                self._labeled_on_host = int((labels >= 0).sum())
-        return batch
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """``augment.backend=batched``: the train loader gives raw uint8 images (``ssl_vision.data.batched``); the
-        datamodule's ``batch_views`` turns them into ``(views, labels, indices)`` here, on this module's device."""
-        if is_raw_batch(batch):
-            make_views = getattr(self.trainer.datamodule, "batch_views", None)
-            if make_views is None:
-                raise RuntimeError("a raw-image batch (augment.backend=batched) needs the SSLDataModule's batch_views")
-            return make_views(batch)
-        return batch
-
     def training_step(self, batch, batch_idx):
         views, labels, indices = batch
         views = views[: self.objective.num_views] if self.objective.num_views else views
@@ -240,14 +186,20 @@ class SSLModule(L.LightningModule):
             self.raise_if_nonfinite_loss()
         # The online probe steps here, on this micro-batch's detached features, not in on_train_batch_end: Lightning
         # runs the checkpoint callback's on_train_batch_end before the module's, so state changed there would be
-        # missing from a mid-epoch checkpoint (and a resumed run would lag by that one update).
-        self._probe_batch = (out.features.detach(), labels)
-        self._step_probe()
+        # missing from a mid-epoch checkpoint (and a resumed run would lag by that one update). The labelled count
+        # comes from the host copy of the labels (SSLDataModule.on_before_batch_transfer): read from the device it
+        # would stall the host every step.
+        labeled = getattr(self.trainer.datamodule, "labeled_on_host", None)
+        probe_loss = self.online_probe.train_step(out.features, labels, labeled)
         self.last_train_loss = out.loss.detach()  # a tensor: no device sync per step
         n = views[0].shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        self.log("train/collapse_std", collapse_std(out.embedding.detach()), batch_size=n)
+        if probe_loss is not None:
+            self.log("train/probe_loss", probe_loss, batch_size=int(labeled if labeled is not None else n))
+        if self.objective.collapse_monitor is not None:  # the output the objective says is worth watching, if any
+            watched = getattr(out, self.objective.collapse_monitor)
+            self.log("train/collapse_std", collapse_std(watched.detach()), batch_size=n)
         for k, v in out.logs.items():
             self.log(f"train/{k}", v, batch_size=n)
         return out.loss
@@ -298,86 +250,43 @@ class SSLModule(L.LightningModule):
         info = self.step_info()
         self.objective.after_optimizer_step(self.backbone, replace(info, global_step=info.global_step + 1))
 
-    def _step_probe(self) -> None:
-        """One SGD step of the online linear probe on detached features (no gradient reaches the backbone)."""
-        if self._probe_batch is None:
-            return
-        feats, labels = self._probe_batch
-        self._probe_batch = None
-        keep = labels >= 0                     # unlabeled samples (STL-10's unlabeled split) carry -1
-        # the count comes from the host copy of the labels (on_before_batch_transfer): reading it from the device,
-        # or indexing by the mask, would stall the host every step
-        labeled, self._labeled_on_host = self._labeled_on_host, None
-        if labeled is None:
-            labeled = int(keep.sum())
-        if labeled == 0:
-            return
-        opt = self._probe_optimizer()
-        with torch.autocast(self.device.type, enabled=False):
-            logits = self.online_probe(feats.float())
-            if labeled == labels.numel():
-                loss = F.cross_entropy(logits, labels)
-            else:  # the mean over the labelled samples, without gathering them
-                loss = (F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * keep).sum() / labeled
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(self.online_probe.parameters())
-        opt.step()
-        self.log("train/probe_loss", loss.detach(), batch_size=labeled)
-
-    def _probe_optimizer(self) -> torch.optim.Optimizer:
-        if self._probe_opt is None:
-            self._probe_opt = torch.optim.SGD(self.online_probe.parameters(), lr=self.eval_spec.probe_lr,
-                                              momentum=self.eval_spec.probe_momentum, weight_decay=0.0)
-            if self._probe_opt_state is not None:
-                self._probe_opt.load_state_dict(self._probe_opt_state)
-        return self._probe_opt
-
     # ----------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {0: {"f": [], "y": []}, 1: {"f": [], "y": [], "p": []}}
+        self.online_probe.start_validation()
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         """Loader 0: train split under the eval transform (kNN bank); loader 1: test split (queries, probe)."""
         x, y, _ = batch
-        feats = self.backbone(x).float()
-        store = self._val[dataloader_idx]
-        store["f"].append(feats)
-        store["y"].append(y)
-        if dataloader_idx == 1:
-            store["p"].append(self.online_probe(feats).argmax(1))
+        self.online_probe.add(dataloader_idx, self.backbone(x), y)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val[0]["f"] or not self._val[1]["f"]:
+        done = self.online_probe.finish_validation()
+        if done is None:
             return
-        cat = {i: {k: dist.gather_no_grad(torch.cat(v)) for k, v in d.items()} for i, d in self._val.items()}
-        bank_y, test_y = cat[0]["y"], cat[1]["y"]
-        keep = bank_y >= 0
-        res = knn_accuracy(cat[0]["f"][keep].cpu(), bank_y[keep].cpu(), cat[1]["f"].cpu(), test_y.cpu(),
-                           num_classes=self.num_classes, ks=tuple(self.eval_spec.knn_k),
-                           temperature=self.eval_spec.knn_temperature)
-        results = {}
-        for i, k in enumerate(self.eval_spec.knn_k):
-            prefix = "knn" if i == 0 else f"knn{k}"
-            results[f"{prefix}_top1"] = res[k]["top1"]
-            results[f"{prefix}_top5"] = res[k]["top5"]
-        results["probe_top1"] = 100.0 * (cat[1]["p"] == test_y).float().mean().item()
+        results, self.knn_protocol = done
         for name, value in results.items():
             self.log(f"val/{name}", value, sync_dist=True)  # identical on every rank (computed on gathered features)
         self.val_results = results
         self.last_val_step = self.global_step
-        self._val = {}
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite_loss()  # never a checkpoint of a state after a non-finite loss
         checkpoint["ssl_vision"] = {"run_info": self.run_info, "optim": asdict(self.optim_spec),
-                                    "probe_optimizer": self._probe_opt.state_dict() if self._probe_opt else None}
+                                    **self.model_record()}
+
+    def model_record(self) -> dict:
+        """How to rebuild the backbone and where its (and its EMA teacher's) weights are in the state_dict, stored
+        in every checkpoint for the evaluation tools (:func:`ssl_vision.eval.checkpoints.model_record`)."""
+        info = self.run_info
+        kwargs = create_kwargs(info["backbone"], info["data"]) if "backbone" in info and "data" in info else None
+        return model_record(kwargs, self.objective)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint written before the online evaluator held its own optimizer state: moved to where it reads it
+        # (on_load_checkpoint runs before Lightning loads the state_dict)
+        upgrade_checkpoint(checkpoint)
         extra = checkpoint.get("ssl_vision") or {}
-        self._probe_opt_state = extra.get("probe_optimizer")
-        self._probe_opt = None
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return

@@ -23,7 +23,8 @@ clock = time.perf_counter
 
 #: keys every results.json carries (other tools and benchmarks read them; keep stable, see README).
 RESULT_KEYS = ("method", "backbone", "data", "steps", "images_seen", "wall_s", "images_per_s", "train_loss",
-               "knn_top1", "knn_top1_init", "probe_top1", "checkpoint", "train_s", "images_per_s_steady", "legs")
+               "knn_top1", "knn_top1_init", "knn_protocol", "probe_top1", "checkpoint", "train_s",
+               "images_per_s_steady", "legs")
 
 
 def warmup_steps(total_steps: float | int) -> int:

@@ -12,6 +12,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from ssl_vision.config_schema import register as register_config_schema
+
+register_config_schema()  # schema/method, schema/augment, ...: conf/*.yaml merge onto them
+
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)

@@ -69,7 +69,7 @@ CASES = [
     ("moco_v3", {"temperature": -1.0}, "method.kwargs.temperature " + TEMP.format("MoCo v3 uses 0.2.*", "-1.0")),
     ("moco_v3", {"pred_layers": 0}, "method.kwargs.pred_layers " + INT_RANGE.format(1, 0)),
     ("moco_v3", {"momentum_end": -0.1}, "method.kwargs.momentum_end " + INTERVAL.format(r"\[0, 1\]", "-0.1")),
-    ("byol", {"base_momentum": 1.5}, "method.kwargs.base_momentum " + INTERVAL.format(r"\[0, 1\]", "1.5")),
+    ("byol", {"momentum": 1.5}, "method.kwargs.momentum " + INTERVAL.format(r"\[0, 1\]", "1.5")),
     ("byol", {"proj_out_dim": 0}, "method.kwargs.proj_out_dim " + INT_RANGE.format(1, 0)),
     ("simsiam", {"pred_hidden_dim": -1}, "method.kwargs.pred_hidden_dim " + INT_RANGE.format(1, -1)),
     ("simsiam", {"proj_layers": True}, "method.kwargs.proj_layers " + INT_RANGE.format(1, True)),
@@ -77,7 +77,7 @@ CASES = [
     ("dino", {"teacher_temp": 1e-6}, "method.kwargs.teacher_temp " + TEMP.format("DINO's teacher uses 0.04-0.07",
                                                                                  "1e-06")),
     ("dino", {"out_dim": 0}, "method.kwargs.out_dim " + INT_RANGE.format(1, 0)),
-    ("dino", {"momentum_teacher": 2.0}, "method.kwargs.momentum_teacher " + INTERVAL.format(r"\[0, 1\]", "2.0")),
+    ("dino", {"momentum": 2.0}, "method.kwargs.momentum " + INTERVAL.format(r"\[0, 1\]", "2.0")),
     ("mae", {"mask_ratio": 0.0}, "method.kwargs.mask_ratio " + INTERVAL.format(r"\(0, 1\)", "0.0")),
     ("mae", {"mask_ratio": 1.0}, "method.kwargs.mask_ratio " + INTERVAL.format(r"\(0, 1\)", "1.0")),
     ("mae", {"decoder_depth": 0}, "method.kwargs.decoder_depth " + INT_RANGE.format(1, 0)),
@@ -92,7 +92,7 @@ def test_objective_values_are_checked_when_built(method, bad, message):
 
 
 @pytest.mark.parametrize("method,edge", [("simclr", {"temperature": 1e-3}), ("moco_v2", {"momentum": 1.0}),
-                                         ("byol", {"base_momentum": 0.0}), ("mae", {"mask_ratio": 0.95}),
+                                         ("byol", {"momentum": 0.0}), ("mae", {"mask_ratio": 0.95}),
                                          ("swav", {"queue_length": 0}), ("instdisc", {"nce_k": 0}),
                                          ("dino", {"teacher_temp": 0.04, "student_temp": 0.1})])
 def test_values_at_the_edges_of_the_ranges_are_accepted(method, edge):
@@ -124,7 +124,7 @@ def test_swav_without_prototypes_fails_before_training(make_cfg):
     ("checkpoint.save_top_k=all", r"checkpoint\.save_top_k must be an integer >= -1 .*, got 'all'"),
     ("checkpoint.save_init=maybe", r"checkpoint\.save_init must be true or false, got 'maybe'"),
     ("eval.knn_k=[0]", r"eval\.knn_k must be a list of positive integers.*, got \[0\]"),
-    ("augment.views.0.count=0", r"augment\.views\.0\.count must be a positive integer .*, got 0 \(int\)"),
+    ("augment.views.global.count=0", r"augment\.views\.global\.count must be a positive integer .*, got 0 \(int\)"),
 ])
 def test_typed_config_fields_are_named(make_cfg, override, message):
     with pytest.raises(ConfigValueError, match=message):

@@ -108,3 +108,24 @@ def test_aug_ab_quick_checks_the_variants_agree():
     others = {"index_select_4d", "index_select_2d", "sub_mul_float_ops"}
     assert {k for pair in pairs for k in pair} | others == set(res["kernels"])
     assert all(math.isfinite(v) and v > 0 for v in res["kernels"].values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
+                    reason="lightly is not installed (optional extra: pip install -e '.[bench]')")
+def test_parity_two_steps_of_simclr_on_tiny_data(tmp_path):
+    """Both sides train 2 steps on the same batches (checked by sample index inside the script) and are evaluated by
+    the same kNN; the summary is computed from the per-seed numbers."""
+    out_json = tmp_path / "parity.json"
+    res = load_script("parity").main([
+        "--methods", "simclr", "--steps", "2", "--seeds", "0", "--recipe", "none", "--json", str(out_json),
+        "--override", "data=synthetic", "data.synthetic_size=48", "data.batch_size=16", "data.eval_batch_size=64",
+        "backbone.width=0.125", "method.kwargs.proj_hidden_dim=64", "eval.knn_k=[5]"])
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(res))
+    (row,) = res["rows"]
+    (run,) = row["runs"]
+    assert run["same_batches"] and run["steps"] == 2 and run["seed"] == 0
+    for side in ("ours", "lightly"):
+        assert 0.0 <= run[f"{side}_knn_top1"] <= 100.0
+        assert all(math.isfinite(x) for x in run[f"{side}_loss_first_last"])
+        assert row[f"{side}_spread"] == 0.0 and row[f"{side}_mean"] == run[f"{side}_knn_top1"]
+    assert row["diff"] == round(run["ours_knn_top1"] - run["lightly_knn_top1"], 2)

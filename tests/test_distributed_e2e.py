@@ -57,8 +57,11 @@ HEADS = {  # small heads; the structure (BN or not, layers) is the method's own
     "instdisc": ["method.kwargs.embed_dim=32", "method.kwargs.nce_k=16"],
     "moco_v1": ["method.kwargs.queue_size=64", "method.kwargs.embed_dim=32"],
     "moco_v2": ["method.kwargs.queue_size=64", "method.kwargs.embed_dim=32", "method.kwargs.proj_hidden_dim=64"],
+    # SGD-type steps (LARS) instead of the ViT recipe's AdamW: through the projector's BatchNorm the ViT's final-norm
+    # bias (and every key bias, through the softmax) has an analytically zero gradient, and Adam turns the
+    # rounding noise of such a gradient into a full lr-sized step whose sign differs between 1 and 2 processes
     "moco_v3": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=32",
-                "method.kwargs.pred_hidden_dim=64"],
+                "method.kwargs.pred_hidden_dim=64", "method.optim.name=lars"],
     "byol": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=32", "method.kwargs.pred_hidden_dim=64"],
     "simsiam": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=64",
                 "method.kwargs.pred_hidden_dim=16"],

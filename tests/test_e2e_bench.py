@@ -170,14 +170,12 @@ def test_probe_on_partly_unlabelled_batch_matches_the_labelled_subset(make_cfg):
     feats, labels = torch.randn(8, module.online_probe.in_features), torch.tensor([3, -1, 0, 9, -1, -1, 2, 5])
     keep = labels >= 0
     ref = torch.nn.Linear(module.online_probe.in_features, module.online_probe.out_features)
-    ref.load_state_dict(module.online_probe.state_dict())
+    ref.load_state_dict({"weight": module.online_probe.weight, "bias": module.online_probe.bias})
     ref_opt = torch.optim.SGD(ref.parameters(), lr=module.eval_spec.probe_lr, momentum=module.eval_spec.probe_momentum)
     torch.nn.functional.cross_entropy(ref(feats[keep]), labels[keep]).backward()
     ref_opt.step()
-    module.log = lambda *a, **k: None  # no trainer here
-    module._labeled_on_host = int(keep.sum())  # as on_before_batch_transfer counts it from the host labels
-    module._probe_batch = (feats, labels)
-    module._step_probe()
+    # the labelled count as SSLDataModule.on_before_batch_transfer takes it from the host labels
+    module.online_probe.train_step(feats, labels, labeled=int(keep.sum()))
     assert torch.allclose(module.online_probe.weight, ref.weight, atol=1e-6)
     assert torch.allclose(module.online_probe.bias, ref.bias, atol=1e-6)
 

@@ -30,10 +30,16 @@ def _cli(args: list[str], cwd: Path) -> list[str]:
     return [sys.executable, str(ROOT / "tools/pretrain.py"), *args]
 
 
+def _same_threads() -> dict[str, str]:
+    """The subprocesses' environment with this process's torch thread count: the in-process reference run must use
+    the same number of threads (float sums are split differently with another count)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def _kill_after_checkpoint(cmd: list[str], root: Path, min_step: int, timeout: float = 240.0) -> tuple[Path, int]:
     """Start ``cmd``, SIGKILL it as soon as a ``last.ckpt`` with ``global_step >= min_step`` exists; return that
     checkpoint's path and the step it holds after the kill."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=root, env=_same_threads())
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -74,7 +80,8 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted(make_cfg, tmp_p
     run_dir = ckpt.parent.parent
     assert not (run_dir / "results.json").exists()
 
-    out = subprocess.run(_cli([*args, "resume=auto"], root), capture_output=True, text=True, cwd=root, timeout=300)
+    out = subprocess.run(_cli([*args, "resume=auto"], root), capture_output=True, text=True, cwd=root, timeout=300,
+                         env=_same_threads())
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert f"resuming {ckpt}" in out.stdout

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
 from ssl_vision import distributed as dist
-from ssl_vision.checkpoint_io import load_checkpoint
+from ssl_vision.checkpoint_io import load_checkpoint, normalize_fit_position
 from ssl_vision.data.datamodule import SSLDataModule
 from ssl_vision.launch import build_trainer, run_pretraining
 from tests.conftest import FAST
@@ -51,10 +51,24 @@ def _expected_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def _leg(make_cfg, overrides: list[str], run_dir: Path | None = None) -> tuple[dict, Record]:
+def _leg(make_cfg, overrides: list[str], run_dir: Path | None = None, stop_at: int | None = None
+         ) -> tuple[dict, Record]:
     rec = Record()
-    results = run_pretraining(make_cfg([*BASE, *overrides], run_dir=run_dir), extra_callbacks=[rec])
+    extra = [rec] if stop_at is None else [rec, StopAt(stop_at)]
+    results = run_pretraining(make_cfg([*BASE, *overrides], run_dir=run_dir), extra_callbacks=extra)
     return results, rec
+
+
+class StopAt(L.Callback):
+    """Sets ``trainer.should_stop`` once ``step`` optimizer steps are done, as ``trainer.max_time``, a signal handler or
+    any other callback that ends a run early does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
 
 
 def _last_ckpt(results: dict) -> Path:
@@ -281,3 +295,131 @@ def test_a_rank_that_skips_a_collective_gives_the_other_a_clear_error():
     assert float(took) < 2.5, "it fired at the configured timeout (1 s), not gloo's 30 minutes"
     assert text.startswith("rank 0 waited 1 s for the other processes at an all-reduce (all_reduce_sum)")
     assert "another process stopped or hung" in text and "raise distributed.timeout_s=60" in text
+
+
+# ------------------------------------------------------------------------------------ where a stopped run resumes
+RUNS = "outputs/simclr-resnet18-synthetic"  # resume=auto's search place under make_cfg's paths.output_root
+
+
+def _epochs(count: int, num_samples: int = 96, batch: int = 16, seed: int = 0) -> list[list[int]]:
+    """The batches of an uninterrupted run of ``count`` epochs, written out from the epochs' orders."""
+    return [_order(num_samples, seed, e)[i:i + batch] for e in range(count)
+            for i in range(0, num_samples - batch + 1, batch)]
+
+
+def _legs(results: dict) -> list[tuple[int, int, int]]:
+    return [(leg["from_step"], leg["to_step"], leg["images_seen"]) for leg in results["legs"]]
+
+
+def _as_written_before(path: Path, out: Path, epoch_counters: dict, epoch: int) -> Path:
+    """``path`` with the epoch counters an older version wrote at that position (the data position unchanged)."""
+    ckpt = load_checkpoint(path)
+    fit = ckpt["loops"]["fit_loop"]
+    fit["epoch_progress"] = {"total": dict(epoch_counters), "current": dict(epoch_counters)}
+    ckpt["epoch"] = epoch
+    torch.save(ckpt, out)
+    return out
+
+
+@pytest.mark.parametrize("save", ["epoch_end", "train_end"])
+def test_run_stopped_inside_an_epoch_resumes_with_the_rest_of_that_epoch(make_cfg, tmp_path, capsys, save):
+    """A run stopped by ``trainer.should_stop`` after 3 of epoch 0's 6 batches, its checkpoint written as the epoch
+    ends (``checkpoint.every_n_epochs``) or as training ends (last.ckpt, ``every_n_steps`` not reached): the resumed
+    run trains batches 4-6 of epoch 0, then epoch 1 -- the batches of an uninterrupted run, each once -- and the
+    record counts 12 steps and 192 images. (Lightning marks the stopped epoch done; the old code resumed at epoch 1,
+    and the run never saw half of epoch 0: 9 steps, 144 images.) A checkpoint written so by the old code is corrected
+    when it is resumed."""
+    common = ["trainer.max_epochs=2"] + (["checkpoint.every_n_steps=5"] if save == "train_end" else [])
+    first, rec1 = _leg(make_cfg, common, run_dir=tmp_path / RUNS / "t1", stop_at=3)
+    assert first["steps"] == 3 and rec1.indices == _epochs(2)[:3]
+    saved = load_checkpoint(_last_ckpt(first))
+    old = None
+    if save == "train_end":  # what the old code wrote at train end: epoch 0 counted done
+        old = _as_written_before(_last_ckpt(first), tmp_path / "old.ckpt",
+                                 {"ready": 1, "started": 1, "processed": 1, "completed": 1}, epoch=1)
+    second, rec2 = _leg(make_cfg, [*common, "resume=auto"], run_dir=tmp_path / RUNS / "t2")
+    assert rec1.indices + rec2.indices == _epochs(2)
+    assert second["steps"] == 12 and second["images_seen"] == 12 * 16
+    assert _legs(second) == [(0, 3, 48), (3, 12, 9 * 16)]
+    # the checkpoint says where the run stood: inside epoch 0 (not "epoch 0 done")
+    assert saved["epoch"] == 0 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 0
+    if old is not None:
+        capsys.readouterr()
+        again, rec3 = _leg(make_cfg, [*common, f"resume={old}"], run_dir=tmp_path / "from_old")
+        assert "loop position corrected (epoch 0 was stopped after 3 of its batches" in capsys.readouterr().out
+        assert rec3.indices == rec2.indices and again["steps"] == 12
+
+
+def test_checkpoints_on_an_epochs_last_batch_resumed_twice_train_the_configured_length(make_cfg, tmp_path, capsys):
+    """3 epochs of 6 batches with a checkpoint every 6 steps (each on an epoch's last batch), stopped after epoch 0
+    and after epoch 1, resumed with resume=auto each time: 18 steps, 288 images, every batch of an uninterrupted run
+    once. (Lightning's resume from such a checkpoint ran the next epoch without counting it as started, so the
+    second resume trained epoch 1 again: 24 steps, 384 images.) A checkpoint that such a leg wrote is corrected."""
+    common = ["trainer.max_epochs=3", "checkpoint.every_n_steps=6"]
+    _, rec1 = _leg(make_cfg, common, run_dir=tmp_path / RUNS / "t1", stop_at=6)
+    second, rec2 = _leg(make_cfg, [*common, "resume=auto"], run_dir=tmp_path / RUNS / "t2", stop_at=12)
+    assert second["steps"] == 12
+    saved = load_checkpoint(_last_ckpt(second))
+    # what the old code's second leg wrote there: epoch counters one epoch behind
+    old = _as_written_before(_last_ckpt(second), tmp_path / "old.ckpt",
+                             {"ready": 1, "started": 1, "processed": 1, "completed": 1}, epoch=1)
+    third, rec3 = _leg(make_cfg, [*common, "resume=auto"], run_dir=tmp_path / RUNS / "t3")
+    assert rec1.indices + rec2.indices + rec3.indices == _epochs(3)
+    assert third["steps"] == 18 and third["images_seen"] == 18 * 16
+    assert _legs(third) == [(0, 6, 96), (6, 12, 96), (12, 18, 96)]
+    assert saved["epoch"] == 1 and saved["loops"]["fit_loop"]["epoch_progress"]["current"] == \
+        {"ready": 2, "started": 2, "processed": 2, "completed": 1}, "as written at the end of epoch 1"
+    capsys.readouterr()
+    again, rec4 = _leg(make_cfg, [*common, f"resume={old}"], run_dir=tmp_path / "from_old")
+    assert "loop position corrected" in capsys.readouterr().out
+    assert rec4.indices == rec3.indices and again["steps"] == 18
+
+
+def _position(epoch_counters, batch_current, is_last, loader_epoch, batches_done, stepped=10):
+    c = dict(zip(("ready", "started", "processed", "completed"), epoch_counters))
+    b = dict(zip(("ready", "started", "processed", "completed"), batch_current))
+    return {"epoch": c["completed"], "loops": {"fit_loop": {
+        "epoch_progress": {"total": dict(c), "current": dict(c)},
+        "epoch_loop.batch_progress": {"total": {k: v + 20 for k, v in b.items()}, "current": b,
+                                      "is_last_batch": is_last},
+        "epoch_loop.state_dict": {"_batches_that_stepped": stepped},
+        "state_dict": {"combined_loader": [{"epoch": loader_epoch, "batches_done": batches_done, "global_batch": 16,
+                                            "num_samples": 96, "seed": 0}]}}}}
+
+
+@pytest.mark.parametrize("counters, batches, is_last", [
+    ((3, 3, 2, 2), (4, 4, 4, 3), False),   # on_train_batch_end inside epoch 2 (a periodic mid-epoch checkpoint)
+    ((3, 3, 2, 2), (4, 4, 4, 4), False),   # on_validation_end inside epoch 2 (val_check_interval < 1)
+    ((3, 3, 3, 2), (6, 6, 6, 6), True),    # on_train_epoch_end of epoch 2 (every_n_epochs)
+    ((3, 3, 3, 3), (6, 6, 6, 6), True),    # on_train_end after the whole of epoch 2
+])
+def test_a_checkpoint_whose_loop_position_is_right_is_left_alone(counters, batches, is_last):
+    ckpt = _position(counters, batches, is_last, loader_epoch=2, batches_done=batches[0])
+    before = repr(ckpt)
+    assert normalize_fit_position(ckpt) is None and repr(ckpt) == before
+
+
+def test_loop_positions_written_wrong_are_set_to_the_data_position():
+    """The forms the old code wrote, each next to what an uninterrupted run writes at that position."""
+    # stopped after 4 of epoch 2's 6 batches, saved as training ended: "epoch 2 done" -> inside epoch 2
+    ckpt = _position((3, 3, 3, 3), (4, 4, 4, 4), False, loader_epoch=2, batches_done=4)
+    assert "epoch 2 was stopped after 4 of its batches" in normalize_fit_position(ckpt)
+    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"] == {"ready": 3, "started": 3, "processed": 2,
+                                                                      "completed": 2} and ckpt["epoch"] == 2
+    # on epoch 2's last batch (on_train_batch_end): as written at that epoch's end
+    ckpt = _position((3, 3, 2, 2), (6, 6, 6, 5), True, loader_epoch=2, batches_done=6)
+    assert "last batch of epoch 2" in normalize_fit_position(ckpt)
+    fit = ckpt["loops"]["fit_loop"]
+    assert fit["epoch_progress"]["total"] == {"ready": 3, "started": 3, "processed": 3, "completed": 2}
+    assert fit["epoch_loop.batch_progress"]["current"] == {"ready": 6, "started": 6, "processed": 6, "completed": 6}
+    assert fit["epoch_loop.batch_progress"]["total"]["completed"] == 26
+    assert fit["epoch_loop.state_dict"]["_batches_that_stepped"] == 11
+    # inside epoch 2 with counters one epoch behind (a leg resumed from a last-batch checkpoint)
+    ckpt = _position((2, 2, 2, 2), (3, 3, 3, 2), False, loader_epoch=2, batches_done=3)
+    assert normalize_fit_position(ckpt)
+    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"] == {"ready": 3, "started": 3, "processed": 2,
+                                                                      "completed": 2}
+    # a checkpoint without our loader position is not ours to rewrite
+    other = {"loops": {"fit_loop": {"epoch_progress": {}, "state_dict": {}}}}
+    assert normalize_fit_position(other) is None and other == {"loops": {"fit_loop": {"epoch_progress": {},
+                                                                                       "state_dict": {}}}}

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from ssl_vision.cli import fail  # noqa: E402
 from ssl_vision.eval.compare import compare  # noqa: E402
 
 
@@ -72,8 +73,29 @@ def linear_runner(overrides: list[str]):
     return run
 
 
+DESCRIPTION = """Compare pretraining runs: one table (comparison.md, comparison.csv) and two figures (accuracy.png: kNN,
+linear and online-probe top-1 per run, one bar series per protocol, the random-init kNN as a black tick;
+curves.png: training loss per objective and online kNN, over steps or images seen) from the files the runs left
+(results.json, .hydra/config.yaml, logs/metrics.csv, <checkpoint>.knn.json / .linear.json). Sweep jobs without
+results are listed as failed (or running)."""
+
+EPILOG = """examples:
+  python tools/compare.py outputs/multirun/2026-01-01_12-00-00
+      every run of a sweep; writes comparison.md/.csv, accuracy.png, curves.png into that directory
+  python tools/compare.py outputs/simclr-resnet18-cifar10/2026-01-01_12-00-00 \\
+      outputs/byol-resnet18-cifar10/2026-01-02_09-30-00 --out reports/simclr_vs_byol \\
+      --evaluate --linear --linear-override epochs=10
+      two runs, with the offline kNN and linear probe run where a number is missing"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own: the usage block, then the message)
+        fail(f"{message} (e.g. python tools/compare.py outputs/multirun/<time>; --help for more)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(prog="tools/compare.py", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="a multirun directory, run directories, or any folder above them")
     p.add_argument("--out", help="where the table and figures go (default: the single directory given)")
     p.add_argument("--evaluate", action="store_true", help="run the offline kNN for runs that have no kNN number")
@@ -85,17 +107,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--linear-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override for conf/linear.yaml (repeatable)")
     args = p.parse_args(argv)
+    missing = [path for path in args.paths if not Path(path).exists()]
+    if missing:
+        fail(f"{', '.join(missing)} does not exist{'' if len(missing) == 1 else ' (none of these exist)'}: give a "
+             f"sweep directory (e.g. outputs/multirun/<time>), run directories, or any folder above them")
     if args.out is None:
         if len(args.paths) != 1 or not Path(args.paths[0]).is_dir():
-            p.error("several paths (or a file) given: say where the comparison goes with --out DIR")
+            fail("several paths (or a file) given: say where the comparison goes with --out DIR")
         args.out = args.paths[0]
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    res = compare(args.paths, args.out, knn_runner(args.knn_override) if args.evaluate else None,
-                  linear_runner(args.linear_override) if args.linear else None, args.knn_k, args.knn_temperature)
+    try:
+        res = compare(args.paths, args.out, knn_runner(args.knn_override) if args.evaluate else None,
+                      linear_runner(args.linear_override) if args.linear else None, args.knn_k, args.knn_temperature)
+    except FileNotFoundError as exc:
+        fail(str(exc))
     print(Path(res["files"]["comparison.md"]).read_text())
     print("[ssl_vision] wrote " + ", ".join(res["files"].values()))
     return res

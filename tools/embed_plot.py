@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ssl_vision.cli import CHECKPOINT_EXAMPLE, require  # noqa: E402
 from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.run_record import keep_previous  # noqa: E402
 from ssl_vision.eval.embed import CLASS_NAMES, METHODS, embed_backbone, plot_embedding  # noqa: E402
@@ -65,6 +66,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="embed", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    require(cfg, "checkpoint", "the pretraining checkpoint or exported backbone to draw", CHECKPOINT_EXAMPLE)
     with exit_on_unwritable_output():
         run(cfg)
 

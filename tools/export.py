@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ssl_vision.cli import CHECKPOINT_EXAMPLE, require  # noqa: E402
 from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.eval.export import backbone_sidecar, write_backbone_files  # noqa: E402
 from ssl_vision.eval.outputs import exit_on_unwritable_output, output_path, publish  # noqa: E402
@@ -49,6 +50,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    require(cfg, "checkpoint", "the pretraining checkpoint whose backbone to export", CHECKPOINT_EXAMPLE)
     with exit_on_unwritable_output():
         run(cfg)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Weighted kNN of a frozen backbone (docs/reference.md §10.1): ``python tools/knn_eval.py checkpoint=<path>``.
 
-Options (conf/knn.yaml): ``ks=[10,20,100,200] temperature=0.07 use_teacher=true batch_size=... num_workers=...
-device=auto train_subset=... expect_backbone=resnet18``; data from the checkpoint unless ``data=<name>`` or
+Options (conf/knn.yaml): ``ks=[200,10,20,100] temperature=0.1 use_teacher=true batch_size=... num_workers=...
+device=auto train_subset=... subset_seed=... expect_backbone=resnet18``: by default the protocol of the online kNN
+(``conf/pretrain.yaml`` ``eval``) on the full train split as the bank; data from the checkpoint unless ``data=<name>`` or
 ``+data.root=/path``. Every k comes from one faiss search. Prints top-1 / top-5 per k, writes
 ``<checkpoint stem>.knn.json`` beside the checkpoint, or into ``output_dir=<folder>`` (an existing one is kept
 renamed), and prints that JSON as the last line of stdout -- also when the file cannot be written (a read-only
@@ -21,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ssl_vision.cli import CHECKPOINT_EXAMPLE, require  # noqa: E402
 from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.eval.features import (build_eval_loaders, extract_features, resolve_device,  # noqa: E402
                                       resolve_eval_data)
 from ssl_vision.eval.knn import knn_accuracy  # noqa: E402
+from ssl_vision.eval.online import knn_protocol  # noqa: E402
 from ssl_vision.eval.outputs import (exit_on_unwritable_output, output_path, publish, warn_if_unwritable,  # noqa: E402
                                      write_result_json)
 
@@ -36,11 +39,15 @@ def evaluate(cfg: DictConfig) -> dict:
     data = resolve_eval_data(info["data"], OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
                              kw["in_chans"], kw["image_size"])
     device = resolve_device(cfg.device)
-    train_loader, test_loader = build_eval_loaders(data, cfg.batch_size, cfg.num_workers, cfg.train_subset)
+    # a train_subset is drawn as the run drew its online kNN bank (data.knn_train_subset): same seed, same images
+    seed = cfg.subset_seed if cfg.subset_seed is not None else (info.get("seed") or 0)
+    train_loader, test_loader = build_eval_loaders(data, cfg.batch_size, cfg.num_workers, cfg.train_subset,
+                                                   seed=int(seed))
     t0 = time.perf_counter()
     backbone.to(device)
-    train_f, train_y = extract_features(backbone, train_loader, device)
-    test_f, test_y = extract_features(backbone, test_loader, device)
+    progress = cfg.get("progress", "auto")  # bars on stderr when it is a terminal, or progress=true
+    train_f, train_y = extract_features(backbone, train_loader, device, progress, desc="features train")
+    test_f, test_y = extract_features(backbone, test_loader, device, progress, desc="features test")
     t1 = time.perf_counter()
     ks = [int(k) for k in cfg.ks]
     acc = knn_accuracy(train_f, train_y, test_f, test_y, data.num_classes, ks=ks, temperature=cfg.temperature,
@@ -49,7 +56,9 @@ def evaluate(cfg: DictConfig) -> dict:
             "weights": info["weights"], "global_step": info["global_step"], "data": data.name,
             "num_classes": data.num_classes, "train_samples": int(train_f.shape[0]),
             "test_samples": int(test_f.shape[0]), "feature_dim": dim, "temperature": float(cfg.temperature),
-            "ks": ks, "knn": {str(k): acc[k] for k in ks}, "extract_s": round(t1 - t0, 3),
+            "ks": ks, "knn": {str(k): acc[k] for k in ks},
+            "knn_protocol": knn_protocol(ks, cfg.temperature, int(train_f.shape[0]), int(test_f.shape[0])),
+            "extract_s": round(t1 - t0, 3),
             "knn_s": round(time.perf_counter() - t1, 3), "device": str(device)}
 
 
@@ -68,6 +77,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="knn", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    require(cfg, "checkpoint", "the pretraining checkpoint or exported backbone to evaluate", CHECKPOINT_EXAMPLE)
     with exit_on_unwritable_output():
         results = run(cfg)
     return results["knn"][str(results["ks"][0])]["top1"]  # Hydra sweepers can optimise this

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ssl_vision.cli import CHECKPOINT_EXAMPLE, require  # noqa: E402
 from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.eval.features import resolve_eval_data  # noqa: E402
 from ssl_vision.eval.finetune import finetune_backbone, make_finetune_spec  # noqa: E402
@@ -103,7 +104,7 @@ def evaluate(cfg: DictConfig) -> dict:
     ckpt, backbone, info, data, head = _load(cfg)
     res = probe_checkpoint(ckpt, spec, data, backbone, info, cfg.extract_batch_size, cfg.num_workers, cfg.device,
                            cfg.train_augment, cfg.cache_features, cfg.report_best_on_test, cfg.train_subset,
-                           output_dir=cfg.output_dir)
+                           output_dir=cfg.output_dir, progress=cfg.get("progress", "auto"))
     return {**head, **res}
 
 
@@ -129,6 +130,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="linear", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    require(cfg, "checkpoint", "the pretraining checkpoint or exported backbone to probe", CHECKPOINT_EXAMPLE)
     with exit_on_unwritable_output():
         return run(cfg)["top1"]  # Hydra sweepers can optimise this
 

@@ -18,9 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("WANDB_MODE", "offline")                   # never wait on a login
 
+from ssl_vision.config_schema import register as register_config_schema  # noqa: E402  (no torch either)
 from ssl_vision.run_lock import register_resolvers  # noqa: E402  (stdlib + omegaconf only: no torch here)
 
 register_resolvers()  # ${ssl_vision_unique_dir:...}: hydra.run.dir / hydra.sweep.dir in conf/pretrain.yaml
+register_config_schema()  # the typed schema conf/method, augment and backbone files merge onto (config_schema.py)
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")

@@ -7,13 +7,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_vision.data.batched import BatchedViews, RawImages, collate_raw, load_side
-from ssl_vision.data.datasets import BAD_IMAGE_POLICIES, IndexedDataset, build_dataset, take_subset
+from ssl_vision.data.batched import BatchedViews
+from ssl_vision.data.datasets import (BAD_IMAGE_POLICIES, IndexedDataset, build_dataset, folder_eval_root_sets,
+                                      take_subset)
 from ssl_vision.data.encoded import DECODE_MODES, DeviceDecodedViews, EncodedImages, collate_encoded
+from ssl_vision.data.raw_batch import RawImages, collate_raw, is_raw_batch, load_side
 from ssl_vision.data.sampling import GlobalBatchSampler, SeededViews
-from ssl_vision.data.views import build_eval_transform, build_multiview
+from ssl_vision.data.views import build_eval_transform, build_multiview, view_specs
+
+# data without labels (data=folder, no data.eval_root) has no evaluation loaders by design (eval_skipped says why);
+# Lightning's warning about the empty list would only alarm
+warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 
 class ResumableLoader(DataLoader):
@@ -93,7 +100,7 @@ class SSLDataModule(L.LightningDataModule):
         std: Sequence[float],
         batch_size: int,
         num_workers: int,
-        views: Sequence[Mapping[str, Any]],
+        views: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
         download: bool = False,
         train_subset: int | None = None,
         knn_train_subset: int | None = None,
@@ -107,6 +114,7 @@ class SSLDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         on_bad_image: str = "error",
         decode: str = "host",
+        eval_root: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -117,9 +125,13 @@ class SSLDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         if decode not in DECODE_MODES:
             raise ValueError(f"data.decode={decode!r}; valid: {', '.join(DECODE_MODES)}")
-        if decode == "device" and name != "imagefolder":
-            raise ValueError(f"data.decode=device decodes JPEG files of an ImageFolder (data=imagefolder or "
-                             f"data=imagenet); data {name!r} needs data.decode=host")
+        if decode == "device" and name not in ("imagefolder", "folder"):
+            raise ValueError(f"data.decode=device decodes JPEG files of an ImageFolder (data=imagefolder, "
+                             f"data=imagenet or data=folder); data {name!r} needs data.decode=host")
+        if eval_root is not None and name != "folder":
+            raise ValueError(f"data.eval_root is the labelled evaluation set of data=folder; data {name!r} "
+                             f"evaluates on its own test split: remove data.eval_root")
+        self.eval_root = eval_root  # data=folder: labelled train/ and val/ class folders for kNN and the probe
         self.decode = decode  # host: PIL in the loader workers; device: JPEG bytes to the device (.encoded)
         self.name, self.root, self.download = name, root, download
         self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes
@@ -131,9 +143,10 @@ class SSLDataModule(L.LightningDataModule):
         self.synthetic_size, self.stl_unlabeled = synthetic_size, stl_unlabeled
         self.train_dir, self.val_dir = train_dir, val_dir
         # Built now so that a bad augmentation config fails at construction, before any data is read.
-        self.train_transform = build_multiview(list(views), image_size, in_chans, mean, std)
-        self.views, self.mean, self.std = list(views), mean, std
+        self.train_transform = build_multiview(views, image_size, in_chans, mean, std)
+        self.views, self.mean, self.std = view_specs(views), mean, std  # augment.views: name -> spec, in order
         self.backend, self.batch_views = "per_sample", None
+        self.labeled_on_host: int | None = None  # labelled samples of the current train batch (host count)
         self.eval_transform = build_eval_transform(image_size, in_chans, mean, std, eval_crop_ratio)
         self.train_dataset: Dataset | None = None  # untransformed (img, label) items, after train_subset
         self.knn_train_dataset: Dataset | None = None  # labeled train images for the kNN bank
@@ -143,7 +156,7 @@ class SSLDataModule(L.LightningDataModule):
     def with_backend(self, backend: str) -> SSLDataModule:
         """``per_sample`` (default): views made image by image in the loader workers (PIL, :mod:`.views`).
         ``batched``: train batches are raw uint8 images (``collate_raw``) and :attr:`batch_views` turns them into
-        ``(views, labels, indices)`` on the model's device (``SSLModule.on_after_batch_transfer`` calls it); see
+        ``(views, labels, indices)`` on the model's device (this data module's :meth:`on_after_batch_transfer`); see
         :mod:`.batched`. With ``decode="device"`` (``data.decode``, ImageFolder JPEGs; needs ``batched``) the train
         batches hold the files' bytes and :attr:`batch_views` decodes them on that device first (:mod:`.encoded`).
         Returns ``self``."""
@@ -157,6 +170,28 @@ class SSLDataModule(L.LightningDataModule):
             self.batch_views = DeviceDecodedViews(self.batch_views, self.in_chans, load_side(self.image_size),
                                                   self.on_bad_image)
         return self
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a train batch's labelled samples while its labels are still on the host: :attr:`labeled_on_host`,
+        which the online linear probe reads instead of counting on the device (a host-device sync per step)."""
+        self.labeled_on_host = None
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            labels = batch.get("labels") if isinstance(batch, Mapping) else (
+                batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None)
+            if torch.is_tensor(labels) and labels.device.type == "cpu":
+                self.labeled_on_host = int((labels >= 0).sum())
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``augment.backend=batched``: a train batch of raw uint8 images (or undecoded JPEG files) becomes
+        ``(views, labels, indices)`` here, once Lightning has moved it to the model's device (:attr:`batch_views`)."""
+        if not is_raw_batch(batch):
+            return batch
+        if self.batch_views is None:
+            raise RuntimeError(f"a raw-image train batch reached the model but SSLDataModule has augment.backend="
+                               f"{self.backend!r}; build it with .with_backend('batched')")
+        return self.batch_views(batch)
 
     def _check_decode(self, backend: str) -> None:
         if self.decode == "device" and backend != "batched":
@@ -191,11 +226,28 @@ class SSLDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         train = self._build("train", self.stl_unlabeled)
-        # STL-10's unlabeled images have label -1; the kNN bank must hold only the labeled train images.
-        labeled_train = self._build("train") if self.stl_unlabeled and self.name == "stl10" else train
         self.train_dataset = take_subset(train, self.train_subset, self.seed)
+        if self.name == "folder":  # unlabeled images: kNN bank and test set only from a labelled data.eval_root
+            evaluation = folder_eval_root_sets(self.eval_root, self.in_chans, self.num_classes, self.train_dir,
+                                               self.val_dir, self.on_bad_image)
+            if evaluation is None:
+                return
+            labeled_train, self.test_dataset = evaluation
+        else:
+            # STL-10's unlabeled images have label -1; the kNN bank must hold only the labeled train images.
+            labeled_train = self._build("train") if self.stl_unlabeled and self.name == "stl10" else train
+            self.test_dataset = self._build("test")
         self.knn_train_dataset = take_subset(labeled_train, self.knn_train_subset, self.seed)
-        self.test_dataset = self._build("test")
+
+    @property
+    def eval_skipped(self) -> str | None:
+        """Why there is no kNN / probe evaluation (``data=folder`` without ``data.eval_root``), or None."""
+        if self.name == "folder" and self.eval_root is None:
+            return ("data=folder holds unlabeled images and no labelled evaluation set was given: kNN and the "
+                    "linear probe need one; set data.eval_root=<folder with train/ and val/ class sub-folders> "
+                    "(and data.num_classes), or evaluate a checkpoint later with tools/knn_eval.py data=imagefolder "
+                    "data.root=<labelled folder> data.num_classes=<N>")
+        return None
 
     @property
     def num_train_samples(self) -> int:
@@ -295,7 +347,10 @@ class SSLDataModule(L.LightningDataModule):
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last."""
+        """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last. No
+        loaders (Lightning then skips validation) when the data has no labelled evaluation set (:attr:`eval_skipped`)."""
+        if self.eval_skipped is not None:
+            return []
         loaders = []
         for ds in (self._require(self.knn_train_dataset), self._require(self.test_dataset)):
             if len(ds) == 0:

@@ -1,4 +1,5 @@
-"""Data sets that yield ``(PIL.Image, int label)``: local Fashion-MNIST, CIFAR-10/100, STL-10, ImageFolder, synthetic.
+"""Data sets that yield ``(PIL.Image, int label)``: local Fashion-MNIST, CIFAR-10/100, STL-10, ImageFolder, a plain
+folder of unlabeled images (label -1), synthetic.
 
 Every data set returns PIL images so that one family of PIL transforms (``views.py``) serves all of them; the
 transforms, not the data sets, decide the channel count the model sees.
@@ -18,8 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "folder", "synthetic")
 SPLITS = ("train", "test")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs the files
 DEFAULT_TORCHVISION_ROOT = "./data"
@@ -220,13 +222,13 @@ class CheckedImageFolder(ImageFolder):
 
 
 def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int, train_dir: str, val_dir: str,
-                  on_bad_image: str = "error"):
+                  on_bad_image: str = "error", key: str = "data.root"):
     if root is None:
-        raise ValueError("imagefolder needs data.root=... (a folder with train/ and val/ class sub-folders)")
+        raise ValueError(f"imagefolder needs {key}=... (a folder with train/ and val/ class sub-folders)")
     folder = os.path.join(root, train_dir if split == "train" else val_dir)
     if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"imagefolder: {folder!r} does not exist. Fix: set data.root=... to a folder containing "
+            f"imagefolder: {folder!r} does not exist. Fix: set {key}=... to a folder containing "
             f"{train_dir}/ and {val_dir}/ (one sub-folder per class), or data.train_dir / data.val_dir."
         )
     try:
@@ -234,11 +236,76 @@ def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int,
     except FileNotFoundError as err:  # torchvision: no class folder, or class folders without image files
         raise FileNotFoundError(
             f"imagefolder: {folder!r} holds no usable images ({err}). Fix: one sub-folder per class with the images "
-            f"in it ({folder}/<class>/<name>.jpg), or point data.root=... at such a folder."
+            f"in it ({folder}/<class>/<name>.jpg), or point {key}=... at such a folder."
         ) from err
     if len(ds.classes) != num_classes:
         raise ValueError(f"imagefolder: {folder!r} has {len(ds.classes)} class folders but data.num_classes={num_classes}")
     return ds
+
+
+# ------------------------------------------------------------------------------------------- unlabeled image folder
+#: label of every image of an unlabeled folder (the online probe and the kNN skip labels < 0)
+UNLABELED = -1
+
+
+def list_image_files(root: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[str]:
+    """Every file under ``root`` (recursively, symlinked folders followed) whose name ends in one of
+    ``extensions`` (any case), in sorted path order; hidden files and folders (names starting with ".", e.g.
+    ``.ipynb_checkpoints``, macOS ``._x.jpg``) are left out.
+
+    A missing ``root``, a file given as ``root`` and a folder without any image file are errors that name the folder
+    and the accepted extensions."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"data=folder: data.root={root!r} does not exist. Fix: set data.root=... to a folder "
+                                f"of images (any layout, sub-folders included; {', '.join(extensions)})")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"data=folder: data.root={root!r} is a file, not a folder. Fix: set data.root=... "
+                                 f"to the folder that holds the images")
+    files, skipped = [], 0
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(extensions):
+                files.append(os.path.join(directory, name))
+            else:
+                skipped += 1
+    if not files:
+        raise FileNotFoundError(
+            f"data=folder: no image files under {os.path.abspath(root)!r} (searched its sub-folders too; "
+            f"{skipped} other file(s) found). Accepted extensions: {', '.join(extensions)} (any case). Fix: point "
+            f"data.root=... at the folder that holds the images")
+    return sorted(files)
+
+
+class UnlabeledImageFolder(CheckedImageFolder):
+    """Every image file under ``root``, flat or in nested folders of any depth, as ``(PIL image, -1)``.
+
+    For pretraining on images without labels: no ``train/`` / ``val/`` split and no class folders are needed
+    (sub-folders are only where the files are). Files in sorted path order (:func:`list_image_files`), converted to
+    ``mode`` and unreadable ones handled per ``on_bad_image`` as in :class:`CheckedImageFolder`.
+    """
+
+    def __init__(self, root: str, mode: str, on_bad_image: str = "error") -> None:
+        super().__init__(root, mode, on_bad_image)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return [], {}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        return [(path, UNLABELED) for path in list_image_files(str(directory))]
+
+
+def folder_eval_root_sets(eval_root: str | None, in_chans: int, num_classes: int, train_dir: str = "train",
+                          val_dir: str = "val", on_bad_image: str = "error") -> tuple[Dataset, Dataset] | None:
+    """The labelled kNN bank and test set of ``data=folder``: ImageFolders ``eval_root/train_dir`` and
+    ``eval_root/val_dir`` (one sub-folder per class), or None without ``eval_root`` (no labelled evaluation)."""
+    if eval_root is None:
+        return None
+    return tuple(_image_folder(eval_root, split, in_chans, num_classes, train_dir, val_dir, on_bad_image,
+                               key="data.eval_root") for split in ("train", "test"))
 
 
 # ---------------------------------------------------------------------------------------------------------- synthetic
@@ -329,7 +396,8 @@ def build_dataset(
 
     Args:
         name: one of ``DATASET_NAMES``.
-        split: "train" or "test" (for imagefolder, "test" reads ``val_dir``).
+        split: "train" or "test" (for imagefolder, "test" reads ``val_dir``; ``folder``, unlabeled images, has
+            only "train": its labelled evaluation sets come from :func:`folder_eval_root_sets`).
         root: data folder; ``None`` means the Debian Fashion-MNIST folder or ``./data`` for torchvision sets.
         download: let torchvision fetch missing files.
         image_size, in_chans, num_classes, synthetic_size: used by ``synthetic`` (``in_chans`` also picks the
@@ -349,6 +417,16 @@ def build_dataset(
         return _torchvision_dataset(name, root, split, download, stl_unlabeled)
     if name == "imagefolder":
         return _image_folder(root, split, in_chans, num_classes, train_dir, val_dir, on_bad_image)
+    if name == "folder":
+        if split != "train":
+            raise ValueError(
+                f"data=folder images carry no labels, so there is no {split!r} split to evaluate on. Fix: give a "
+                f"labelled set with data.eval_root=<folder with {train_dir}/ and {val_dir}/ class sub-folders> when "
+                f"pretraining, or evaluate a checkpoint with data=imagefolder data.root=<that folder> "
+                f"data.num_classes=<its class count>")
+        if root is None:
+            raise ValueError("data=folder needs data.root=<a folder of images> (flat or nested, no labels needed)")
+        return UnlabeledImageFolder(root, "L" if in_chans == 1 else "RGB", on_bad_image)
     # Test set: another seed (no overlap in noise) and a quarter of the size, but at least one image per class.
     size = synthetic_size if split == "train" else max(synthetic_size // 4, num_classes)
     return SyntheticDataset(size, image_size, in_chans, num_classes, seed=0 if split == "train" else 1)

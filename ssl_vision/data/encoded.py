@@ -4,7 +4,7 @@ With ``data.decode=host`` (default) the loader workers open every image with PIL
 only read each file's bytes (:class:`EncodedImages`: a variable-length uint8 tensor, plus label and index);
 :func:`collate_encoded` keeps them as a list, out of Lightning's reach (the bytes stay in host memory, where
 ``torchvision.io.decode_jpeg`` wants them); and :class:`DeviceDecodedViews` -- the datamodule's ``batch_views``,
-called by ``SSLModule.on_after_batch_transfer`` -- decodes the whole batch with one batched ``decode_jpeg(list,
+called by ``SSLDataModule.on_after_batch_transfer`` -- decodes the whole batch with one batched ``decode_jpeg(list,
 device=...)`` call (nvjpeg on CUDA; libjpeg-turbo on the CPU, which is what tests use), brings each image to the
 size the host path would give it and hands the padded uint8 batch to :class:`~.batched.BatchedViews`.
 

@@ -1,13 +1,13 @@
 """Augmented views: one ``ViewSpec`` per crop family, PIL transforms in the order of the papers' code.
 
-The presets themselves live in ``conf/augment/*.yaml`` (values from docs/reference.md §0.4); this module only turns a
-spec into a transform. Crop sizes are written as a ratio of the data's image size so that a recipe written for 224 px
+The presets themselves live in ``conf/augment/*.yaml`` (values from docs/reference.md §0.4), each a mapping of view
+name -> ``ViewSpec`` (:mod:`ssl_vision.config_schema`, the defaults every preset starts from); this module only turns
+a spec into a transform. Crop sizes are written as a ratio of the data's image size so that a recipe written for 224 px
 (a 96-px local crop is ``size_ratio = 96/224``) scales to 32-px CIFAR or 96-px STL-10.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,63 +16,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+from ssl_vision.config_schema import (INTERPOLATION_NAMES, ViewSpec,  # the schema of augment.views.<name>
+                                      view_specs)
+
+INTERPOLATIONS = {name: InterpolationMode(name) for name in INTERPOLATION_NAMES}  # nearest, bilinear, bicubic
 BLUR_SIGMA = (0.1, 2.0)  # SimCLR / MoCo v2 / BYOL / DINO all draw sigma uniformly from [0.1, 2.0]
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewSpec:
-    """How to draw one kind of view; ``count`` identical-recipe views are drawn independently.
-
-    Probabilities are in [0, 1]; an op with probability 0 (or zero strength) is left out of the pipeline entirely.
-    ``jitter`` is (brightness, contrast, saturation, hue). ``gray_before_jitter`` reproduces MoCo v1 / InstDisc, which
-    apply ``RandomGrayscale`` before an always-on ``ColorJitter``.
-    """
-
-    count: int = 1
-    size_ratio: float = 1.0
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    solarize_p: float = 0.0
-    flip_p: float = 0.5
-    interpolation: str = "bilinear"
-    gray_before_jitter: bool = False
-
-    def __post_init__(self) -> None:
-        if self.count < 1:
-            raise ValueError(f"ViewSpec.count must be >= 1, got {self.count}")
-        if self.size_ratio <= 0:
-            raise ValueError(f"ViewSpec.size_ratio must be > 0, got {self.size_ratio}")
-        for field in ("jitter_p", "gray_p", "blur_p", "solarize_p", "flip_p"):
-            p = getattr(self, field)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"ViewSpec.{field} must be in [0, 1], got {p}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"ViewSpec.scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.scale}")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ViewSpec.ratio must be (lo, hi) with 0 < lo <= hi, got {self.ratio}")
-        if len(self.jitter) != 4 or min(self.jitter) < 0:
-            raise ValueError(f"ViewSpec.jitter must be 4 non-negative values (b, c, s, h), got {self.jitter}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ViewSpec:
-        """Build from a config mapping (dict or OmegaConf DictConfig); lists become tuples, unknown keys fail."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - valid
-        if unknown:
-            raise ValueError(f"unknown ViewSpec keys {sorted(unknown)}; valid keys: {', '.join(sorted(valid))}")
-        kwargs = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in values.items()}
-        return cls(**kwargs)
 
 
 def crop_size(spec: ViewSpec, image_size: int) -> int:
@@ -217,7 +165,7 @@ class MultiView:
 
 
 def build_multiview(
-    specs: Sequence[ViewSpec | Mapping[str, Any]],
+    specs: Mapping[str, ViewSpec | Mapping[str, Any]] | Sequence[ViewSpec | Mapping[str, Any]],
     image_size: int,
     in_chans: int,
     mean: Sequence[float],
@@ -225,15 +173,19 @@ def build_multiview(
 ) -> MultiView:
     """One transform per view, each spec expanded ``count`` times, e.g. 2 global + 6 local crops -> 8 transforms.
 
-    Specs must be ordered by non-increasing crop size: multi-crop methods take the first views as the global crops
-    and forward consecutive same-size views together.
+    ``specs``: ``augment.views``, a mapping name -> spec (in mapping order) or a sequence of specs. Specs must be
+    ordered by non-increasing crop size: multi-crop methods take the first views as the global crops and forward
+    consecutive same-size views together.
     """
     if not specs:
         raise ValueError("at least one view spec is required (see conf/augment/*.yaml)")
-    parsed = [s if isinstance(s, ViewSpec) else ViewSpec.from_dict(s) for s in specs]
+    names = list(specs) if isinstance(specs, Mapping) else [str(i) for i in range(len(specs))]
+    parsed = view_specs(specs)
     sizes = [crop_size(s, image_size) for s in parsed]
     if any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
-        raise ValueError(f"view specs must be ordered large -> small crops, got sizes {sizes}")
+        got = ", ".join(f"{n}: {s} px" for n, s in zip(names, sizes))
+        raise ValueError(f"augment.views must be ordered large -> small crops (the leading views of the first size are "
+                         f"the global crops), got {got} at image size {image_size}")
     transforms = []
     for spec in parsed:
         transform = build_view_transform(spec, image_size, in_chans, mean, std)

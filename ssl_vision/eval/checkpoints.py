@@ -2,11 +2,15 @@
 
 Two inputs are understood:
 
-* a **training checkpoint** (``.ckpt`` written by :func:`ssl_vision.launch.run_pretraining`): the backbone is
-  rebuilt with :func:`~ssl_vision.backbones.create_backbone` from ``checkpoint["ssl_vision"]["run_info"]``
-  (its ``backbone`` config and ``data`` in_chans / image_size) and loaded from the ``backbone.*`` keys of
-  ``state_dict``, or, with ``use_teacher``, from the teacher / momentum copy that DINO (and BYOL's target)
-  keep under ``objective.*`` (DINO evaluates its teacher, docs/reference.md §10.1);
+* a **training checkpoint** (``.ckpt`` written by :func:`ssl_vision.launch.run_pretraining`): the checkpoint
+  records how to rebuild its backbone and where its weights are (:func:`model_record`, written by
+  ``SSLModule.on_save_checkpoint`` and into ``init.ckpt``): ``checkpoint["ssl_vision"]["backbone"]``, the
+  :func:`~ssl_vision.backbones.create_backbone` keyword arguments, ``["backbone_prefix"]`` (``backbone.``) and
+  ``["teacher_prefix"]``, the ``state_dict`` prefix of the objective's EMA copy of the backbone (DINO's teacher,
+  BYOL's target, MoCo's key / momentum encoder; null for methods without one), which ``use_teacher`` reads (DINO
+  evaluates its teacher, docs/reference.md §10.1). Checkpoints written before the record existed are read as
+  before: the backbone from ``["run_info"]`` (its ``backbone`` config and ``data`` in_chans / image_size) and the
+  teacher from the first of ``TEACHER_PREFIXES`` present;
 * an **exported backbone** (``<stem>.backbone.safetensors`` + ``<stem>.backbone.json``, see
   :mod:`ssl_vision.eval.export`).
 
@@ -31,12 +35,13 @@ from ssl_vision.backbones import create_backbone
 from ssl_vision.checkpoint_io import check_checkpoint_path, describe_nonfinite, first_nonfinite, load_checkpoint
 from ssl_vision.run_record import keep_previous, write_json_atomic
 
-__all__ = ["load_backbone", "create_kwargs", "beside", "write_json_keeping_old",
+__all__ = ["load_backbone", "create_kwargs", "model_record", "beside", "write_json_keeping_old",
            "STUDENT_PREFIX", "TEACHER_PREFIXES", "EXPORT_FORMAT"]
 
 #: where SSLModule keeps the trained backbone in its state_dict
 STUDENT_PREFIX = "backbone."
-#: momentum / teacher copies of the backbone kept by objectives, in the order they are looked for
+#: momentum / teacher copies of the backbone kept by objectives, in the order they are looked for in a checkpoint
+#: without the record of :func:`model_record` (written before it existed)
 TEACHER_PREFIXES = ("objective.teacher_backbone.", "objective.momentum_backbone.", "objective.target_backbone.",
                     "objective.key_backbone.")
 #: backbone-config keys passed on to create_backbone (besides name, in_chans, image_size from the data)
@@ -70,6 +75,20 @@ def create_kwargs(backbone_cfg: dict[str, Any], data: dict[str, Any]) -> dict[st
             value = backbone_cfg[key]
             kw[key] = list(value) if isinstance(value, (list, tuple)) else value
     return kw
+
+
+def model_record(backbone_kwargs: dict[str, Any] | None, objective: nn.Module | None) -> dict[str, Any]:
+    """The ``checkpoint["ssl_vision"]`` entries that say how to rebuild the backbone and where its weights are:
+    ``backbone`` (``create_backbone`` kwargs, or absent when unknown), ``backbone_prefix`` and ``teacher_prefix``
+    (``objective.<the EMA teacher's backbone copy>.``, from the objective's
+    :class:`~ssl_vision.nn.momentum.EMATeacher`; None for an objective without one)."""
+    ema = getattr(objective, "ema", None)
+    copy_name = getattr(ema, "backbone_copy", None)
+    record: dict[str, Any] = {"backbone_prefix": STUDENT_PREFIX,
+                              "teacher_prefix": f"objective.{copy_name}." if copy_name else None}
+    if backbone_kwargs is not None:
+        record["backbone"] = dict(backbone_kwargs)
+    return record
 
 
 def _check_expected(name: str, expect_backbone: str | None, path: Path) -> None:
@@ -122,9 +141,25 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _pick_weights(state: dict[str, torch.Tensor], use_teacher: bool, path: Path) -> tuple[dict, str, str]:
-    """-> (backbone state, "student" | "teacher", the state_dict prefix it came from)."""
-    if use_teacher:
+def _pick_weights(state: dict[str, torch.Tensor], use_teacher: bool, path: Path,
+                  extra: dict[str, Any] | None = None) -> tuple[dict, str, str]:
+    """-> (backbone state, "student" | "teacher", the state_dict prefix it came from). ``extra`` is
+    ``checkpoint["ssl_vision"]``: its :func:`model_record` prefixes when present, else the older fallback."""
+    extra = extra or {}
+    student = extra.get("backbone_prefix") or STUDENT_PREFIX
+    if use_teacher and "teacher_prefix" in extra:  # the checkpoint says where its teacher is (or that it has none)
+        prefix = extra["teacher_prefix"]
+        if prefix:
+            sub = _sub_state(state, prefix)
+            if not sub:
+                raise ValueError(f"{path}: the checkpoint records its teacher backbone under '{prefix}*' but its "
+                                 f"state_dict holds no such keys: the file is damaged or was edited; evaluate the "
+                                 f"student (use_teacher=false) or another checkpoint of the run")
+            return sub, "teacher", prefix
+        warnings.warn(f"use_teacher=true but {path} was trained by a method without an EMA teacher "
+                      f"({(extra.get('run_info') or {}).get('method')}); evaluating the student backbone instead",
+                      stacklevel=3)
+    elif use_teacher:
         for prefix in TEACHER_PREFIXES:
             sub = _sub_state(state, prefix)
             if sub:
@@ -132,10 +167,10 @@ def _pick_weights(state: dict[str, torch.Tensor], use_teacher: bool, path: Path)
         warnings.warn(f"use_teacher=true but {path} holds no teacher/momentum backbone (looked for "
                       f"{', '.join(p + '*' for p in TEACHER_PREFIXES)}); evaluating the student backbone instead",
                       stacklevel=3)
-    sub = _sub_state(state, STUDENT_PREFIX)
+    sub = _sub_state(state, student)
     if not sub:
-        raise ValueError(f"{path}: state_dict has no '{STUDENT_PREFIX}*' keys; is this an ssl_vision checkpoint?")
-    return sub, "student", STUDENT_PREFIX
+        raise ValueError(f"{path}: state_dict has no '{student}*' keys; is this an ssl_vision checkpoint?")
+    return sub, "student", student
 
 
 # ------------------------------------------------------------------------------------------------- readers
@@ -144,18 +179,28 @@ def _from_training_checkpoint(path: Path, expect_backbone: str | None, use_teach
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict'); expected a .ckpt written by "
                          f"tools/pretrain.py or a .backbone.safetensors written by tools/export.py")
-    run_info = (ckpt.get("ssl_vision") or {}).get("run_info")
-    if not run_info or "backbone" not in run_info or "data" not in run_info:
-        raise ValueError(f"{path}: no checkpoint['ssl_vision']['run_info'] with 'backbone' and 'data'; it was not "
-                         f"written by ssl_vision's run_pretraining, so the backbone cannot be rebuilt")
-    _check_expected(run_info["backbone"]["name"], expect_backbone, path)
-    kw = create_kwargs(run_info["backbone"], run_info["data"])
-    state, weights, prefix = _pick_weights(ckpt["state_dict"], use_teacher, path)
-    model, dim = _build(kw, state, path)
-    data = dict(run_info.get("config", {}).get("data") or run_info["data"])  # the full data config when stored
+    extra = ckpt.get("ssl_vision") or {}
+    run_info = extra.get("run_info") or {}
+    recorded = extra.get("backbone")
+    if isinstance(recorded, dict) and "name" in recorded:  # the record of how the backbone was built
+        kw = dict(recorded)
+        source = "checkpoint['ssl_vision']['backbone']"
+    elif "backbone" in run_info and "data" in run_info:    # written before the record: rebuilt from the run config
+        kw = create_kwargs(run_info["backbone"], run_info["data"])
+        source = "the checkpoint's backbone config"
+    else:
+        raise ValueError(f"{path}: no checkpoint['ssl_vision']['backbone'] (create_backbone arguments) nor "
+                         f"['run_info'] with 'backbone' and 'data'; it was not written by ssl_vision's "
+                         f"run_pretraining, so the backbone cannot be rebuilt")
+    _check_expected(kw["name"], expect_backbone, path)
+    state, weights, prefix = _pick_weights(ckpt["state_dict"], use_teacher, path, extra)
+    model, dim = _build(kw, state, path, source=source)
+    data = dict((run_info.get("config") or {}).get("data") or run_info.get("data")
+                or {"in_chans": kw.get("in_chans"), "image_size": kw.get("image_size")})  # the full config when stored
     info = {"path": str(path), "format": "checkpoint", "method": run_info.get("method"), "backbone": kw["name"],
             "create_kwargs": kw, "feature_dim": dim, "weights": weights, "weights_prefix": prefix, "data": data,
-            "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+            "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
+            "seed": run_info.get("config", {}).get("seed")}  # the run's seed: its data subsets (the online kNN bank)
     return model, dim, info
 
 
@@ -206,8 +251,9 @@ def load_backbone(path: str | Path, expect_backbone: str | None = None,
         path: a ``.ckpt`` (any torch file loadable with ``weights_only=True``), or an exported
             ``.backbone.safetensors`` (or its ``.backbone.json`` sidecar).
         expect_backbone: when given, the stored backbone name must equal it (e.g. ``"resnet18"``).
-        use_teacher: take the teacher / momentum backbone (``objective.teacher_backbone.*`` and friends, see
-            ``TEACHER_PREFIXES``) instead of ``backbone.*``; falls back to the student with a warning if absent.
+        use_teacher: take the teacher / momentum backbone (where the checkpoint's ``teacher_prefix`` says; in
+            older checkpoints the first of ``TEACHER_PREFIXES`` present) instead of ``backbone.*``; falls back to the
+            student with a warning when the method keeps none.
 
     Returns:
         ``(backbone, feature_dim, info)``: the module maps (B, C, H, W) to (B, feature_dim), on CPU, in

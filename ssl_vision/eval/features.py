@@ -31,6 +31,7 @@ from ssl_vision.data import IndexedDataset, ViewSpec, build_dataset, build_eval_
 from ssl_vision.data.datasets import take_subset
 from ssl_vision.data.sampling import SeededViews
 from ssl_vision.eval.outputs import OPTION
+from ssl_vision.progress import progress as progress_bar
 
 __all__ = ["EvalData", "resolve_eval_data", "build_eval_splits", "build_eval_loaders", "augmented_loader",
            "extract_features", "cached_features", "file_sha256", "resolve_device"]
@@ -94,6 +95,8 @@ def resolve_eval_data(stored: Mapping[str, Any], override: Mapping[str, Any] | N
         if unknown:
             raise ValueError(f"unknown data keys {unknown}; valid keys: {', '.join(sorted(known))}")
         merged.update(override)
+    if merged.get("name") == "folder" and merged.get("eval_root"):  # unlabeled pretraining images: evaluate on the
+        merged = {**merged, "name": "imagefolder", "root": merged["eval_root"]}  # labelled set the run was given
     data = EvalData.from_mapping(merged)
     if data.in_chans != backbone_in_chans:
         raise ValueError(f"data.in_chans={data.in_chans} but the backbone was built for in_chans={backbone_in_chans}")
@@ -158,13 +161,17 @@ def augmented_loader(train: Dataset, data: EvalData, epoch: int, seed: int, batc
 
 # ---------------------------------------------------------------------------------------------- extraction
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[Tensor, Tensor]:
+def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device | str, progress: Any = False,
+                     desc: str = "features") -> tuple[Tensor, Tensor]:
     """Run ``backbone`` over ``loader`` in ``eval()`` mode without gradients.
 
     Args:
         backbone: maps (B, C, H, W) -> (B, D); must already live on ``device``.
         loader: yields ``(images, labels, ...)`` batches.
         device: where the images go.
+        progress: a tqdm bar (batches) on stderr: ``True``, ``False`` (default: the caller shows its own, or
+            none), or ``None`` / ``"auto"``: when stderr is a terminal (:func:`ssl_vision.progress.progress_enabled`).
+        desc: the bar's label.
 
     Returns:
         ``(features (N, D) float32 CPU, labels (N,) int64 CPU)`` in loader order. Every submodule's
@@ -178,7 +185,7 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     backbone.eval()
     feats, labels = [], []
     try:
-        for batch in loader:
+        for batch in progress_bar(loader, desc, progress, unit="batch"):
             images, y = batch[0], batch[1]
             f = backbone(images.to(device, non_blocking=True))
             if f.ndim != 2:

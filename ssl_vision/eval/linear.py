@@ -37,6 +37,7 @@ from ssl_vision.eval.outputs import output_path
 from ssl_vision.eval.features import (EvalData, augmented_loader, build_eval_loaders, build_eval_splits,
                                       cached_features, extract_features, file_sha256, resolve_device)
 from ssl_vision.optim import LARS, linear_scaled_lr, param_groups, warmup_cosine
+from ssl_vision.progress import progress as progress_bar
 
 __all__ = ["ProbeSpec", "make_probe_spec", "build_head", "train_linear_probe", "probe_checkpoint",
            "topk_accuracy", "PROTOCOLS"]
@@ -167,7 +168,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, bn: bool) -> l
 
 def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int,
                        spec: ProbeSpec, device: torch.device | str = "cpu", report_best_on_test: bool = False,
-                       epoch_features: Callable[[int], tuple[Tensor, Tensor]] | None = None) -> dict[str, Any]:
+                       epoch_features: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+                       progress: Any = False) -> dict[str, Any]:
     """Train ``build_head`` on features and report test top-1 / top-5 after the last epoch (rule ``"last"``).
 
     Args:
@@ -176,6 +178,8 @@ def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
         report_best_on_test: also evaluate every epoch and add ``best_on_test`` (flagged as test-selected).
         epoch_features: ``epoch -> (features, labels)`` giving fresh train features each epoch (augmentation);
             ``train_f`` / ``train_y`` are then only used for the shapes.
+        progress: a tqdm bar over the epochs (with the last epoch's train loss) on stderr: ``True``, ``False``,
+            or ``None`` / ``"auto"``: when stderr is a terminal.
 
     Returns:
         ``{"rule": "last", "top1", "top5", "train_loss", "train_top1", "epochs", "steps"}`` (+ ``best_on_test``).
@@ -194,7 +198,8 @@ def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
     steps_per_epoch = _num_batches(train_f.shape[0], spec.batch_size, spec.head_bn)
     test_f, test_y = test_f.to(device).float(), test_y.to(device).long()
     step, best = 0, None
-    for epoch in range(spec.epochs):
+    bar = progress_bar(range(spec.epochs), "linear probe", progress, unit="epoch")
+    for epoch in bar:
         if epoch_features is not None:
             train_f, train_y = epoch_features(epoch)
         x_all, y_all = train_f.to(device).float(), train_y.to(device).long()
@@ -218,6 +223,8 @@ def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"probe: the loss became {loss_sum} in epoch {epoch}; lower the lr "
                                      f"(now {spec.lr})")
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", refresh=False)
         if report_best_on_test and epoch < spec.epochs - 1:
             acc = _evaluate(head, test_f, test_y)
             if best is None or acc["top1"] > best["top1"]:
@@ -241,14 +248,16 @@ def _plain(spec: dict[str, Any]) -> dict[str, Any]:
 def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, backbone: nn.Module, info: dict,
                      batch_size: int, num_workers: int, device: str = "auto", augment: bool = False,
                      cache: bool = True, report_best_on_test: bool = False, train_subset: int | None = None,
-                     extract: Callable = extract_features, output_dir: str | Path | None = None) -> dict[str, Any]:
+                     extract: Callable = extract_features, output_dir: str | Path | None = None,
+                     progress: Any = False) -> dict[str, Any]:
     """Linear-probe a loaded, frozen ``backbone`` (from :func:`load_backbone`) on ``data``.
 
     ``batch_size`` / ``num_workers`` are for feature extraction (the probe's own batch is ``spec.batch_size``).
     Features are cached beside ``checkpoint`` (in ``output_dir`` when given) unless ``augment`` (then recomputed
     every epoch from seeded RandomResizedCrop + flip views, backbone still in eval mode) or ``cache=False``; a
     cache that cannot be written (read-only folder) is skipped with a note. ``extract`` is the extraction function
-    (tests count its calls).
+    (tests count its calls). ``progress``: tqdm bars on stderr for each feature extraction and the probe's epochs
+    (``True`` / ``False`` / ``None`` or ``"auto"``: when stderr is a terminal).
     """
     dev = resolve_device(device)
     backbone = backbone.to(dev).eval().requires_grad_(False)
@@ -260,10 +269,11 @@ def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, ba
     def features(split: str, loader) -> tuple[Tensor, Tensor]:
         if not cache:
             status[split] = "off"
-            return extract(backbone, loader, dev)
+            return extract(backbone, progress_bar(loader, f"features {split}", progress, unit="batch"), dev)
         fp = {**weights_id, "data": data_id, "split": split, "transform": "eval"}
-        f, y, status[split] = cached_features(output_path(checkpoint, f".features.{split}.pt", output_dir), fp,
-                                              lambda: extract(backbone, loader, dev))
+        f, y, status[split] = cached_features(
+            output_path(checkpoint, f".features.{split}.pt", output_dir), fp,
+            lambda: extract(backbone, progress_bar(loader, f"features {split}", progress, unit="batch"), dev))
         return f, y
 
     test_f, test_y = features("test", test_loader)
@@ -275,13 +285,15 @@ def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, ba
         train_f, train_y = torch.empty(len(train_ds), test_f.shape[1]), torch.empty(len(train_ds), dtype=torch.long)
 
         def epoch_features(epoch: int) -> tuple[Tensor, Tensor]:
-            return extract(backbone, augmented_loader(train_ds, data, epoch, spec.seed, batch_size, num_workers), dev)
+            loader = augmented_loader(train_ds, data, epoch, spec.seed, batch_size, num_workers)
+            return extract(backbone, progress_bar(loader, f"features train (augmented, epoch {epoch})", progress,
+                                                  unit="batch", leave=False), dev)
     else:
         train_f, train_y = features("train", train_loader)
     extract_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     res = train_linear_probe(train_f, train_y, test_f, test_y, data.num_classes, spec, dev, report_best_on_test,
-                             epoch_features)
+                             epoch_features, progress)
     return {**res, "protocol": spec.protocol, "spec": _plain(dataclasses.asdict(spec)), "augment": augment,
             "feature_cache": status, "train_samples": int(train_f.shape[0]), "test_samples": int(test_f.shape[0]),
             "feature_dim": int(test_f.shape[1]), "num_classes": data.num_classes,

@@ -56,14 +56,16 @@ def nce_loss(logits: torch.Tensor, z: torch.Tensor | float, num_samples: int, ep
     """
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"nce_loss expects (N, 1+m) scores with m >= 1 noise columns, got {tuple(logits.shape)}")
+    # A NaN Z (estimated from NaN features) is let through: the loss is then NaN and the run stops with the
+    # non-finite-loss guard's error and advice, not with a "Z must be > 0" that points at the wrong thing.
     if not torch.is_tensor(z):
-        if not z > 0:
+        if z <= 0:
             raise ValueError(f"the partition constant Z must be > 0, got {z}")
         z = torch.tensor(z, dtype=torch.float32, device=logits.device)
     else:  # checked on the device, never read back (a per-step read would stall the host on a GPU)
         z = z.to(dtype=torch.float32, device=logits.device)
-        check_on_device(z > 0, "the partition constant Z must be > 0 (a tensor Z is checked on its device, so its "
-                               "value cannot be shown here)")
+        check_on_device(~(z <= 0), "the partition constant Z must be > 0 (a tensor Z is checked on its device, so "
+                                   "its value cannot be shown here)")
     m = logits.shape[1] - 1
     noise_mass = m / num_samples                               # m · P_n
     log_p = logits.float() - z.log()                           # log P(i|f), exact even where P underflows

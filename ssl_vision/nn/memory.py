@@ -1,11 +1,15 @@
-"""Memory structures that outlive a batch: MoCo's key queue, and host mirrors of integer state buffers.
+"""Memory structures that outlive a batch: MoCo's key queue, InstDisc's memory bank, SwAV's queue of embeddings, and
+host mirrors of integer state buffers.
 
 All state is in registered buffers, so a checkpoint holds it and a resumed run continues with the same negatives.
+MoCo's queue is a submodule (``objective.queue.queue``); the bank and SwAV's queue are buffers of their objectives
+under their historical names (``objective.bank``, ``objective.queue``), and the functions here read and write them.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +120,61 @@ class KeyQueue(nn.Module):
         p = self.host_ptr()
         self.queue[:, p:p + b] = keys.detach().T.to(self.queue.dtype)
         self._ptr.write(self.ptr, (p + b) % k)
+
+
+# ------------------------------------------------------------------------------------------------ InstDisc's bank
+def bank_init(num_samples: int, dim: int) -> torch.Tensor:
+    """InstDisc's memory bank V at the start: (n, d) uniform in [−1/√(d/3), +1/√(d/3)] (``lib/NCEAverage.py``), so
+    each row has E‖v‖² = 1, like a normalised feature. One row per training image."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    return torch.rand(num_samples, dim).mul_(2 * stdv).add_(-stdv)
+
+
+def momentum_bank_rows(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``n(μ·v + (1−μ)·f)``: the bank write of ``lib/NCEAverage.py`` (re-normalised after every write).
+
+    old: (B, d) current bank rows; new: (B, d) detached features of the same samples. Returns (B, d).
+    """
+    return F.normalize(old * momentum + new * (1.0 - momentum), dim=1)
+
+
+@torch.no_grad()
+def write_bank_rows_(bank: torch.Tensor, indices: torch.Tensor, features: torch.Tensor, momentum: float) -> None:
+    """``V[i] ← n(μ·V[i] + (1−μ)·f_i)`` in place for the (distinct) rows ``indices`` (B,), features (B, d)."""
+    bank[indices] = momentum_bank_rows(bank[indices], features.to(bank.dtype), momentum)
+
+
+def bank_scores(f: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
+                gather_rows: bool | None = None) -> torch.Tensor:
+    """``v_{cols[b,k]} · f_b`` for every anchor b and column k: (N, d), (n, d), (N, K) -> (N, K).
+
+    Two exact ways: gather the N·K bank rows and take batched dot products (the official code; memory N·K·d),
+    or score f against the whole bank and pick the columns (memory N·n). ``None`` picks the smaller: the full
+    product on CIFAR-sized banks, the row gather on ImageNet's 1.28 M rows.
+    """
+    if gather_rows is None:
+        gather_rows = bank.shape[0] > cols.shape[1] * bank.shape[1]
+    if gather_rows:
+        return torch.bmm(bank[cols], f.unsqueeze(2)).squeeze(2)
+    return (f @ bank.T).gather(1, cols)
+
+
+# ------------------------------------------------------------------------------------------------ SwAV's queue
+def rank_block(queue: torch.Tensor, index: int, rank: int, world: int) -> torch.Tensor:
+    """(L/W, E): the block of SwAV's queue (A, L, E) that process ``rank`` of ``world`` uses for assigned crop
+    ``index`` (the official per-rank queue of L/W rows)."""
+    per_rank = queue.shape[1] // world
+    return queue[index, rank * per_rank:(rank + 1) * per_rank]
+
+
+@torch.no_grad()
+def push_rank_blocks_(queue: torch.Tensor, new: torch.Tensor, world: int) -> None:
+    """Push the all-gathered embeddings ``new`` (W·N, A, E), in rank order, into every rank's block of ``queue``
+    (A, L, E), newest first: each block shifts by N rows and its first N rows get that rank's N embeddings. Every
+    process writes every block, so the queue is identical on all of them (and rank 0's checkpoint holds them all)."""
+    a, length, e = queue.shape
+    n = new.shape[0] // world
+    new = new.view(world, n, a, e).permute(2, 0, 1, 3)                  # (A, W, N, E)
+    blocks = queue.view(a, world, length // world, e)
+    blocks[:, :, n:] = blocks[:, :, :-n].clone()
+    blocks[:, :, :n] = new.to(blocks.dtype)

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import pkgutil
 
+from ssl_vision.nn.momentum import RENAMED_KWARGS
 from ssl_vision.objectives.base import OBJECTIVES, Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
 
 for _info in pkgutil.iter_modules(__path__):
@@ -25,7 +26,19 @@ def build_objective(name: str, feature_dim: int, num_samples: int | None = None,
     if name not in OBJECTIVES:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
-    if "num_samples" in inspect.signature(cls.__init__).parameters:
+    accepted = inspect.signature(cls.__init__).parameters
+    renamed = {old: new for old, new in RENAMED_KWARGS.get(name, {}).items() if old in kwargs}
+    if renamed:
+        raise ValueError("; ".join(
+            f"method.kwargs.{old} was renamed to method.kwargs.{new} (every EMA method uses momentum and momentum_end: "
+            f"the cosine from momentum to momentum_end, 1.0 by default): set {new}={kwargs[old]!r} instead of {old} "
+            f"in the config" for old, new in renamed.items()))
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(k for k in kwargs if k not in accepted or k in ("self", "feature_dim", "num_samples"))
+    if unknown and not open_ended:
+        valid = sorted(k for k in accepted if k not in ("self", "feature_dim", "num_samples"))
+        raise ValueError(f"unknown method.kwargs for {name}: {', '.join(unknown)}; valid: {', '.join(valid)}")
+    if "num_samples" in accepted:
         kwargs["num_samples"] = num_samples
     return cls(feature_dim=feature_dim, **kwargs)
 

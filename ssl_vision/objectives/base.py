@@ -54,7 +54,8 @@ class ObjectiveOutput:
 
     loss: scalar to minimise.
     features: (N, D) backbone features of the first view (detached by the module) for the online probe.
-    embedding: (N, E) the output whose per-dimension std after L2 normalisation is the collapse monitor.
+    embedding: (N, E) the objective's output embedding of the first view (projector output); the collapse monitor
+        reads it unless the objective's ``collapse_monitor`` says otherwise.
     logs: extra scalars to log (already detached).
     """
 
@@ -72,6 +73,31 @@ class Objective(nn.Module):
 
     #: how many of the batch's views the objective consumes (the first ones); None = all (multi-crop methods).
     num_views: int | None = 2
+
+    #: which :class:`ObjectiveOutput` tensor the collapse monitor (``train/collapse_std``,
+    #: :func:`~ssl_vision.nn.monitor.collapse_std`) reads: ``"embedding"`` (the projector output of contrastive,
+    #: clustering and EMA methods, ≈ 1/√E when healthy, → 0 on collapse) or None for an objective whose loss has no
+    #: such collapse mode and whose outputs have no reason to spread over the sphere (MAE): no monitor is logged then.
+    collapse_monitor: str | None = "embedding"
+
+    #: backbone families the objective trains: ``"resnet"`` (torchvision ResNets), ``"vit"`` (timm ViTs).
+    supported_families: tuple[str, ...] = ("resnet", "vit")
+
+    #: whether a global batch split over W processes gives the loss and (DDP-averaged) gradients of one process.
+    #: False only for objectives that draw their own random numbers per process (MAE's masks): their own tests
+    #: check the W-process case with the randomness fixed.
+    world_size_invariant: bool = True
+
+    #: buffers that hold one block of rows per process (SwAV's queue: each process's own past embeddings), so that
+    #: their row order, not their content, depends on the number of processes (rows along dim -2).
+    per_process_row_buffers: tuple[str, ...] = ()
+
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        """``method.kwargs`` overrides that make the objective CPU-test sized (small heads, queues, banks) with
+        every stateful path still used within a few steps of batch 8-16 (queues filled and read, schedules and
+        freezes crossing an epoch). tests/objectives/test_contract.py builds every registered objective with them."""
+        return {}
 
     def bind(self, backbone: nn.Module) -> None:
         """Called once with the online backbone (momentum methods copy it here)."""

@@ -10,21 +10,9 @@ import torch
 from torch import nn
 
 from ssl_vision.losses.regression import byol_loss, regression_loss
-from ssl_vision.nn.momentum import ema_update_, momentum_copy
-from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
-                                        num_global_crops, register)
-from ssl_vision.optim import momentum_schedule
-
-
-def byol_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's MLP: Linear(in, hidden, **with** bias) → BN → ReLU → Linear(hidden, out, no bias). (N, in) -> (N, out).
-
-    The official haiku MLP keeps the bias before BN (it is redundant there, and excluded from weight decay and
-    LARS like every 1-D tensor); ``build_mlp`` drops it, so the head is written out here. BN keeps torch's
-    defaults (momentum 0.1 = haiku decay 0.9, eps 1e-5), as in the official config.
-    """
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=True), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim, bias=False))
+from ssl_vision.nn.heads import byol_mlp
+from ssl_vision.nn.momentum import EMATeacher
+from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, check_count, num_global_crops, register
 
 
 @register("byol")
@@ -34,10 +22,11 @@ class BYOL(Objective):
 
     Each view goes through the networks in its own pass, so BN statistics are per view as in the official code
     (lucidrains/byol-pytorch concatenates the views, mixing their statistics; docs/reference.md §6 pitfalls).
-    The target is updated after every optimizer step with ``τ = 1 − (1 − τ_base)·½(1 + cos(π·k/K))``, k the
-    optimizer steps taken so far (gradient accumulation counted once) and K their total, so the last update uses
-    exactly τ = 1. (The official code evaluates τ at the step index before the increment, k − 1; this is one
-    step later so that τ reaches 1.0 at the end, as the schedule in docs/reference.md §0.1 says.)
+    The target (an :class:`~ssl_vision.nn.momentum.EMATeacher`) is updated after every optimizer step with
+    ``τ = 1 − (1 − τ_base)·½(1 + cos(π·k/K))`` (``momentum`` = τ_base, ``momentum_end`` = 1), k the optimizer steps
+    taken so far (gradient accumulation counted once) and K their total, so the last update uses exactly τ = 1.
+    (The official code evaluates τ at the step index before the increment, k − 1; this is one step later so that
+    τ reaches 1.0 at the end, as the schedule in docs/reference.md §0.1 says.)
 
     Multi-crop (``augment=multicrop``, an option; not in the paper, solo-learn's formulation): the target sees
     the global crops (the leading crops at the first crop's size) and every crop's prediction regresses the
@@ -47,15 +36,18 @@ class BYOL(Objective):
 
     num_views = None  # two views, or all crops of a multi-crop preset
 
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        return {"proj_hidden_dim": 16, "proj_out_dim": 8, "pred_hidden_dim": 16}
+
     def __init__(self, feature_dim: int, proj_hidden_dim: int = 4096, proj_out_dim: int = 256,
-                 pred_hidden_dim: int = 4096, base_momentum: float = 0.99):
+                 pred_hidden_dim: int = 4096, momentum: float = 0.99, momentum_end: float | None = 1.0):
         super().__init__()
-        check_range("base_momentum", base_momentum, 0.0, 1.0,
-                    note="τ_base of the target EMA; BYOL uses 0.99 (0.996 for 1000 epochs)")
+        self.ema = EMATeacher({"target_backbone": "backbone", "target_projector": "projector"}, momentum, momentum_end,
+                              note="the target EMA τ_base → 1; BYOL uses 0.99 (0.996 for 1000 epochs) and ends at 1")
         check_count("proj_hidden_dim", proj_hidden_dim, note="BYOL: 4096")
         check_count("proj_out_dim", proj_out_dim, note="BYOL: 256")
         check_count("pred_hidden_dim", pred_hidden_dim, note="BYOL: 4096")
-        self.base_momentum = base_momentum
         self.projector = byol_mlp(feature_dim, proj_hidden_dim, proj_out_dim)
         self.predictor = byol_mlp(proj_out_dim, pred_hidden_dim, proj_out_dim)
         # created in bind(): submodules, so checkpoints hold them and a resume continues the same target
@@ -65,17 +57,14 @@ class BYOL(Objective):
 
     def bind(self, backbone: nn.Module) -> None:
         # requires_grad=False everywhere: param_groups skips these, so the target never reaches the optimizer
-        self.target_backbone = momentum_copy(backbone)
-        self.target_projector = momentum_copy(self.projector)
+        self.ema.bind(self, backbone)
 
     def momentum_at(self, step: StepInfo) -> float:
         """τ for an EMA update made when ``step.global_step`` optimizer steps have been taken."""
-        return momentum_schedule(step.global_step, step.total_steps, self.base_momentum)
+        return self.ema.momentum_at(step)
 
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
-        if self.target_backbone is None or self.target_projector is None:
-            raise RuntimeError("BYOL.bind(backbone) must be called before forward (SSLModule does it) "
-                               "to create the target network")
+        self.ema.check_bound(self, "BYOL")
         if len(views) < 2:
             raise ValueError(f"BYOL needs 2 views per sample, the data gives {len(views)}; use augment=byol")
         if len(views) > 2:  # multi-crop
@@ -102,7 +91,4 @@ class BYOL(Objective):
     @torch.no_grad()
     def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:
         """EMA of parameters only; the target's BN running statistics come from its own forward passes."""
-        tau = self.momentum_at(step)
-        ema_update_(self.target_backbone, backbone, tau)
-        ema_update_(self.target_projector, self.projector, tau)
-        self.last_momentum = tau
+        self.last_momentum = self.ema.update(self, backbone, step)

@@ -15,12 +15,13 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.losses.dino import dino_cross_entropy, teacher_temperature
 from ssl_vision.nn.dino_head import DINOHead
-from ssl_vision.nn.momentum import ema_update_, momentum_copy
+from ssl_vision.nn.momentum import EMATeacher
 from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
-                                        check_temperature, forward_by_resolution, register)
-from ssl_vision.optim import clip_grad_per_param, momentum_schedule
+                                        check_temperature, forward_by_resolution, num_global_crops, register)
+from ssl_vision.optim import clip_grad_per_param
 
-#: DINO's teacher sees this many crops: the global ones, which the data puts first.
+#: DINO's teacher sees this many crops: the first two global crops (``num_global_crops``: the leading crops at the
+#: first crop's size), which is all of them in DINO's multi-crop (2 × 224 + 8 × 96).
 NUM_GLOBAL_CROPS = 2
 
 
@@ -48,25 +49,31 @@ class DINO(Objective):
         use_bn_in_head: BN in the head MLP (off). norm_last_layer: freeze the last layer's weight_g at 1 (on).
         student_temp: τ_s (0.1). warmup_teacher_temp → teacher_temp over warmup_teacher_temp_epochs epochs:
             τ_t 0.04 → 0.07 over 30 epochs (paper / README best; the code default is 0.04 constant).
-        center_momentum: m of the centre EMA (0.9). momentum_teacher: teacher EMA m₀, cosine to 1 per step (0.996;
-            README: 0.9995 for B = 256).
+        center_momentum: m of the centre EMA (0.9). momentum / momentum_end: the teacher EMA, cosine from
+            ``momentum`` (0.996; README: 0.9995 for B = 256) to ``momentum_end`` (1.0) over the optimizer steps.
         freeze_last_layer: epochs during which the student's last layer gets no update (1).
         clip_grad: per-parameter gradient-norm clip of the student (3.0; 0 = off).
     """
 
     num_views = None  # multi-crop: all views
 
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        # last layer frozen and teacher temperature warming up during epoch 0 (the defaults' schedules, shortened)
+        return {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "warmup_teacher_temp_epochs": 1, "freeze_last_layer": 1}
+
     def __init__(self, feature_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  head_layers: int = 3, use_bn_in_head: bool = False, norm_last_layer: bool = True,
                  student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: int = 30, center_momentum: float = 0.9, momentum_teacher: float = 0.996,
-                 freeze_last_layer: int = 1, clip_grad: float = 3.0):
+                 warmup_teacher_temp_epochs: int = 30, center_momentum: float = 0.9, momentum: float = 0.996,
+                 momentum_end: float | None = 1.0, freeze_last_layer: int = 1, clip_grad: float = 3.0):
         super().__init__()
         check_temperature("student_temp", student_temp, "DINO's student uses 0.1")
         check_temperature("teacher_temp", teacher_temp, "DINO's teacher uses 0.04-0.07")
         check_temperature("warmup_teacher_temp", warmup_teacher_temp, "DINO's teacher warms up from 0.04")
         check_range("center_momentum", center_momentum, 0.0, 1.0, high_open=True, note="DINO: 0.9")
-        check_range("momentum_teacher", momentum_teacher, 0.0, 1.0, note="DINO: 0.996 (0.9995 at small batches)")
+        self.ema = EMATeacher({"teacher_backbone": "backbone", "teacher_head": "head"}, momentum, momentum_end,
+                              note="the teacher EMA; DINO: 0.996 (0.9995 at small batches) cosine to 1")
         check_range("clip_grad", clip_grad, 0.0, math.inf, note="DINO: 3.0; 0 = no clipping")
         check_count("freeze_last_layer", freeze_last_layer, minimum=0, note="epochs; DINO: 1")
         check_count("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, minimum=0, note="DINO: 30")
@@ -79,7 +86,6 @@ class DINO(Objective):
         self.warmup_teacher_temp = warmup_teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.center_momentum = center_momentum
-        self.momentum_teacher = momentum_teacher
         self.freeze_last_layer = freeze_last_layer
         self.clip_grad = clip_grad
         self.head = DINOHead(feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, use_bn_in_head,
@@ -91,15 +97,13 @@ class DINO(Objective):
 
     def bind(self, backbone: nn.Module) -> None:
         # teacher = student at init, never optimised (requires_grad False keeps it out of the optimizer)
-        self.teacher_backbone = _without_drop_path(momentum_copy(backbone))
-        self.teacher_head = momentum_copy(self.head)
+        self.ema.bind(self, backbone, adapt=lambda name, copy: _without_drop_path(copy))
         self._student_backbone = (backbone,)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
-        if self.teacher_backbone is None:
-            raise RuntimeError("DINO.bind(backbone) must be called before forward (SSLModule does it)")
-        if len(views) < NUM_GLOBAL_CROPS or views[0].shape != views[1].shape:
+        self.ema.check_bound(self, "DINO")
+        if num_global_crops(views) < NUM_GLOBAL_CROPS:
             raise ValueError(f"DINO needs >= 2 views whose first 2 are same-size global crops; got sizes "
                              f"{[tuple(v.shape[-2:]) for v in views]}; use augment=dino (multi-crop) or "
                              f"augment=simclr / byol (2 crops)")
@@ -124,8 +128,8 @@ class DINO(Objective):
                                    self.warmup_teacher_temp_epochs)
 
     def current_teacher_momentum(self, step: StepInfo) -> float:
-        """Cosine m₀ → 1 over the optimizer steps; exactly 1.0 at the last step."""
-        return momentum_schedule(step.global_step, step.total_steps, self.momentum_teacher)
+        """Cosine ``momentum`` → ``momentum_end`` over the optimizer steps; exactly ``momentum_end`` at the last."""
+        return self.ema.momentum_at(step)
 
     @torch.no_grad()
     def _update_center(self, teacher: torch.Tensor) -> None:
@@ -148,9 +152,7 @@ class DINO(Objective):
 
     def after_optimizer_step(self, backbone: nn.Module, step: StepInfo) -> None:
         """Teacher ← EMA of the student (parameters only), momentum from the step count."""
-        m = self.current_teacher_momentum(step)
-        ema_update_(self.teacher_backbone, backbone, m)
-        ema_update_(self.teacher_head, self.head, m)
+        self.ema.update(self, backbone, step)
 
 
 @torch.no_grad()

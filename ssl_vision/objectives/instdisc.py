@@ -15,7 +15,6 @@ keeping its own rows: 1 and W processes (and a resumed run) draw exactly the sam
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -24,24 +23,10 @@ from torch import nn
 
 from ssl_vision import distributed as dist
 from ssl_vision.losses.nce import bank_softmax_loss, check_on_device, nce_loss, partition_estimate
-from ssl_vision.nn.memory import HostMirror
+from ssl_vision.nn.heads import instdisc_head
+from ssl_vision.nn.memory import HostMirror, bank_init, bank_scores, write_bank_rows_
 from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
                                         check_temperature, register)
-
-
-def bank_init(num_samples: int, dim: int) -> torch.Tensor:
-    """(n, d) uniform in [−1/√(d/3), +1/√(d/3)] (``lib/NCEAverage.py``): each row has E‖v‖² = 1, like a
-    normalised feature."""
-    stdv = 1.0 / math.sqrt(dim / 3)
-    return torch.rand(num_samples, dim).mul_(2 * stdv).add_(-stdv)
-
-
-def momentum_bank_rows(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torch.Tensor:
-    """``n(μ·v + (1−μ)·f)``: the bank write of ``lib/NCEAverage.py`` (re-normalised after every write).
-
-    old: (B, d) current bank rows; new: (B, d) detached features of the same samples. Returns (B, d).
-    """
-    return F.normalize(old * momentum + new * (1.0 - momentum), dim=1)
 
 
 def draw_noise(positives: torch.Tensor, num_samples: int, num_noise: int, seed: int, global_step: int,
@@ -68,21 +53,6 @@ def draw_noise(positives: torch.Tensor, num_samples: int, num_noise: int, seed: 
     return noise
 
 
-def bank_scores(f: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
-                gather_rows: bool | None = None) -> torch.Tensor:
-    """``v_{cols[b,k]} · f_b`` for every anchor b and column k: (N, d), (n, d), (N, K) -> (N, K).
-
-    Two exact ways: gather the N·K bank rows and take batched dot products (the official code; memory N·K·d),
-    or score f against the whole bank and pick the columns (memory N·n). ``None`` picks the smaller: the full
-    product on CIFAR-sized banks, the row gather on ImageNet's 1.28 M rows.
-    """
-    if gather_rows is None:
-        gather_rows = bank.shape[0] > cols.shape[1] * bank.shape[1]
-    if gather_rows:
-        return torch.bmm(bank[cols], f.unsqueeze(2)).squeeze(2)
-    return (f @ bank.T).gather(1, cols)
-
-
 @register("instdisc")
 class InstDisc(Objective):
     """Head: one Linear (feature_dim → embed_dim, with bias, as lemniscate's ``fc``) then L2 normalisation;
@@ -94,6 +64,10 @@ class InstDisc(Objective):
     """
 
     num_views = 1
+
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        return {"embed_dim": 8, "nce_k": 8}
 
     def __init__(self, feature_dim: int, num_samples: int | None = None, embed_dim: int = 128,
                  temperature: float = 0.07, nce_k: int = 4096, bank_momentum: float = 0.5, noise_seed: int = 0,
@@ -119,8 +93,7 @@ class InstDisc(Objective):
         # head_bn (not in the official code) centres the embedding over the batch before normalising: a random-init
         # network maps every image near one common direction, so the first bank writes all look alike and only a
         # long first epoch (ImageNet's 5000 steps) lets the features spread; short small-data runs need the help.
-        self.head = (nn.Sequential(nn.Linear(feature_dim, embed_dim, bias=False), nn.BatchNorm1d(embed_dim))
-                     if head_bn else nn.Linear(feature_dim, embed_dim))
+        self.head = instdisc_head(feature_dim, embed_dim, bn=head_bn)
         self.register_buffer("bank", bank_init(num_samples, embed_dim))
         self.register_buffer("z", torch.tensor(0.0))
         self.register_buffer("z_set", torch.tensor(False))
@@ -185,4 +158,4 @@ class InstDisc(Objective):
         self._pending = []
         idx, feats = dist.gather_no_grad(idx), dist.gather_no_grad(feats)
         # a global batch holds each image once (a permutation slice), so the rows written are distinct
-        self.bank[idx] = momentum_bank_rows(self.bank[idx], feats.to(self.bank.dtype), self.bank_momentum)
+        write_bank_rows_(self.bank, idx, feats, self.bank_momentum)

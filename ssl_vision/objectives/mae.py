@@ -19,9 +19,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssl_vision import distributed as dist
-from ssl_vision.backbones import is_vit
 from ssl_vision.losses.mae import masked_mse, patchify
-from ssl_vision.nn.pos_embed import sincos_2d_pos_embed
+from ssl_vision.nn.vit import check_mae_vit, init_mae_weights_, mae_init_, sincos_pos_embed_table
 from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, check_count, check_range, register
 
 PROBE_FEATURES = ("full", "visible")
@@ -29,8 +28,8 @@ PROBE_FEATURES = ("full", "visible")
 
 def pos_embed_with_cls(grid: tuple[int, int], dim: int) -> torch.Tensor:
     """(1, 1 + gh·gw, dim): a zero slot for the cls token (it carries no position), then the fixed 2-D sin-cos
-    embedding of the gh × gw patch grid in MAE's channel layout."""
-    return sincos_2d_pos_embed(grid[0], grid[1], dim, num_prefix_tokens=1).unsqueeze(0)
+    embedding of the gh × gw patch grid in MAE's channel layout (:func:`ssl_vision.nn.vit.sincos_pos_embed_table`)."""
+    return sincos_pos_embed_table(grid, dim, num_prefix_tokens=1)
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -62,20 +61,6 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
     return x_visible, mask, ids_restore, ids_keep
 
 
-@torch.no_grad()
-def init_mae_weights_(module: nn.Module) -> None:
-    """MAE init (docs/reference.md §9): xavier-uniform Linear weights and zero biases, LayerNorm weight 1 / bias 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)  # the qkv Linear as one matrix, as MAE (not per Q/K/V like MoCo v3)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 @dataclass
 class MAEOutput:
     """One masked reconstruction: loss (scalar), pred (N, L, p²C), mask (N, L; 1 = removed), latent (N, 1+keep, D)."""
@@ -94,14 +79,22 @@ class MAE(Objective):
     ``"full"`` (default) runs the backbone's ordinary timm forward on the *un-masked* image under no_grad -- the
     same features kNN and the linear probe see, at the cost of one extra inference forward per step; ``"visible"``
     reuses the cls token of the masked encoder pass (free, but a feature of 25 % of the image).
-    ``embedding`` (collapse monitor) is the cls token of the masked pass; nothing in MAE's loss asks it to differ
-    between images, so its normalised std falls low (~0.003 after 40 steps on Fashion-MNIST) without a collapse of
-    the patch representation: read the reconstruction loss and kNN instead.
+    ``embedding`` is the cls token of the masked pass. No collapse monitor (``collapse_monitor = None``): nothing in
+    MAE's loss asks any output to spread over the sphere (the cls token's normalised std falls to ~0.003 within 40
+    steps on Fashion-MNIST while the model learns), and a constant representation cannot reconstruct the pixels:
+    the reconstruction loss and the kNN are the signals to read.
     ``mask_seed`` seeds the masking noise, drawn per (rank, optimizer step, micro-batch) so ranks mask
     independently and a resumed run draws exactly the masks the uninterrupted one would.
     """
 
     num_views = 1
+    collapse_monitor = None  # see the class docstring
+    supported_families = ("vit",)
+    world_size_invariant = False  # masks are drawn per process (keyed by rank)
+
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        return {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4}
 
     def __init__(self, feature_dim: int, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
@@ -143,16 +136,8 @@ class MAE(Objective):
         if not 1 <= keep < length:
             raise ValueError(f"mask_ratio={self.mask_ratio} on a {self.grid[0]}x{self.grid[1]} patch grid leaves {keep} "
                              f"of {length} patches visible; need 1..{length - 1}")
-        init_mae_weights_(backbone)
-        with torch.no_grad():
-            w = pe.proj.weight
-            flat = w.new_empty(w.shape[0], w[0].numel())   # the patch projection as a Linear (MAE); a copy, so
-            nn.init.xavier_uniform_(flat)                   # NHWC weights (perf.channels_last) work too
-            w.copy_(flat.view(w.shape))
-            nn.init.normal_(backbone.cls_token, std=0.02)
-            # fixed, not learned (MAE: requires_grad=False); param_groups skips it, so no optimizer holds it
-            backbone.pos_embed.copy_(pos_embed_with_cls(self.grid, self.feature_dim))
-        backbone.pos_embed.requires_grad_(False)
+        # MAE init, fixed (not learned: requires_grad=False, so no optimizer holds it) sin-cos position embedding
+        mae_init_(backbone)
         self.decoder_pred = nn.Linear(self.decoder_dim, self.patch_size ** 2 * self.in_chans)
         # recomputed at bind, so not in checkpoints (MAE keeps it as a frozen Parameter; the values are the same)
         self.register_buffer("decoder_pos_embed", pos_embed_with_cls(self.grid, self.decoder_dim), persistent=False)
@@ -160,26 +145,7 @@ class MAE(Objective):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def _check_backbone(self, backbone: nn.Module) -> None:
-        if not is_vit(backbone):
-            raise ValueError(f"MAE needs a ViT backbone, got {type(backbone).__name__}; "
-                             "use backbone=vit_tiny|vit_small|vit_b")
-        problems = []
-        if getattr(backbone, "cls_token", None) is None:
-            problems.append("no class token (class_token=False)")
-        if getattr(backbone, "num_reg_tokens", 0) or getattr(backbone, "reg_token", None) is not None:
-            problems.append("register tokens (reg_tokens > 0)")
-        if getattr(backbone, "no_embed_class", False):
-            problems.append("no_embed_class=True (pos-embed without a cls slot)")
-        if getattr(backbone, "pos_embed", None) is None:
-            problems.append("no absolute position embedding (pos_embed=None, e.g. RoPE)")
-        pe = backbone.patch_embed
-        if not isinstance(getattr(pe, "proj", None), nn.Conv2d) or pe.patch_size[0] != pe.patch_size[1]:
-            problems.append("a patch embedding that is not one square Conv2d")
-        if getattr(backbone, "embed_dim", self.feature_dim) != self.feature_dim:
-            problems.append(f"embed_dim {backbone.embed_dim} != feature_dim {self.feature_dim}")
-        if problems:
-            raise ValueError(f"MAE supports timm ViTs with a cls token and a learned absolute pos-embed (the factory's "
-                             f"vit_tiny|vit_small|vit_b|...); {type(backbone).__name__} has: {'; '.join(problems)}")
+        check_mae_vit(backbone, self.feature_dim)
 
     # ----------------------------------------------------------------------------------------- model
     def _pos(self, table: torch.Tensor, grid: tuple[int, int], dim: int, like: torch.Tensor) -> torch.Tensor:

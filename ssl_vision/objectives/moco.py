@@ -12,8 +12,6 @@ position embedding plus a frozen random patch projection (the paper's fix for tr
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,50 +19,26 @@ from torch import nn
 from ssl_vision import distributed as dist
 from ssl_vision.backbones import is_vit
 from ssl_vision.losses.infonce import info_nce, moco_v3_contrastive
-from ssl_vision.nn.heads import build_mlp
-from ssl_vision.nn.memory import HostMirror, KeyQueue
-from ssl_vision.nn.momentum import ema_update_, momentum_copy
-from ssl_vision.nn.pos_embed import sincos_2d_pos_embed
-from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
-                                        check_temperature, num_global_crops, register)
-from ssl_vision.optim import cosine_between
+from ssl_vision.nn.heads import moco_v1_head, moco_v2_projector, moco_v3_predictor, moco_v3_projector
+from ssl_vision.nn.memory import KeyQueue
+from ssl_vision.nn.momentum import EMATeacher
+from ssl_vision.nn.vit import freeze_patch_embed_, moco_v3_init_, set_fixed_sincos_pos_embed_
+from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_temperature,
+                                        num_global_crops, register)
 
 
 # ----------------------------------------------------------------------------------------------- momentum encoder
-def momentum_at(step: StepInfo, m0: float, m_end: float | None) -> float:
-    """EMA momentum used at the start of the forward of optimizer step ``step.global_step``.
-
-    ``m_end=None``: constant ``m0`` (MoCo v1/v2). Otherwise the half cosine ``m0 → m_end`` (MoCo v3 ``--moco-m-cos``,
-    docs/reference.md §0.1) over the steps ``0 … T−1`` of the run, so the *last* forward of the run uses exactly ``m_end``
-    (1.0 for v3). The official code divides by T instead and ends a hair below 1.
-    """
-    if m_end is None:
-        return m0
-    last = max(1, step.total_steps - 1)
-    return cosine_between(min(step.global_step, last), last, m0, m_end)
+#: quoted by a bad momentum value's message
+_MOMENTUM_NOTE = "the key encoder's EMA; MoCo: 0.999 constant (momentum_end null), MoCo v3: 0.99 cosine to 1.0"
 
 
-def _check_momentum(m0: float, m_end: float | None) -> None:
-    check_range("momentum", m0, 0.0, 1.0, note="the key encoder's EMA; MoCo: 0.999, MoCo v3: 0.99")
-    if m_end is not None:
-        check_range("momentum_end", m_end, 0.0, 1.0, note="null = constant; MoCo v3: 1.0")
-
-
-@torch.no_grad()
-def _update_momentum_encoder(last_step: torch.Tensor, mirror: HostMirror, pairs: list[tuple[nn.Module, nn.Module]],
-                             step: StepInfo, momentum: float) -> None:
-    """EMA (parameters only; BN statistics stay the key encoder's own) once per optimizer step.
-
-    ``last_step`` (a buffer, so resume continues it) is the step of the last update: with gradient accumulation the
-    forward runs several times per step, but the online weights only change at the step. At step 0 the copy is
-    still identical to the online network, so skipping it changes nothing. ``mirror`` is its host copy: the buffer
-    is read once (after construction or a load), never per step.
-    """
-    if step.global_step == mirror.read(last_step):
-        return
-    for target, online in pairs:
-        ema_update_(target, online, momentum)
-    mirror.write(last_step, step.global_step)
+def momentum_encoder(copies: dict[str, str], momentum: float, momentum_end: float | None) -> EMATeacher:
+    """MoCo's momentum (key) encoder: updated at the start of the first forward of every optimizer step (the official
+    ``_momentum_update_key_encoder`` inside ``forward``), once per step, none before the first; ``momentum_end``
+    null = constant (v1/v2), else the cosine ``momentum → momentum_end`` (v3 ``--moco-m-cos``) over those T − 1
+    updates, so the *last* forward of the run uses exactly ``momentum_end`` (the official code divides by T instead
+    and ends a hair below 1). docs/reference.md §0.1."""
+    return EMATeacher(copies, momentum, momentum_end, timing="before_forward", note=_MOMENTUM_NOTE)
 
 
 def _two_views(views: list[torch.Tensor], method: str, augment: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +69,11 @@ class MoCo(Objective):
 
     num_views = 2
 
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        # 64 keys: a multiple of every test batch (8, 16, 32), so the queue wraps within a few steps
+        return {"embed_dim": 8, "proj_hidden_dim": 16, "queue_size": 64, "shuffle_bn_splits": 2}
+
     def __init__(self, feature_dim: int, head: str = "mlp", embed_dim: int = 128, proj_hidden_dim: int = 2048,
                  temperature: float = 0.2, queue_size: int = 65536, momentum: float = 0.999,
                  momentum_end: float | None = None, shuffle_bn: bool = True, shuffle_bn_splits: int = 8,
@@ -108,31 +87,28 @@ class MoCo(Objective):
         check_count("embed_dim", embed_dim, note="MoCo: 128")
         check_count("proj_hidden_dim", proj_hidden_dim, note="MoCo v2: 2048")
         check_count("shuffle_bn_splits", shuffle_bn_splits, note="BN groups of the key batch; MoCo: 8")
-        _check_momentum(momentum, momentum_end)
-        self.temperature, self.momentum, self.momentum_end = temperature, momentum, momentum_end
+        self.ema = momentum_encoder({"key_backbone": "backbone", "key_head": "head"}, momentum, momentum_end)
+        self.temperature = temperature
         self.shuffle_bn, self.shuffle_bn_splits, self.shuffle_seed = shuffle_bn, shuffle_bn_splits, shuffle_seed
         self.symmetric = symmetric
         if head == "linear":  # the ResNet's own fc, with bias (moco/builder.py)
-            self.head: nn.Module = nn.Linear(feature_dim, embed_dim)
+            self.head: nn.Module = moco_v1_head(feature_dim, embed_dim)
         else:                 # v2: fc replaced by Linear → ReLU → fc, no BN
-            self.head = build_mlp(feature_dim, proj_hidden_dim, embed_dim, 2, bn=False)
-        self.key_head = momentum_copy(self.head)
-        self.key_backbone: nn.Module | None = None  # set by bind()
+            self.head = moco_v2_projector(feature_dim, proj_hidden_dim, embed_dim)
+        # key encoder = EMA copies of backbone and head, made in bind(); the head's slot is taken here so that the
+        # state_dict keeps the key order of checkpoints written when the copy was made at construction
+        self.register_module("key_head", None)
+        self.key_backbone: nn.Module | None = None
         self.queue = KeyQueue(embed_dim, queue_size)
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
-        self._ema_step = HostMirror()  # host copy of ema_step, dropped on every load_state_dict
-        HostMirror.watch(self, "_ema_step")
+        self.ema.register_state(self)  # the ema_step buffer: the step of the last key-encoder update
 
     def bind(self, backbone: nn.Module) -> None:
-        self.key_backbone = momentum_copy(backbone)
+        self.ema.bind(self, backbone)
 
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
-        if self.key_backbone is None:
-            raise RuntimeError("MoCo.bind(backbone) must be called before the first forward (SSLModule does it)")
+        self.ema.check_bound(self, "MoCo")
         x_q, x_k = _two_views(views, "MoCo", "moco_v1 or augment=moco_v2")
-        m = momentum_at(step, self.momentum, self.momentum_end)
-        _update_momentum_encoder(self.ema_step, self._ema_step,
-                                 [(self.key_backbone, backbone), (self.key_head, self.head)], step, m)
+        m = self.ema.update(self, backbone, step)
         h = backbone(x_q)                                          # (N, D)
         q = F.normalize(self.head(h), dim=1)                       # (N, E)
         k, k_all, _ = self.keys(x_k, step)                         # (N, E), (B, E)
@@ -179,53 +155,6 @@ class MoCo(Objective):
         return torch.cat([F.normalize(self.key_head(self.key_backbone(c)), dim=1) for c in x.chunk(splits)])
 
 
-# ----------------------------------------------------------------------------------------------- ViT stabilisers
-@torch.no_grad()
-def vit_moco_init_(vit: nn.Module) -> None:
-    """MoCo v3 ``vits.py`` init: every Linear xavier-uniform with zero bias, Q/K/V blocks of ``qkv`` each as its own
-    (D → D) matrix, cls token N(0, 1e-6)."""
-    for name, m in vit.named_modules():
-        if isinstance(m, nn.Linear):
-            if "qkv" in name:
-                val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
-                nn.init.uniform_(m.weight, -val, val)
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    if getattr(vit, "cls_token", None) is not None:
-        nn.init.normal_(vit.cls_token, std=1e-6)
-
-
-@torch.no_grad()
-def fix_sincos_pos_embed_(vit: nn.Module) -> None:
-    """Replace a timm ViT's learned position embedding by the fixed 2-D sin-cos one (cls slot zeros), frozen."""
-    pos = getattr(vit, "pos_embed", None)
-    if not isinstance(pos, nn.Parameter):
-        raise ValueError("MoCo v3 fixed position embedding: this ViT has no learned pos_embed parameter; "
-                         "set method.kwargs.vit_fixed_pos_embed=false")
-    grid_h, grid_w = vit.patch_embed.grid_size
-    prefix = 0 if getattr(vit, "no_embed_class", False) else int(getattr(vit, "num_prefix_tokens", 1))
-    table = sincos_2d_pos_embed(grid_h, grid_w, pos.shape[-1], num_prefix_tokens=prefix)
-    if table.shape != pos.shape[1:]:
-        raise ValueError(f"MoCo v3: sin-cos table {tuple(table.shape)} does not fit pos_embed {tuple(pos.shape)}")
-    pos.copy_(table[None].to(pos.dtype))
-    pos.requires_grad_(False)
-
-
-@torch.no_grad()
-def freeze_random_patch_embed_(vit: nn.Module) -> None:
-    """``--stop-grad-conv1``: patch projection xavier-uniform as a (C·p·p → D) Linear, zero bias, both frozen."""
-    proj = vit.patch_embed.proj
-    fan_in = proj.weight[0].numel()        # C·p·p
-    val = math.sqrt(6.0 / float(fan_in + proj.weight.shape[0]))
-    nn.init.uniform_(proj.weight, -val, val)
-    proj.weight.requires_grad_(False)
-    if proj.bias is not None:
-        nn.init.zeros_(proj.bias)
-        proj.bias.requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------------------------- MoCo v3
 @register("moco_v3")
 class MoCoV3(Objective):
@@ -235,7 +164,7 @@ class MoCoV3(Objective):
 
     Momentum encoder = ``momentum_backbone`` + ``momentum_projector`` (not the predictor), EMA of parameters at the
     start of each forward with the cosine schedule ``momentum → momentum_end``. For ViTs, :meth:`bind` applies the
-    paper's stabilisers to the online backbone before copying it: MoCo v3 init, fixed sin-cos position embedding,
+    paper's stabilisers (:mod:`ssl_vision.nn.vit`) to the online backbone before copying it: MoCo v3 init, fixed sin-cos position embedding,
     frozen random patch projection (``requires_grad=False``, so they never reach the optimizer).
 
     Multi-crop (``augment=multicrop``, an option; not in the paper, solo-learn's formulation): keys come from the
@@ -244,6 +173,10 @@ class MoCoV3(Objective):
     """
 
     num_views = None  # two views, or all crops of a multi-crop preset
+
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        return {"proj_hidden_dim": 16, "proj_out_dim": 8, "pred_hidden_dim": 16}
 
     def __init__(self, feature_dim: int, temperature: float = 1.0, proj_hidden_dim: int = 4096,
                  proj_out_dim: int = 256, proj_layers: int = 2, pred_hidden_dim: int = 4096, pred_layers: int = 2,
@@ -255,37 +188,33 @@ class MoCoV3(Objective):
                                   ("proj_layers", proj_layers, 3), ("pred_hidden_dim", pred_hidden_dim, 4096),
                                   ("pred_layers", pred_layers, 2)):
             check_count(key, value, note=f"MoCo v3: {paper}")
-        _check_momentum(momentum, momentum_end)
-        self.temperature, self.momentum, self.momentum_end = temperature, momentum, momentum_end
+        self.ema = momentum_encoder({"momentum_backbone": "backbone", "momentum_projector": "projector"}, momentum,
+                                    momentum_end)
+        self.temperature = temperature
         self.vit_moco_init, self.vit_fixed_pos_embed = vit_moco_init, vit_fixed_pos_embed
         self.vit_frozen_patch_embed = vit_frozen_patch_embed
-        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, bn=True, last_bn=True,
-                                   last_bn_affine=False, last_bias=False)
-        self.predictor = build_mlp(proj_out_dim, pred_hidden_dim, proj_out_dim, pred_layers, bn=True,
-                                   last_bn=pred_last_bn, last_bn_affine=False, last_bias=False)
-        self.momentum_projector = momentum_copy(self.projector)
-        self.momentum_backbone: nn.Module | None = None  # set by bind()
-        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
-        self._ema_step = HostMirror()  # host copy of ema_step, dropped on every load_state_dict
-        HostMirror.watch(self, "_ema_step")
+        self.projector = moco_v3_projector(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
+        self.predictor = moco_v3_predictor(proj_out_dim, pred_hidden_dim, proj_out_dim, pred_layers,
+                                           last_bn=pred_last_bn)
+        # EMA copies of projector and backbone, made in bind() (the projector's slot taken here: state_dict order)
+        self.register_module("momentum_projector", None)
+        self.momentum_backbone: nn.Module | None = None
+        self.ema.register_state(self)  # the ema_step buffer: the step of the last momentum-encoder update
 
     def bind(self, backbone: nn.Module) -> None:
         if is_vit(backbone):
             if self.vit_moco_init:
-                vit_moco_init_(backbone)
+                moco_v3_init_(backbone)
             if self.vit_fixed_pos_embed:
-                fix_sincos_pos_embed_(backbone)
+                set_fixed_sincos_pos_embed_(backbone, "MoCo v3 fixed position embedding")
             if self.vit_frozen_patch_embed:
-                freeze_random_patch_embed_(backbone)
-        self.momentum_backbone = momentum_copy(backbone)  # after the changes above: the copy starts identical
+                freeze_patch_embed_(backbone)
+        self.ema.bind(self, backbone)  # after the changes above: the copies start identical
 
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
-        if self.momentum_backbone is None:
-            raise RuntimeError("MoCoV3.bind(backbone) must be called before the first forward (SSLModule does it)")
+        self.ema.check_bound(self, "MoCoV3")
         x1, x2 = _two_views(views, "MoCo v3", "moco_v3")
-        m = momentum_at(step, self.momentum, self.momentum_end)
-        _update_momentum_encoder(self.ema_step, self._ema_step, [(self.momentum_backbone, backbone),
-                                                                 (self.momentum_projector, self.projector)], step, m)
+        m = self.ema.update(self, backbone, step)
         if len(views) > 2:  # multi-crop
             n_global = num_global_crops(views)
             hs = [backbone(x) for x in views]                  # one pass per crop, as per view above

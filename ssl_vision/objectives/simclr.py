@@ -10,7 +10,7 @@ from torch import nn
 
 from ssl_vision import distributed as dist
 from ssl_vision.losses import multi_positive_nt_xent, nt_xent
-from ssl_vision.nn.heads import build_mlp
+from ssl_vision.nn.heads import simclr_projector
 from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_temperature,
                                         forward_by_resolution, register)
 
@@ -30,6 +30,10 @@ class SimCLR(Objective):
 
     num_views = None  # two views, or all crops of a multi-crop preset
 
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        return {"proj_hidden_dim": 16, "proj_out_dim": 8}
+
     def __init__(self, feature_dim: int, temperature: float = 0.1, proj_hidden_dim: int = 2048,
                  proj_out_dim: int = 128, proj_layers: int = 3):
         super().__init__()
@@ -38,8 +42,7 @@ class SimCLR(Objective):
         check_count("proj_out_dim", proj_out_dim, note="SimCLR: 128")
         check_count("proj_layers", proj_layers, note="SimCLR v2: 3")
         self.temperature = temperature
-        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers, bn=True, last_bn=True,
-                                   last_bn_shift=False, last_bias=False, init_std=0.01)
+        self.projector = simclr_projector(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
 
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         if len(views) < 2:

@@ -14,38 +14,10 @@ import torch
 from torch import nn
 
 from ssl_vision.losses.regression import simsiam_loss
+from ssl_vision.nn.heads import simsiam_predictor, simsiam_projector
 from ssl_vision.nn.monitor import collapse_std
 from ssl_vision.objectives.base import Objective, ObjectiveOutput, StepInfo, check_count, register
 from ssl_vision.optim import param_groups
-
-
-def simsiam_projector(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> nn.Sequential:
-    """``num_layers − 1`` × (Linear(no bias) → BN → ReLU), then Linear → BN(affine=False). (N, in) -> (N, out).
-
-    The last Linear keeps its bias tensor but frozen (``requires_grad=False``), as the official builder does
-    (``encoder.fc[6].bias.requires_grad = False``): the BN that follows removes any shift, so it would only
-    drift under weight decay. Being frozen, it never reaches the optimizer (``param_groups`` skips it).
-    ImageNet: 3 layers, all 2048-d; the paper's CIFAR variant has 2.
-    """
-    if num_layers < 2:
-        raise ValueError(f"SimSiam's projector needs at least 2 layers (3 on ImageNet, 2 in the paper's CIFAR "
-                         f"variant), got proj_layers={num_layers}")
-    layers: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    last = nn.Linear(dim, out_dim, bias=True)
-    last.bias.requires_grad_(False)
-    layers += [last, nn.BatchNorm1d(out_dim, affine=False)]
-    return nn.Sequential(*layers)
-
-
-def simsiam_predictor(dim: int, hidden_dim: int) -> nn.Sequential:
-    """Bottleneck Linear(dim, hidden, no bias) → BN → ReLU → Linear(hidden, dim) with bias and **no** output BN
-    (BN at the predictor output changes SimSiam's behaviour, docs/reference.md §7). (N, dim) -> (N, dim)."""
-    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, dim, bias=True))
 
 
 @register("simsiam")
@@ -60,6 +32,10 @@ class SimSiam(Objective):
     """
 
     num_views = 2
+
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        return {"proj_hidden_dim": 16, "proj_out_dim": 16, "pred_hidden_dim": 8}
 
     def __init__(self, feature_dim: int, proj_hidden_dim: int = 2048, proj_out_dim: int = 2048, proj_layers: int = 3,
                  pred_hidden_dim: int = 512, fix_pred_lr: bool = True, collapse_warn_fraction: float = 0.1):

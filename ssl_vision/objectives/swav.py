@@ -17,8 +17,8 @@ from torch import nn
 
 from ssl_vision import distributed as dist
 from ssl_vision.losses.swav import sinkhorn_knopp, swapped_prediction
-from ssl_vision.nn.heads import build_mlp
-from ssl_vision.nn.memory import HostMirror
+from ssl_vision.nn.heads import swav_projector
+from ssl_vision.nn.memory import HostMirror, push_rank_blocks_, rank_block
 from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_temperature,
                                         forward_by_resolution, register)
 
@@ -45,6 +45,14 @@ class SwAV(Objective):
     """
 
     num_views = None  # multi-crop: all views
+    per_process_row_buffers = ("queue",)  # one block of rows per process (class docstring)
+
+    @classmethod
+    def tiny_kwargs(cls) -> dict:
+        # a 16-row queue from epoch 0: full after the first batches of 8-16, then in Sinkhorn; prototypes frozen
+        # for the first step only
+        return {"num_prototypes": 16, "proj_hidden_dim": 16, "proj_out_dim": 8, "queue_length": 16,
+                "queue_start_epoch": 0, "freeze_prototypes_niters": 1}
 
     def __init__(self, feature_dim: int, num_prototypes: int = 3000, proj_hidden_dim: int = 2048,
                  proj_out_dim: int = 128, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05,
@@ -79,7 +87,7 @@ class SwAV(Objective):
         self.freeze_prototypes_niters = freeze_prototypes_niters
         self.queue_length = queue_length
         self.queue_start_epoch = queue_start_epoch
-        self.projector = build_mlp(feature_dim, proj_hidden_dim, proj_out_dim, 2, bn=True)
+        self.projector = swav_projector(feature_dim, proj_hidden_dim, proj_out_dim)
         self.prototypes = nn.Linear(proj_out_dim, num_prototypes, bias=False)
         # queue of past L2-normalised embeddings of the assigned crops, newest first (see the class docstring)
         self.register_buffer("queue", torch.zeros(len(self.crops_for_assign), queue_length, proj_out_dim))
@@ -139,20 +147,13 @@ class SwAV(Objective):
 
     def _local_queue(self, i: int) -> torch.Tensor:
         """(L/W, E) this process's block of the queue of assigned crop ``i``."""
-        per_rank = self.queue_length // dist.world_size()
-        r = dist.rank()
-        return self.queue[i, r * per_rank:(r + 1) * per_rank]
+        return rank_block(self.queue, i, dist.rank(), dist.world_size())
 
     @torch.no_grad()
     def _enqueue(self, z: torch.Tensor) -> None:
         """Push (A, N, E) local embeddings into every rank's block (identical on all ranks), newest first."""
-        a, n, e = z.shape
-        world = dist.world_size()
-        new = dist.gather_no_grad(z.transpose(0, 1).contiguous())            # (W·N, A, E) in rank order
-        new = new.view(world, n, a, e).permute(2, 0, 1, 3)                    # (A, W, N, E)
-        blocks = self.queue.view(a, world, self.queue_length // world, e)
-        blocks[:, :, n:] = blocks[:, :, :-n].clone()
-        blocks[:, :, :n] = new.to(blocks.dtype)
+        n, world = z.shape[1], dist.world_size()
+        push_rank_blocks_(self.queue, dist.gather_no_grad(z.transpose(0, 1).contiguous()), world)  # (W·N, A, E)
         self._queue_fill.write(self.queue_fill,
                                min(self._queue_fill.read(self.queue_fill) + n * world, self.queue_length))
 

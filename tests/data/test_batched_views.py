@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-import yaml
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (_ROW_LOOP_FLOATS, BatchedViews, RawImages, _brightness_, _contrast_, _gray,
-                                     _hue_, _normalise, _put, _saturation_, _take, collate_raw, gaussian_blur,
-                                     is_raw_batch, resized_crop, sample_crop_boxes)
+from ssl_vision.data.batched import (BatchedViews, RawImages, collate_raw, gaussian_blur, is_raw_batch, resized_crop,
+                                     sample_crop_boxes)
+from ssl_vision.data.tensor_ops import (_ROW_LOOP_FLOATS, _brightness_, _contrast_, _gray, _hue_, _normalise, _put,
+                                        _saturation_, _take)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
@@ -60,10 +60,10 @@ def assert_same_distribution(a, b, what: str) -> None:
 
 
 def load_preset(name: str) -> list[dict]:
-    cfg = yaml.safe_load((AUGMENT_DIR / f"{name}.yaml").read_text())
-    if "defaults" in cfg:
-        cfg = yaml.safe_load((AUGMENT_DIR / f"{cfg['defaults'][0]}.yaml").read_text())
-    return cfg["views"]
+    """conf/augment/<name>.yaml as Hydra composes it (on the ViewSpec schema), its views in order."""
+    from tests.data.test_views import preset
+
+    return preset(name)
 
 
 def pil_images(n: int, size: tuple[int, int] = (32, 32), mode: str = "RGB", seed: int = 0) -> list:

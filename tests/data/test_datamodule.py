@@ -119,7 +119,7 @@ def test_data_configs_share_one_key_set_matching_the_datamodule():
 
 def test_synthetic_config_and_augment_preset_build_a_working_datamodule():
     data = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "synthetic.yaml"))
-    views = OmegaConf.load(CONF / "augment" / "simclr.yaml").views  # a ListConfig, as Hydra passes it
+    views = OmegaConf.load(CONF / "augment" / "simclr.yaml").views  # a DictConfig name -> view (unset fields: ViewSpec)
     dm = SSLDataModule(**data, views=views)
     dm.setup()
     views_batch, labels, _ = next(iter(dm.train_dataloader()))

@@ -1,13 +1,19 @@
 """Views: preset shapes and order, one-channel handling, blur kernel, determinism, eval transform."""
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
+
+import ssl_vision  # noqa: F401  (registers the config schema the presets merge onto)
 
 from ssl_vision.data.views import (
     ViewSpec,
@@ -21,8 +27,22 @@ AUGMENT_DIR = Path(__file__).resolve().parents[2] / "conf" / "augment"
 RGB_STATS = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 
 
+@functools.lru_cache(maxsize=None)
+def _composed_augment(name: str) -> dict:
+    """``augment=<name>`` as Hydra composes it (the preset on its ViewSpec schema), with a ViT so that no backbone
+    family's crops (conf/augment_recipe/) are merged on top."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(AUGMENT_DIR.parent), version_base="1.3"):
+            cfg = compose("pretrain", overrides=[f"augment={name}", "backbone=vit_small"])
+    finally:
+        GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.augment, resolve=True)
+
+
 def preset(name: str) -> list[dict]:
-    return yaml.safe_load((AUGMENT_DIR / f"{name}.yaml").read_text())["views"]
+    """The preset's views in order (``augment.views`` is a mapping name -> view)."""
+    return list(_composed_augment(name)["views"].values())
 
 
 def image(size: int = 32, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -128,23 +148,22 @@ def test_viewspec_from_dict_rejects_unknown_keys_and_bad_values():
     assert ViewSpec.from_dict({"scale": [0.2, 1.0]}).scale == (0.2, 1.0)
 
 
-def test_every_augment_preset_builds_with_all_fields_written():
+def test_every_augment_preset_composes_onto_the_view_schema_and_builds():
+    """Each preset states only what differs from ViewSpec; composed, every view has every field, and builds."""
     fields = {f.name for f in dataclasses.fields(ViewSpec)}
     files = sorted(AUGMENT_DIR.glob("*.yaml"))
     assert {f.stem for f in files} >= {"simclr", "moco_v1", "moco_v2", "byol", "multicrop", "dino", "mae", "none"}
     for path in files:
-        cfg = yaml.safe_load(path.read_text())
-        if "defaults" in cfg:  # an alias preset: `defaults: [<other preset>, _self_]` plus its own name
-            assert set(cfg) == {"defaults", "name"} and cfg["defaults"][-1] == "_self_", path.name
-            (base,) = cfg["defaults"][:-1]
-            cfg = {**yaml.safe_load((AUGMENT_DIR / f"{base}.yaml").read_text()), "name": cfg["name"]}
+        raw = yaml.safe_load(path.read_text())
+        assert isinstance(raw.get("views", {}), dict), f"{path.name}: views must be a mapping name -> view"
+        cfg = _composed_augment(path.stem)
         assert cfg["name"] == path.stem and set(cfg) == {"name", "backend", "views"}
         assert cfg["backend"] in ("per_sample", "batched"), path.name  # augment.backend (data/batched.py)
-        assert all(set(view) == fields for view in cfg["views"]), path.name
+        assert cfg["views"] and all(set(view) == fields for view in cfg["views"].values()), path.name
         for image_size, in_chans, stats in ((32, 3, RGB_STATS), (28, 1, ([0.3], [0.3]))):
             mv = build_multiview(cfg["views"], image_size, in_chans, *stats)
             views = mv(image(image_size, "RGB" if in_chans == 3 else "L"))
-            assert len(views) == sum(v["count"] for v in cfg["views"])
+            assert len(views) == sum(v["count"] for v in cfg["views"].values())
             assert all(v.shape[0] == in_chans for v in views)
 
 

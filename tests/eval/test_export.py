@@ -148,7 +148,7 @@ def test_mismatched_backbone_names_both(tmp_path):
 
 def test_not_an_ssl_vision_checkpoint(tmp_path):
     torch.save({"state_dict": {"backbone.w": torch.zeros(1)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="no checkpoint\\['ssl_vision'\\]\\['run_info'\\]"):
+    with pytest.raises(ValueError, match="no checkpoint\\['ssl_vision'\\]\\['backbone'\\] .* nor \\['run_info'\\]"):
         load_backbone(tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone(tmp_path / "missing.ckpt")

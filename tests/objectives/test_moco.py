@@ -1,5 +1,6 @@
-"""MoCo v1/v2/v3: losses vs formulas, queue arithmetic, momentum encoder, shuffle-BN, ViT stabilisers,
-1 process == 2 processes (gloo), and end-to-end smoke / resume runs through the real configs."""
+"""MoCo v1/v2/v3: the objectives' losses vs formulas, queue arithmetic, momentum encoder, shuffle-BN (also over 2
+processes, in train mode), ViT stabilisers, the experiment configs. (Smoke runs, 1 vs 2 processes, resume equality and
+the non-finite guard: tests/objectives/test_contract.py; the loss functions: tests/losses/test_infonce.py.)"""
 
 from __future__ import annotations
 
@@ -12,14 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vision.backbones import create_backbone
-from ssl_vision.launch import run_pretraining
-from ssl_vision.losses.infonce import info_nce, moco_v3_contrastive
 from ssl_vision.nn.memory import KeyQueue
-from ssl_vision.nn.pos_embed import sincos_2d_pos_embed
+from ssl_vision.nn.vit import sincos_2d_pos_embed
 from ssl_vision.objectives import StepInfo, build_objective
-from tests.conftest import FAST
 from tests.distributed_harness import average_grads, run_on_processes
-from tests.test_pretrain import StopAfter, _backbone_state
+from tests.losses.test_infonce import ctr_by_formula, info_nce_by_formula
 
 
 def step(t: int = 0, total: int = 10) -> StepInfo:
@@ -42,57 +40,6 @@ def moco(name="moco_v2", seed=0, backbone=None, **kw):
     obj = build_objective(name, 6, **args)
     obj.bind(backbone)
     return backbone, obj
-
-
-# ------------------------------------------------------------------------------------------------------ losses
-def info_nce_by_formula(q, k, queue, tau):
-    """MoCo eq. (1): -log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_j exp(q·queue_j/τ)), averaged over queries."""
-    q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
-    total = 0.0
-    for i in range(q.shape[0]):
-        pos = math.exp(float(q[i] @ k[i]) / tau)
-        neg = sum(math.exp(float(q[i] @ queue[:, j].double()) / tau) for j in range(queue.shape[1]))
-        total += -math.log(pos / (pos + neg))
-    return total / q.shape[0]
-
-
-def ctr_by_formula(q, k_all, tau, offset):
-    """MoCo v3: 2τ · mean_i −log exp(q_i·k_{offset+i}/τ) / Σ_j exp(q_i·k_j/τ), q and k normalised."""
-    q, k = F.normalize(q.double(), dim=1), F.normalize(k_all.double(), dim=1)
-    total = 0.0
-    for i in range(q.shape[0]):
-        den = sum(math.exp(float(q[i] @ k[j]) / tau) for j in range(k.shape[0]))
-        total += -math.log(math.exp(float(q[i] @ k[offset + i]) / tau) / den)
-    return 2 * tau * total / q.shape[0]
-
-
-@pytest.mark.parametrize("tau", [0.07, 0.2, 1.0])
-def test_info_nce_matches_formula(tau):
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
-    queue = F.normalize(torch.randn(4, 9, generator=g), dim=0)
-    assert info_nce(q, k, queue, tau).item() == pytest.approx(info_nce_by_formula(q, k, queue, tau), rel=1e-5)
-
-
-def test_info_nce_hand_made():
-    # q = k+ = e0, queue = [e1, -e0]: logits 1/τ, 0, -1/τ -> loss = -log(e^{1/τ} / (e^{1/τ} + 1 + e^{-1/τ}))
-    q = torch.tensor([[1.0, 0.0]])
-    queue = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
-    tau = 0.5
-    expected = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
-    assert info_nce(q, q.clone(), queue, tau).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="queue as"):
-        info_nce(q, q, torch.randn(3, 2), tau)   # (K, D) instead of (D, K)
-
-
-@pytest.mark.parametrize("offset", [0, 3])
-def test_moco_v3_contrastive_matches_formula_with_rank_offset_and_2tau(offset):
-    g = torch.Generator().manual_seed(1)
-    q, k_all = torch.randn(3, 4, generator=g), torch.randn(6, 4, generator=g)
-    got = moco_v3_contrastive(q, k_all, 0.2, offset).item()
-    assert got == pytest.approx(ctr_by_formula(q, k_all, 0.2, offset), rel=1e-5)
-    other = 3 - offset  # the wrong offset gives a different loss: the offset matters
-    assert got != pytest.approx(ctr_by_formula(q, k_all, 0.2, other), rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------ queue
@@ -336,7 +283,7 @@ def _rank_fn(rank, world, x1, x2):
     n = x1.shape[0] // world
     sl = slice(rank * n, (rank + 1) * n)
     res = {}
-    for name in ("moco_v3", "moco_v2"):
+    for name in ("moco_v2",):
         backbone, obj = moco(name)
         backbone.eval()
         obj.eval() if name == "moco_v3" else obj.train()
@@ -355,7 +302,7 @@ def test_two_processes_equal_one_process():
     g = torch.Generator().manual_seed(5)
     x1, x2 = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)
     expected = {}
-    for name in ("moco_v3", "moco_v2"):
+    for name in ("moco_v2",):
         backbone, obj = moco(name)
         backbone.eval()
         obj.eval() if name == "moco_v3" else obj.train()
@@ -383,46 +330,7 @@ def test_two_processes_equal_one_process():
     torch.testing.assert_close(results[0]["moco_v2"]["queue"], expected["moco_v2"]["queue"], rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------------ end to end
-SMALL_HEADS = {"moco_v1": ["method.kwargs.queue_size=64"], "moco_v2": ["method.kwargs.queue_size=64"],
-               "moco_v3": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.pred_hidden_dim=64"]}
-BACKBONES = {"resnet18": ["backbone=resnet18", "backbone.width=0.125"],
-             "vit_tiny": ["backbone=vit_tiny", "backbone.patch_size=8"]}
-
-
-@pytest.mark.parametrize("method", ["moco_v1", "moco_v2", "moco_v3"])
-@pytest.mark.parametrize("backbone", ["resnet18", "vit_tiny"])
-def test_one_step_smoke(make_cfg, method, backbone):
-    cfg = make_cfg([f"method={method}", *BACKBONES[backbone], *FAST, "trainer.max_steps=1", "eval.final_eval=false",
-                    *SMALL_HEADS[method]])
-    res = run_pretraining(cfg)
-    assert res["steps"] == 1 and res["images_seen"] == 16
-    assert res["train_loss"] is not None and math.isfinite(res["train_loss"])
-
-
-@pytest.mark.parametrize("method", ["moco_v2", "moco_v3"])
-def test_resume_equals_uninterrupted(make_cfg, tmp_path, method):
-    """4 steps straight == 2 steps, checkpoint, resume, 2 steps: every weight and buffer, incl. key encoder, queue and
-    pointer (the 48-key queue wraps within the 4 steps), BN statistics and the EMA step counter."""
-    common = [f"method={method}", *BACKBONES["resnet18"], *FAST, "data.synthetic_size=32", "trainer.max_epochs=2",
-              "eval.final_eval=false", "checkpoint.save_top_k=-1", *SMALL_HEADS[method]]
-    if method == "moco_v2":
-        common = [c for c in common if "queue_size" not in c] + ["method.kwargs.queue_size=48"]
-    straight = run_pretraining(make_cfg(common, tmp_path / "straight"))
-    half = run_pretraining(make_cfg(common, tmp_path / "half"), extra_callbacks=[StopAfter(2)])
-    assert straight["steps"] == 4 and half["steps"] == 2
-    resumed = run_pretraining(make_cfg([*common, f"resume={half['checkpoint']}"], tmp_path / "other"))
-    assert resumed["steps"] == 4
-    a, _ = _backbone_state(straight["checkpoint"])
-    b, _ = _backbone_state(resumed["checkpoint"])
-    state_keys = {"objective.ema_step"} | ({"objective.queue.queue", "objective.queue.ptr"} if method == "moco_v2"
-                                           else set())
-    assert state_keys <= a.keys() and any(k.startswith("objective.momentum_backbone." if method == "moco_v3"
-                                                       else "objective.key_backbone.") for k in a)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert int(a["objective.ema_step"]) == 3                           # last update at the start of step 3
+# ------------------------------------------------------------------------------------------------------ configs
 
 
 @pytest.mark.parametrize("experiment", [f"{d}_moco_v{v}" for d in ("fmnist", "cifar") for v in (1, 2, 3)]

@@ -1,6 +1,7 @@
-"""Multi-crop as an option for SimCLR, BYOL and MoCo v3 (solo-learn's formulations): losses against formulas
-written out here, the target/keys only on global crops, 1 process == 2 processes (SimCLR's gathered positives),
-and a one-step run of each method with ``augment=multicrop``."""
+"""Multi-crop as an option for SimCLR, BYOL and MoCo v3 (solo-learn's formulations): the objectives' losses against
+formulas written out here, the target/keys only on global crops, and a one-step run of each method with
+``augment=multicrop``. (1 vs 2 processes with multi-crop, SimCLR's gathered positives included:
+tests/objectives/test_contract.py; the multi-positive loss: tests/losses/test_contrastive.py.)"""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vision.losses import multi_positive_nt_xent, nt_xent
 from ssl_vision.objectives import StepInfo, build_objective
 from tests.conftest import FAST
-from tests.distributed_harness import average_grads, run_on_processes
+from tests.losses.test_contrastive import multi_positive_by_formula
 
 STEP = StepInfo(global_step=0, total_steps=10, epoch=0, max_epochs=1)
 HEADS = {"simclr": dict(temperature=0.2, proj_hidden_dim=16, proj_out_dim=6),
@@ -39,36 +39,6 @@ def crops(n=4, n_global=2, n_local=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     return ([torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_global)]
             + [torch.randn(n, 3, 4, 4, generator=g) for _ in range(n_local)])
-
-
-def multi_positive_by_formula(z: torch.Tensor, tau: float) -> float:
-    """−log(Σ_pos exp(s/τ) / Σ_{all but self} exp(s/τ)), one anchor at a time, mean over anchors. z: (V, N, D)."""
-    v_count, n, _ = z.shape
-    z = F.normalize(z.double(), dim=-1)
-    total = 0.0
-    for v in range(v_count):
-        for i in range(n):
-            pos = sum(math.exp(float(z[v, i] @ z[w, i]) / tau) for w in range(v_count) if w != v)
-            den = sum(math.exp(float(z[v, i] @ z[w, j]) / tau)
-                      for w in range(v_count) for j in range(n) if (w, j) != (v, i))
-            total += -math.log(pos / den)
-    return total / (v_count * n)
-
-
-@pytest.mark.parametrize("views", [2, 3, 5])
-def test_multi_positive_nt_xent_matches_formula(views):
-    z = torch.randn(views, 6, 5, generator=torch.Generator().manual_seed(views))
-    assert multi_positive_nt_xent(z, 0.3).item() == pytest.approx(multi_positive_by_formula(z, 0.3), rel=1e-5)
-
-
-def test_multi_positive_with_two_views_is_nt_xent_and_rank_offset_selects_the_local_rows():
-    z_all = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(0))   # (V, B, D), B = 2 ranks × 4
-    assert multi_positive_nt_xent(z_all, 0.2).item() == pytest.approx(nt_xent(z_all[0], z_all[1], 0.2).item(),
-                                                                      rel=1e-5)
-    # rank 1's anchors are samples 4..7 of the gathered batch; its loss is nt_xent's with the same offset
-    local = z_all[:, 4:]
-    assert multi_positive_nt_xent(local, 0.2, z_all, offset=4).item() == pytest.approx(
-        nt_xent(local[0], local[1], 0.2, z_all[0], z_all[1], offset=4).item(), rel=1e-5)
 
 
 def test_simclr_multicrop_loss_equals_formula():
@@ -120,34 +90,6 @@ def test_moco_v3_multicrop_keys_from_global_crops_and_loss_over_other_crops():
                 logits = q[v] @ k[g].T / tau
                 expected += 2 * tau * -(logits.diag() - logits.logsumexp(dim=1)).mean().item()
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
-
-
-def _simclr_rank_fn(rank, world, views):
-    backbone, obj = make("simclr")
-    obj.eval()
-    n = views[0].shape[0] // world
-    out = obj([x[rank * n:(rank + 1) * n] for x in views], backbone, STEP)
-    out.loss.backward()
-    loss = out.loss.detach().clone()
-    torch.distributed.all_reduce(loss)
-    grads = average_grads(backbone)
-    grads.update({f"proj.{k}": v for k, v in average_grads(obj).items()})
-    return {"loss": loss / world, "grads": grads}
-
-
-def test_simclr_multicrop_two_processes_equal_one_process():
-    views = crops(n=8)
-    backbone, obj = make("simclr")
-    obj.eval()
-    out = obj(views, backbone, STEP)
-    out.loss.backward()
-    ref = {n: p.grad for n, p in backbone.named_parameters()}
-    ref.update({f"proj.{n}": p.grad for n, p in obj.named_parameters() if p.grad is not None})
-    for r in run_on_processes(_simclr_rank_fn, 2, views):
-        torch.testing.assert_close(r["loss"], out.loss.detach(), rtol=1e-5, atol=1e-6)
-        assert set(r["grads"]) == set(ref)
-        for name, grad in ref.items():
-            torch.testing.assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("method,backbone", [("simclr", "resnet18"), ("byol", "resnet18"), ("moco_v3", "vit_tiny")])
