@@ -17,7 +17,9 @@ def packages() -> list[str]:
 
 
 if __name__ == "__main__":
-    setup(packages=packages(),
-          package_dir={f"{RESOURCES}.conf": "conf", f"{RESOURCES}.tools": "tools"},
-          package_data={"": ["*.yaml"]},
-          include_package_data=False)
+    setup(
+        packages=packages(),
+        package_dir={f"{RESOURCES}.conf": "conf", f"{RESOURCES}.tools": "tools"},
+        package_data={"": ["*.yaml"]},
+        include_package_data=False,
+    )

@@ -63,8 +63,10 @@ def kernels(reps: int) -> dict:
     big = torch.rand(64, 3, 224, 224, generator=g)
     rows = torch.randperm(64, generator=g)[:32]
     flat = big.reshape(64, -1)
-    out = {"index_select_4d": ms(lambda: big.index_select(0, rows)),
-           "index_select_2d": ms(lambda: flat.index_select(0, rows))}
+    out = {
+        "index_select_4d": ms(lambda: big.index_select(0, rows)),
+        "index_select_2d": ms(lambda: flat.index_select(0, rows)),
+    }
     for side in (224, 96):
         dst = torch.rand(64, 3 * side * side, generator=g)
         src, put = torch.rand(8, 3 * side * side, generator=g), torch.randperm(64, generator=g)[:8]
@@ -125,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     built = {}
     for v in args.variants:
         strategy, _, chunk = v.partition(":")
-        built[v] = BatchedViews(views, args.image_size, 3, MEAN, STD, seed=0, strategy=strategy,
-                                chunk=int(chunk) or None if chunk else None)
+        built[v] = BatchedViews(
+            views, args.image_size, 3, MEAN, STD, seed=0, strategy=strategy, chunk=int(chunk) or None if chunk else None
+        )
     ref = None
     for v, bv in built.items():
         got = bv(batch)[0]
@@ -140,12 +143,19 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             bv(batch)
             times[v].append(time.perf_counter() - t0)
-    rows = [{"variant": v, "ms_per_image": round(1e3 * statistics.median(t) / args.batch, 2)}
-            for v, t in times.items()]
-    res = {"preset": args.preset, "image_size": args.image_size, "source_px": args.source, "batch": args.batch,
-           "reps": args.reps, "rows": rows}
-    print(f"{args.preset} at {args.image_size} px from {args.source}-px images, batch {args.batch}, 1 thread, "
-          f"median of {args.reps} alternating rounds")
+    rows = [{"variant": v, "ms_per_image": round(1e3 * statistics.median(t) / args.batch, 2)} for v, t in times.items()]
+    res = {
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "source_px": args.source,
+        "batch": args.batch,
+        "reps": args.reps,
+        "rows": rows,
+    }
+    print(
+        f"{args.preset} at {args.image_size} px from {args.source}-px images, batch {args.batch}, 1 thread, "
+        f"median of {args.reps} alternating rounds"
+    )
     for r in rows:
         print(f"  {r['variant']:<14}{r['ms_per_image']:>9.2f} ms/image")
     if args.kernels:

@@ -76,8 +76,9 @@ def synthetic_images(n: int, side: int, seed: int = 0) -> list[tuple[Image.Image
     return out
 
 
-def measure(preset_name: str, image_size: int, source: int, batch: int, reps: int, threads: int,
-            subsets: bool = False) -> dict:
+def measure(
+    preset_name: str, image_size: int, source: int, batch: int, reps: int, threads: int, subsets: bool = False
+) -> dict:
     torch.set_num_threads(threads)
     views = preset(preset_name)
     data = synthetic_images(batch, source)
@@ -118,14 +119,19 @@ def measure(preset_name: str, image_size: int, source: int, batch: int, reps: in
     ms = {k: 1e3 * statistics.median(v) / batch for k, v in times.items()}
     sides = sorted({int(v.shape[-1]) for v in a}, reverse=True)
     counts = [sum(int(v.shape[-1]) == s for v in a) for s in sides]
-    return {"preset": preset_name, "views": " + ".join(f"{c}x{s}" for c, s in zip(counts, sides)),
-            "source_px": source, "batch": batch, "reps": reps, "threads": threads,
-            **{f"{k}_ms_per_image": round(v, 3) for k, v in ms.items()},
-            "speedup": round(ms["per_sample"] / ms["batched"], 2),
-            "speedup_views_only": round(ms["per_sample"] / ms["batched_views_only"], 2),
-            **({"speedup_subsets_views_only": round(ms["per_sample"] / ms["subsets_views_only"], 2)} if subsets
-               else {}),
-            "loadavg_1min": round(os.getloadavg()[0], 2)}
+    return {
+        "preset": preset_name,
+        "views": " + ".join(f"{c}x{s}" for c, s in zip(counts, sides)),
+        "source_px": source,
+        "batch": batch,
+        "reps": reps,
+        "threads": threads,
+        **{f"{k}_ms_per_image": round(v, 3) for k, v in ms.items()},
+        "speedup": round(ms["per_sample"] / ms["batched"], 2),
+        "speedup_views_only": round(ms["per_sample"] / ms["batched_views_only"], 2),
+        **({"speedup_subsets_views_only": round(ms["per_sample"] / ms["subsets_views_only"], 2)} if subsets else {}),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,16 +142,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both paths")
-    ap.add_argument("--subsets", action="store_true",
-                    help="also time strategy=subsets on the whole batch (the GPU strategy; the CPU's before 12-01)")
+    ap.add_argument(
+        "--subsets",
+        action="store_true",
+        help="also time strategy=subsets on the whole batch (the GPU strategy; the CPU's before 12-01)",
+    )
     ap.add_argument("--quick", action="store_true", help="batch 8, 2 reps, 64-px images (smoke test)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.reps, args.image_size, args.source = 8, 2, 56, 64
     res = measure(args.preset, args.image_size, args.source, args.batch, args.reps, args.threads, args.subsets)
-    print(f"{res['preset']} ({res['views']}) from {res['source_px']}-px images, batch {res['batch']}, "
-          f"{res['threads']} thread(s), median of {res['reps']} alternating reps, load avg {res['loadavg_1min']}")
+    print(
+        f"{res['preset']} ({res['views']}) from {res['source_px']}-px images, batch {res['batch']}, "
+        f"{res['threads']} thread(s), median of {res['reps']} alternating reps, load avg {res['loadavg_1min']}"
+    )
     for k in ("per_sample", "batched", "batched_views_only", "subsets_views_only"):
         if f"{k}_ms_per_image" in res:
             print(f"  {k:<20}{res[f'{k}_ms_per_image']:>9.2f} ms/image")

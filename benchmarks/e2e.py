@@ -98,8 +98,9 @@ class SteadyTimer(L.Callback):
     @property
     def images_per_s(self) -> float:
         if self.elapsed <= 0:
-            raise RuntimeError(f"the timed window did not complete: {self.batches} batches ran, "
-                               f"{self.warmup} + {self.steps} needed")
+            raise RuntimeError(
+                f"the timed window did not complete: {self.batches} batches ran, {self.warmup} + {self.steps} needed"
+            )
         return self.images / self.elapsed
 
 
@@ -147,21 +148,40 @@ def synthetic_rate(ds, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(overrides: list[str], device: str, steps: int, warmup: int, run_dir: Path,
-            stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    base = ["logger=none", "eval.final_eval=false", "eval.knn_at_init=false", "checkpoint.save_init=false",
-            *device_overrides(device, overrides), *overrides]
+def measure(
+    overrides: list[str], device: str, steps: int, warmup: int, run_dir: Path, stages: tuple[str, ...] = STAGES
+) -> dict[str, Any]:
+    base = [
+        "logger=none",
+        "eval.final_eval=false",
+        "eval.knn_at_init=false",
+        "checkpoint.save_init=false",
+        *device_overrides(device, overrides),
+        *overrides,
+    ]
     cfg = compose_run_cfg([*base, f"paths.output_root={run_dir / 'outputs'}"], run_dir / "run")
     workers = int(cfg.data.num_workers)
     buffer = workers * 2  # DataLoader's default prefetch_factor
     st = build_stepper(cfg, total_steps=10 * (warmup + steps) + 10)
     dev, dm, bs = st.device, st.dm, st.batch_size
     res: dict[str, Any] = {
-        "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
-        "image_size": int(cfg.data.image_size), "batch_size": bs, "precision": st.precision, "backend": dm.backend,
-        "num_workers": workers, "pin_memory": dm.pin_memory, "threads": torch.get_num_threads(),
-        "cpu_cores": os.cpu_count(), "device": device_name(dev), "steps": steps, "warmup": warmup,
-        "prefetch_buffer": buffer, "log_every_n_steps": int(cfg.trainer.log_every_n_steps)}
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "image_size": int(cfg.data.image_size),
+        "batch_size": bs,
+        "precision": st.precision,
+        "backend": dm.backend,
+        "num_workers": workers,
+        "pin_memory": dm.pin_memory,
+        "threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        "device": device_name(dev),
+        "steps": steps,
+        "warmup": warmup,
+        "prefetch_buffer": buffer,
+        "log_every_n_steps": int(cfg.trainer.log_every_n_steps),
+    }
     if "synthetic_gen" in stages and cfg.data.name == "synthetic":
         res["synthetic_gen"] = round(synthetic_rate(dm.train_dataset, max(200, 4 * bs)), 1)
     if "loader" in stages:
@@ -169,18 +189,19 @@ def measure(overrides: list[str], device: str, steps: int, warmup: int, run_dir:
     raw = next(iter(dm.train_dataloader()))
     if "aug" in stages and is_raw_batch(raw):
         on_dev = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in raw.items()}
-        res["aug"] = round(rate(lambda: dm.batch_views(on_dev), warmup, steps, bs, dev), 2)
+        res["aug"] = round(rate(lambda: dm.batch_views(on_dev), warmup, steps, bs, dev), 2)  # noqa: F821 (del below)
     if "step" in stages:
         fixed = st.to_device(raw)
-        res["step"] = round(rate(lambda: st.train_step(*fixed), warmup, steps, bs, dev), 2)
+        res["step"] = round(rate(lambda: st.train_step(*fixed), warmup, steps, bs, dev), 2)  # noqa: F821
         del fixed
     del st, dm, raw
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     if "whole" in stages:
-        cfg = compose_run_cfg([*base, f"paths.output_root={run_dir / 'outputs'}",
-                               f"trainer.max_steps={warmup + steps}"], run_dir / "run")
+        cfg = compose_run_cfg(
+            [*base, f"paths.output_root={run_dir / 'outputs'}", f"trainer.max_steps={warmup + steps}"], run_dir / "run"
+        )
         timer = SteadyTimer(warmup, steps)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -190,15 +211,20 @@ def measure(overrides: list[str], device: str, steps: int, warmup: int, run_dir:
         if k in res and "step" in res:
             res[f"{k}_over_step"] = round(res[k] / res["step"], 4)
     if workers and steps < 4 * buffer:
-        warnings.warn(f"--steps {steps} is not well above the loader's prefetch buffer ({buffer} batches): the "
-                      "whole-run rate may be overstated when the loader bounds it", stacklevel=2)
+        warnings.warn(
+            f"--steps {steps} is not well above the loader's prefetch buffer ({buffer} batches): the "
+            "whole-run rate may be overstated when the loader bounds it",
+            stacklevel=2,
+        )
     return res
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print(f"{res['method']} / {res['backbone']} / {res['data']} {res['image_size']}px  batch {res['batch_size']}  "
-          f"{res['precision']}  {res['backend']}  workers {res['num_workers']}  threads {res['threads']}  "
-          f"{res['device']}  {res['steps']} steps after {res['warmup']}")
+    print(
+        f"{res['method']} / {res['backbone']} / {res['data']} {res['image_size']}px  batch {res['batch_size']}  "
+        f"{res['precision']}  {res['backend']}  workers {res['num_workers']}  threads {res['threads']}  "
+        f"{res['device']}  {res['steps']} steps after {res['warmup']}"
+    )
     for k in STAGES:
         if k in res:
             ratio = f"{res[k] / res['step']:>8.3f} x step" if "step" in res else ""

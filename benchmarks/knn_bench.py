@@ -43,9 +43,9 @@ def matmul_rate(queries: torch.Tensor, bank: torch.Tensor, chunk: int, block_mb:
     out = torch.empty(min(chunk, queries.shape[0]), min(rows, bank.shape[0]))
     flops, t0 = 0.0, time.perf_counter()
     for s in range(0, queries.shape[0], chunk):
-        q = queries[s:s + chunk]
+        q = queries[s : s + chunk]
         for b in range(0, bank.shape[0], rows):
-            blk = bank[b:b + rows]
+            blk = bank[b : b + rows]
             torch.mm(q, blk.T, out=out[: q.shape[0], : blk.shape[0]])
             flops += 2.0 * q.shape[0] * blk.shape[0] * bank.shape[1]
     seconds = time.perf_counter() - t0
@@ -86,16 +86,30 @@ def main(argv: list[str] | None = None) -> dict:
     assert scores[args.k].shape == (args.queries, args.classes)
     flops = 2.0 * args.queries * args.bank * args.dim
     knn_rate, mm = flops / knn_s / 1e9, (before + after) / 2
-    res = {"bank": args.bank, "dim": args.dim, "queries": args.queries, "k": args.k, "chunk": args.chunk,
-           "threads": threads, "knn_s": round(knn_s, 2), "knn_gflops": round(knn_rate, 1),
-           "matmul_gflops_before": round(before, 1), "matmul_gflops_after": round(after, 1),
-           "efficiency": round(knn_rate / mm, 3), "queries_per_s": round(args.queries / knn_s, 1),
-           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-           "loadavg_1min": round(os.getloadavg()[0], 2)}
-    print(f"kNN: bank {args.bank} x {args.dim}, {args.queries} queries, k={args.k}, chunk {args.chunk}, "
-          f"{threads} threads, load avg {res['loadavg_1min']}")
-    print(f"  knn_classify        {knn_s:9.2f} s   {knn_rate:8.1f} GFLOP/s (similarity matmul FLOPs)  "
-          f"{res['queries_per_s']:.0f} queries/s")
+    res = {
+        "bank": args.bank,
+        "dim": args.dim,
+        "queries": args.queries,
+        "k": args.k,
+        "chunk": args.chunk,
+        "threads": threads,
+        "knn_s": round(knn_s, 2),
+        "knn_gflops": round(knn_rate, 1),
+        "matmul_gflops_before": round(before, 1),
+        "matmul_gflops_after": round(after, 1),
+        "efficiency": round(knn_rate / mm, 3),
+        "queries_per_s": round(args.queries / knn_s, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+    print(
+        f"kNN: bank {args.bank} x {args.dim}, {args.queries} queries, k={args.k}, chunk {args.chunk}, "
+        f"{threads} threads, load avg {res['loadavg_1min']}"
+    )
+    print(
+        f"  knn_classify        {knn_s:9.2f} s   {knn_rate:8.1f} GFLOP/s (similarity matmul FLOPs)  "
+        f"{res['queries_per_s']:.0f} queries/s"
+    )
     print(f"  torch.mm reference  {before:8.1f} GFLOP/s before, {after:.1f} after")
     print(f"  efficiency          {100 * res['efficiency']:8.1f} %  (target >= 70%)   peak RSS {res['peak_rss_gb']} GB")
     if args.json is not None:

@@ -63,20 +63,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for flag, per_round in runs.items():
         later_first = [e["first_batch_s"] for r in per_round for e in r[1:]]
         later_epoch = [e["epoch_s"] for r in per_round for e in r[1:]]
-        rows.append({"persistent_workers": flag == "true",
-                     "first_epoch_first_batch_s": round(statistics.median(r[0]["first_batch_s"] for r in per_round), 3),
-                     "later_epochs_first_batch_s": round(statistics.median(later_first), 3),
-                     "later_epochs_epoch_s": round(statistics.median(later_epoch), 3)})
-    res = {"data": cfg.data.name, "train_subset": cfg.data.train_subset, "batch_size": int(cfg.data.batch_size),
-           "num_workers": int(cfg.data.num_workers), "epochs": args.epochs, "rounds": args.rounds,
-           "overrides": base, "rows": rows,
-           "saved_per_epoch_s": round(rows[0]["later_epochs_epoch_s"] - rows[1]["later_epochs_epoch_s"], 3)}
-    print(f"{res['data']} subset {res['train_subset']} batch {res['batch_size']} workers {res['num_workers']}, "
-          f"{args.epochs} epochs x {args.rounds} rounds (medians, s)")
+        rows.append(
+            {
+                "persistent_workers": flag == "true",
+                "first_epoch_first_batch_s": round(statistics.median(r[0]["first_batch_s"] for r in per_round), 3),
+                "later_epochs_first_batch_s": round(statistics.median(later_first), 3),
+                "later_epochs_epoch_s": round(statistics.median(later_epoch), 3),
+            }
+        )
+    res = {
+        "data": cfg.data.name,
+        "train_subset": cfg.data.train_subset,
+        "batch_size": int(cfg.data.batch_size),
+        "num_workers": int(cfg.data.num_workers),
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "overrides": base,
+        "rows": rows,
+        "saved_per_epoch_s": round(rows[0]["later_epochs_epoch_s"] - rows[1]["later_epochs_epoch_s"], 3),
+    }
+    print(
+        f"{res['data']} subset {res['train_subset']} batch {res['batch_size']} workers {res['num_workers']}, "
+        f"{args.epochs} epochs x {args.rounds} rounds (medians, s)"
+    )
     print(f"  {'persistent':<12}{'1st epoch wait':>16}{'later waits':>13}{'later epochs':>14}")
     for r in rows:
-        print(f"  {str(r['persistent_workers']):<12}{r['first_epoch_first_batch_s']:>16.3f}"
-              f"{r['later_epochs_first_batch_s']:>13.3f}{r['later_epochs_epoch_s']:>14.3f}")
+        print(
+            f"  {str(r['persistent_workers']):<12}{r['first_epoch_first_batch_s']:>16.3f}"
+            f"{r['later_epochs_first_batch_s']:>13.3f}{r['later_epochs_epoch_s']:>14.3f}"
+        )
     return emit(res, args.json)
 
 

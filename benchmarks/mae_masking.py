@@ -58,9 +58,18 @@ def measure(name: str, image: int, patch: int, chans: int, batch: int, reps: int
         for ratio in RATIOS:
             with FlopCounterMode(display=False) as counter:
                 latent = obj.encode(x, backbone, noise, mask_ratio=ratio)[0]
-            rows.append(dict(backbone=name, image=image, patch=patch, patches=length, mask_ratio=ratio,
-                             tokens=int(latent.shape[1]), ms=1e3 * statistics.median(times[ratio]),
-                             gflops=counter.get_total_flops() / 1e9))
+            rows.append(
+                dict(
+                    backbone=name,
+                    image=image,
+                    patch=patch,
+                    patches=length,
+                    mask_ratio=ratio,
+                    tokens=int(latent.shape[1]),
+                    ms=1e3 * statistics.median(times[ratio]),
+                    gflops=counter.get_total_flops() / 1e9,
+                )
+            )
     for r in rows:  # speed-up of the masked pass over the whole image
         full = rows[-1]
         r["time_vs_full"] = round(r["ms"] / full["ms"], 3)
@@ -79,15 +88,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [r for case in CASES for r in measure(*case, batch=args.batch, reps=args.reps)]
-    head = f"{'backbone':<10} {'img':>4} {'p':>3} {'L':>4} {'ratio':>5} {'tokens':>6} {'ms':>9} {'GFLOPs':>9} " \
-           f"{'t/full':>7} {'F/full':>7}"
+    head = (
+        f"{'backbone':<10} {'img':>4} {'p':>3} {'L':>4} {'ratio':>5} {'tokens':>6} {'ms':>9} {'GFLOPs':>9} "
+        f"{'t/full':>7} {'F/full':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['backbone']:<10} {r['image']:>4} {r['patch']:>3} {r['patches']:>4} {r['mask_ratio']:>5} "
-              f"{r['tokens']:>6} {r['ms']:>9.2f} {r['gflops']:>9.4f} {r['time_vs_full']:>7} {r['flops_vs_full']:>7}")
-    result = {"batch": args.batch, "reps": args.reps, "threads": torch.get_num_threads(),
-              "device": "cpu", "rows": rows}
+        print(
+            f"{r['backbone']:<10} {r['image']:>4} {r['patch']:>3} {r['patches']:>4} {r['mask_ratio']:>5} "
+            f"{r['tokens']:>6} {r['ms']:>9.2f} {r['gflops']:>9.4f} {r['time_vs_full']:>7} {r['flops_vs_full']:>7}"
+        )
+    result = {"batch": args.batch, "reps": args.reps, "threads": torch.get_num_threads(), "device": "cpu", "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -36,8 +36,9 @@ from benchmarks.throughput import build_stepper, compose_cfg, device_name, emit 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition("=")
     if not sep or not name or not overrides:
-        raise argparse.ArgumentTypeError(f"--variant wants NAME=override[,override...], e.g. "
-                                         f"compile=perf.compile=true; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--variant wants NAME=override[,override...], e.g. compile=perf.compile=true; got {text!r}"
+        )
     return name, [o for o in overrides.split(",") if o]
 
 
@@ -53,8 +54,13 @@ def timed(fn, n: int, sync) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
-                        help="NAME=override[,override...] on top of the baseline (repeatable)")
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        help="NAME=override[,override...] on top of the baseline (repeatable)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (compilation happens here)")
@@ -83,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref = next(iter(fixed.values()))
     for name, (views, _) in fixed.items():  # same seed -> the same first batch; else the comparison is void
         if any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(views, ref[0], strict=True)):
-            raise RuntimeError(f"variant {name} got another first batch than the baseline; its overrides must not "
-                               "change the data or views")
+            raise RuntimeError(
+                f"variant {name} got another first batch than the baseline; its overrides must not "
+                "change the data or views"
+            )
     step_t = {n: [] for n in steppers}
     bare_t = {n: [] for n in steppers}
     for r in range(args.rounds):
@@ -92,27 +100,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sync = torch.cuda.synchronize if st.device.type == "cuda" else (lambda: None)
             step_t[name] += timed(lambda st=st, name=name: st.train_step(*fixed[name]), args.steps, sync)
             bare_t[name] += timed(lambda st=st, name=name: st.bare_step(fixed[name][0]), args.steps, sync)
-        print(f"round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{n} {steppers[n].batch_size / statistics.median(step_t[n][-args.steps:]):.1f}" for n in steppers)
-            + " img/s", flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + "  ".join(
+                f"{n} {steppers[n].batch_size / statistics.median(step_t[n][-args.steps :]):.1f}" for n in steppers
+            )
+            + " img/s",
+            flush=True,
+        )
     st0 = steppers["base"]
     rows = []
     for name, extra in variants:
         bs = steppers[name].batch_size
-        rows.append({"variant": name, "overrides": extra, "first_steps_s": round(first[name], 2),
-                     "model_step": round(bs / statistics.median(step_t[name]), 2),
-                     "bare_fwd_bwd": round(bs / statistics.median(bare_t[name]), 2)})
+        rows.append(
+            {
+                "variant": name,
+                "overrides": extra,
+                "first_steps_s": round(first[name], 2),
+                "model_step": round(bs / statistics.median(step_t[name]), 2),
+                "bare_fwd_bwd": round(bs / statistics.median(bare_t[name]), 2),
+            }
+        )
     for row in rows:
         row["vs_base"] = round(row["model_step"] / rows[0]["model_step"], 3)
-    res = {"method": base_cfg.method.name, "backbone": base_cfg.backbone.name, "data": base_cfg.data.name,
-           "batch_size": st0.batch_size, "device": device_name(st0.device), "steps": args.steps,
-           "rounds": args.rounds, "warmup": args.warmup, "baseline": base, "rows": rows}
-    print(f"{res['method']} / {res['backbone']} / {res['data']}  batch {res['batch_size']}  {res['device']}  "
-          f"{args.rounds} rounds x {args.steps} steps (images/s, medians)")
+    res = {
+        "method": base_cfg.method.name,
+        "backbone": base_cfg.backbone.name,
+        "data": base_cfg.data.name,
+        "batch_size": st0.batch_size,
+        "device": device_name(st0.device),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "baseline": base,
+        "rows": rows,
+    }
+    print(
+        f"{res['method']} / {res['backbone']} / {res['data']}  batch {res['batch_size']}  {res['device']}  "
+        f"{args.rounds} rounds x {args.steps} steps (images/s, medians)"
+    )
     print(f"  {'variant':<24}{'first steps s':>14}{'model_step':>12}{'bare_fwd_bwd':>14}{'vs base':>9}")
     for row in rows:
-        print(f"  {row['variant']:<24}{row['first_steps_s']:>14.1f}{row['model_step']:>12.1f}"
-              f"{row['bare_fwd_bwd']:>14.1f}{row['vs_base']:>9.3f}")
+        print(
+            f"  {row['variant']:<24}{row['first_steps_s']:>14.1f}{row['model_step']:>12.1f}"
+            f"{row['bare_fwd_bwd']:>14.1f}{row['vs_base']:>9.3f}"
+        )
     return emit(res, args.json)
 
 

@@ -83,15 +83,23 @@ def compose_cfg(method: str, recipe: str, seed: int, steps: int, overrides: list
     optimizer steps, without logger, checkpoints or validation (the kNN is run here, the same for both sides)."""
     name = recipe.format(method=method)
     base = [f"method={method}"] if name in ("", "none") else [f"experiment={name}"]
-    run = [f"seed={seed}", f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "trainer.devices=1",
-           "logger=none", "eval.knn_at_init=false"]
+    run = [
+        f"seed={seed}",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        "trainer.devices=1",
+        "logger=none",
+        "eval.knn_at_init=false",
+    ]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("pretrain", overrides=[*base, *run, *overrides])
     GlobalHydra.instance().clear()
     if cfg.augment.get("backend", "per_sample") != "per_sample":
-        raise SystemExit(f"parity: augment.backend={cfg.augment.backend} makes the views on the device inside our "
-                         f"module; run with --override augment.backend=per_sample so both sides get the loader's views")
+        raise SystemExit(
+            f"parity: augment.backend={cfg.augment.backend} makes the views on the device inside our "
+            f"module; run with --override augment.backend=per_sample so both sides get the loader's views"
+        )
     return cfg
 
 
@@ -117,16 +125,32 @@ def train_ours(cfg: Any, dm: Any, steps: int) -> tuple[nn.Module, nn.Module, dic
     module = build_module(cfg, num_samples=dm.num_train_samples)
     init_backbone = copy.deepcopy(module.backbone)
     rec = _Indices()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true",
-                        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[rec])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[rec],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=dm)
     sched = trainer.lr_scheduler_configs[0].scheduler
-    info = {"indices": rec.indices, "losses": rec.losses, "total_steps": int(sched.total_steps),
-            "warmup_steps": int(sched.warmup_steps), "steps_per_epoch": int(trainer.num_training_batches)}
+    info = {
+        "indices": rec.indices,
+        "losses": rec.losses,
+        "total_steps": int(sched.total_steps),
+        "warmup_steps": int(sched.warmup_steps),
+        "steps_per_epoch": int(trainer.num_training_batches),
+    }
     return module, init_backbone, info
 
 
@@ -143,12 +167,21 @@ def lightly_optimizer(model: LightlyMethod, cfg: Any, batch: int, fixed: tuple[s
         seen |= {id(p) for _, p in own}
         groups += param_groups(own, o.weight_decay, fixed_lr=name in fixed, name=name)
     lr = linear_scaled_lr(o.base_lr, batch, rule=o.lr_scaling)
-    return build_optimizer(o.name, groups, lr=lr, momentum=o.momentum, betas=tuple(o.betas), nesterov=o.nesterov,
-                           trust_coefficient=o.trust_coefficient, trust_clip=o.trust_clip)
+    return build_optimizer(
+        o.name,
+        groups,
+        lr=lr,
+        momentum=o.momentum,
+        betas=tuple(o.betas),
+        nesterov=o.nesterov,
+        trust_coefficient=o.trust_coefficient,
+        trust_clip=o.trust_clip,
+    )
 
 
-def train_lightly(method: str, cfg: Any, dm: Any, ours: nn.Module, init_backbone: nn.Module,
-                  info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def train_lightly(
+    method: str, cfg: Any, dm: Any, ours: nn.Module, init_backbone: nn.Module, info: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
     """lightly's counterpart (vs_lightly.LightlyMethod) on our initial backbone, trained on the same loader for the
     same steps under our optimizer, schedule and EMA momentum; returns its backbone and its batches and losses."""
     torch.manual_seed(int(cfg.seed) + 1)  # heads: lightly's own initialisation, reproducibly
@@ -163,8 +196,13 @@ def train_lightly(method: str, cfg: Any, dm: Any, ours: nn.Module, init_backbone
     fixed = ("predictor",) if method == "simsiam" and getattr(objective, "fix_pred_lr", False) else ()
     opt = lightly_optimizer(model, cfg, int(cfg.data.batch_size), fixed)
     o = cfg.method.optim
-    sched = WarmupCosineLR(opt, total_steps=info["total_steps"], warmup_steps=info["warmup_steps"],
-                           warmup_start_factor=o.warmup_start_factor, final_factor=o.final_factor)
+    sched = WarmupCosineLR(
+        opt,
+        total_steps=info["total_steps"],
+        warmup_steps=info["warmup_steps"],
+        warmup_start_factor=o.warmup_start_factor,
+        final_factor=o.final_factor,
+    )
     ema = getattr(objective, "ema", None)
     clip = float(getattr(objective, "clip_grad", 0.0) or 0.0)
     steps, total = len(info["indices"]), info["total_steps"]
@@ -217,16 +255,24 @@ def run_pair(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     t1 = time.perf_counter()
     their_backbone, theirs = train_lightly(method, cfg, dm, ours, init_backbone, info)
     t2 = time.perf_counter()
-    row = {"method": method, "seed": seed, "steps": len(info["indices"]),
-           "same_batches": info["indices"] == theirs["indices"],
-           "init_knn_top1": knn_top1(init_backbone, dm, cfg) if args.init_knn else None,
-           "ours_knn_top1": knn_top1(ours.backbone, dm, cfg), "lightly_knn_top1": knn_top1(their_backbone, dm, cfg),
-           "ours_loss_first_last": [round(info["losses"][0], 4), round(info["losses"][-1], 4)],
-           "lightly_loss_first_last": [round(theirs["losses"][0], 4), round(theirs["losses"][-1], 4)],
-           "ours_train_s": round(t1 - t0, 1), "lightly_train_s": round(t2 - t1, 1)}
+    row = {
+        "method": method,
+        "seed": seed,
+        "steps": len(info["indices"]),
+        "same_batches": info["indices"] == theirs["indices"],
+        "init_knn_top1": knn_top1(init_backbone, dm, cfg) if args.init_knn else None,
+        "ours_knn_top1": knn_top1(ours.backbone, dm, cfg),
+        "lightly_knn_top1": knn_top1(their_backbone, dm, cfg),
+        "ours_loss_first_last": [round(info["losses"][0], 4), round(info["losses"][-1], 4)],
+        "lightly_loss_first_last": [round(theirs["losses"][0], 4), round(theirs["losses"][-1], 4)],
+        "ours_train_s": round(t1 - t0, 1),
+        "lightly_train_s": round(t2 - t1, 1),
+    }
     if not row["same_batches"]:
-        raise RuntimeError(f"parity {method} seed {seed}: the two sides trained on different batches; the data "
-                           f"module's order is not deterministic here")
+        raise RuntimeError(
+            f"parity {method} seed {seed}: the two sides trained on different batches; the data "
+            f"module's order is not deterministic here"
+        )
     return row
 
 
@@ -234,11 +280,19 @@ def summarise(method: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ours = [r["ours_knn_top1"] for r in rows]
     theirs = [r["lightly_knn_top1"] for r in rows]
     mean = lambda xs: round(sum(xs) / len(xs), 2)  # noqa: E731
-    return {"method": method, "seeds": [r["seed"] for r in rows], "ours_knn_top1": ours, "lightly_knn_top1": theirs,
-            "ours_mean": mean(ours), "lightly_mean": mean(theirs), "diff": round(mean(ours) - mean(theirs), 2),
-            "ours_spread": round(max(ours) - min(ours), 2), "lightly_spread": round(max(theirs) - min(theirs), 2),
-            "init_mean": None if rows[0]["init_knn_top1"] is None else mean([r["init_knn_top1"] for r in rows]),
-            "runs": rows}
+    return {
+        "method": method,
+        "seeds": [r["seed"] for r in rows],
+        "ours_knn_top1": ours,
+        "lightly_knn_top1": theirs,
+        "ours_mean": mean(ours),
+        "lightly_mean": mean(theirs),
+        "diff": round(mean(ours) - mean(theirs), 2),
+        "ours_spread": round(max(ours) - min(ours), 2),
+        "lightly_spread": round(max(theirs) - min(theirs), 2),
+        "init_mean": None if rows[0]["init_knn_top1"] is None else mean([r["init_knn_top1"] for r in rows]),
+        "runs": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -246,13 +300,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps per side")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--recipe", default="fmnist_{method}",
-                    help="experiment name, {method} filled in (default: each method's fmnist_<method>); "
-                         "none: the method's defaults")
-    ap.add_argument("--override", nargs="+", default=[], metavar="OVERRIDE",
-                    help="config overrides for both sides, e.g. data.train_subset=5000")
-    ap.add_argument("--no-init-knn", dest="init_knn", action="store_false",
-                    help="skip the kNN of the shared initial backbone (the baseline both sides start from)")
+    ap.add_argument(
+        "--recipe",
+        default="fmnist_{method}",
+        help="experiment name, {method} filled in (default: each method's fmnist_<method>); "
+        "none: the method's defaults",
+    )
+    ap.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="OVERRIDE",
+        help="config overrides for both sides, e.g. data.train_subset=5000",
+    )
+    ap.add_argument(
+        "--no-init-knn",
+        dest="init_knn",
+        action="store_false",
+        help="skip the kNN of the shared initial backbone (the baseline both sides start from)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -266,19 +332,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     rows = [summarise(m, [run_pair(m, s, args) for s in args.seeds]) for m in args.methods]
-    print(f"{args.steps} steps per side, seeds {args.seeds}, recipe {args.recipe}, overrides {args.override or '-'}, "
-          f"load avg {os.getloadavg()[0]:.2f}")
-    print(f"{'method':<9}{'init kNN':>10}{'ours kNN':>10}{'lightly kNN':>13}{'diff':>8}{'spread ours':>13}{'spread lightly':>16}"
-          f"  loss first->last (ours | lightly, first seed)")
+    print(
+        f"{args.steps} steps per side, seeds {args.seeds}, recipe {args.recipe}, overrides {args.override or '-'}, "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'method':<9}{'init kNN':>10}{'ours kNN':>10}{'lightly kNN':>13}{'diff':>8}"
+        f"{'spread ours':>13}{'spread lightly':>16}"
+        f"  loss first->last (ours | lightly, first seed)"
+    )
     for r in rows:
         first = r["runs"][0]
         init = "-" if r["init_mean"] is None else f"{r['init_mean']:.2f}"
-        print(f"{r['method']:<9}{init:>10}{r['ours_mean']:>10.2f}{r['lightly_mean']:>13.2f}{r['diff']:>+8.2f}"
-              f"{r['ours_spread']:>13.2f}{r['lightly_spread']:>16.2f}  "
-              f"{first['ours_loss_first_last'][0]:.3f}->{first['ours_loss_first_last'][1]:.3f} | "
-              f"{first['lightly_loss_first_last'][0]:.3f}->{first['lightly_loss_first_last'][1]:.3f}")
-    res = {"steps": args.steps, "seeds": args.seeds, "recipe": args.recipe, "overrides": args.override,
-           "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2), "rows": rows}
+        print(
+            f"{r['method']:<9}{init:>10}{r['ours_mean']:>10.2f}{r['lightly_mean']:>13.2f}{r['diff']:>+8.2f}"
+            f"{r['ours_spread']:>13.2f}{r['lightly_spread']:>16.2f}  "
+            f"{first['ours_loss_first_last'][0]:.3f}->{first['ours_loss_first_last'][1]:.3f} | "
+            f"{first['lightly_loss_first_last'][0]:.3f}->{first['lightly_loss_first_last'][1]:.3f}"
+        )
+    res = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "recipe": args.recipe,
+        "overrides": args.override,
+        "threads": torch.get_num_threads(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "rows": rows,
+    }
     return emit(res, args.json)  # the JSON line last; --json written atomically
 
 

@@ -26,31 +26,43 @@ from ssl_vision.run_record import write_json_atomic  # noqa: E402
 
 
 def run_recipe(method: str, extra: list[str], output_root: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "tools/pretrain.py"), f"experiment=fmnist_{method}",
-           f"paths.output_root={output_root}", "trainer.enable_progress_bar=false", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools/pretrain.py"),
+        f"experiment=fmnist_{method}",
+        f"paths.output_root={output_root}",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"method": method, "error": proc.stderr[-2000:], "command": " ".join(cmd[1:])}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res.update(command="python " + " ".join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c
-                                          for c in cmd[1:]), process_s=round(total, 1))
+    res.update(
+        command="python " + " ".join(str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[1:]),
+        process_s=round(total, 1),
+    )
     return res
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | backbone | steps | kNN top-1 init | kNN top-1 trained | online probe | train wall s | "
-            "images/s | whole command s |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| method | backbone | steps | kNN top-1 init | kNN top-1 trained | online probe | train wall s | "
+        "images/s | whole command s |\n|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: see recipes.json | | | | | | | |")
             continue
         fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['steps']} | {fmt(r['knn_top1_init'])} | "
-                     f"{fmt(r['knn_top1'])} | {fmt(r['probe_top1'])} | {r['wall_s']:.0f} | {r['images_per_s']:.0f} | "
-                     f"{r['process_s']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {r['backbone']} | {r['steps']} | {fmt(r['knn_top1_init'])} | "
+            f"{fmt(r['knn_top1'])} | {fmt(r['probe_top1'])} | {r['wall_s']:.0f} | {r['images_per_s']:.0f} | "
+            f"{r['process_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ untimed steps, each rate (images/s; a sample counts once whatever its number of 
 
 ``aug_share = 1 - full_step / no_aug_step`` is the fraction of the step lost to the data pipeline and
 ``method_overhead = bare_fwd_bwd / no_aug_step`` the method's step time over the bare backbone's (the
-performance target's measure). ``passes_overhead = backbone_passes / no_aug_step`` is the step's time over the backbone arithmetic the
+performance target's measure). ``passes_overhead = backbone_passes / no_aug_step`` is the step's time over the
+backbone arithmetic the
 method itself is defined to do (a MoCo v3 step includes its momentum encoder's forward of both views; MoCo v1/v2
 back-propagate the query view only; MAE's encoder sees the visible tokens): what the heads, loss, optimizer and
 state updates add. ``passes`` names those passes. With ``--rounds R`` the three model-only rates are timed R
@@ -63,8 +64,14 @@ from ssl_vision.optim import build_optimizer, linear_scaled_lr, param_groups  # 
 from ssl_vision.run_record import write_json_atomic  # noqa: E402
 
 RATES = ("full_step", "no_aug_step", "aug_only", "bare_fwd_bwd", "backbone_passes")
-PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
-              "16": "16-mixed", "16-mixed": "16-mixed"}
+PRECISIONS = {
+    "32": "32-true",
+    "32-true": "32-true",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+}
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -78,8 +85,14 @@ def device_name(device: torch.device) -> str:
     else:
         name = "cpu"
         with contextlib.suppress(OSError):
-            name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                         if ln.startswith("model name")), name)
+            name = next(
+                (
+                    ln.split(":", 1)[1].strip()
+                    for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")
+                ),
+                name,
+            )
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
@@ -181,11 +194,15 @@ def build_stepper(cfg: DictConfig, total_steps: int) -> Stepper:
     device = torch.device("cuda" if use_cuda else "cpu")
     precision = PRECISIONS.get(str(cfg.trainer.precision))
     if precision is None or (precision == "16-mixed" and not use_cuda):
-        raise ValueError(f"trainer.precision={cfg.trainer.precision} not supported here on {device.type}; "
-                         "use 32-true, bf16-mixed (or 16-mixed on CUDA)")
+        raise ValueError(
+            f"trainer.precision={cfg.trainer.precision} not supported here on {device.type}; "
+            "use 32-true, bf16-mixed (or 16-mixed on CUDA)"
+        )
     autocast: Callable[[], contextlib.AbstractContextManager] = (
-        contextlib.nullcontext if precision == "32-true" else
-        lambda: torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16))
+        contextlib.nullcontext
+        if precision == "32-true"
+        else lambda: torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
 
     dm = build_datamodule(cfg)
@@ -195,19 +212,32 @@ def build_stepper(cfg: DictConfig, total_steps: int) -> Stepper:
     spec = module.optim_spec
     groups = param_groups(backbone.named_parameters(), spec.weight_decay, name="backbone")
     groups += objective.parameter_groups(spec.weight_decay)
-    opt = build_optimizer(spec.name, groups, lr=linear_scaled_lr(spec.base_lr, bs, rule=spec.lr_scaling),
-                          momentum=spec.momentum, betas=tuple(spec.betas), nesterov=spec.nesterov,
-                          trust_coefficient=spec.trust_coefficient)
+    opt = build_optimizer(
+        spec.name,
+        groups,
+        lr=linear_scaled_lr(spec.base_lr, bs, rule=spec.lr_scaling),
+        momentum=spec.momentum,
+        betas=tuple(spec.betas),
+        nesterov=spec.nesterov,
+        trust_coefficient=spec.trust_coefficient,
+    )
     total, done, per_epoch = total_steps, [0], len(dm.train_dataloader())
 
     def info(indices: torch.Tensor | None = None) -> StepInfo:
-        return StepInfo(global_step=done[0], total_steps=total, epoch=done[0] // per_epoch, max_epochs=1,
-                        steps_per_epoch=per_epoch, indices=indices)
+        return StepInfo(
+            global_step=done[0],
+            total_steps=total,
+            epoch=done[0] // per_epoch,
+            max_epochs=1,
+            steps_per_epoch=per_epoch,
+            indices=indices,
+        )
 
     def to_device(batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         if is_raw_batch(batch):  # augment.backend=batched: uint8 images to the device, views made there
-            batch = dm.batch_views({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                    for k, v in batch.items()})
+            batch = dm.batch_views(
+                {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            )
         views, _, indices = batch
         views = views[: objective.num_views] if objective.num_views else views
         return [v.to(device, non_blocking=True) for v in views], indices.to(device, non_blocking=True)
@@ -243,28 +273,48 @@ def measure(cfg: DictConfig, steps: int, warmup: int, rounds: int = 1) -> dict[s
     fixed = to_device(next(iter(dm.train_dataloader())))
     train_it, aug_it = batches(dm.train_dataloader()), batches(dm.train_dataloader())
     passes = record_passes(st.module, lambda: train_step(*fixed))
-    model = {"no_aug_step": lambda: train_step(*fixed), "bare_fwd_bwd": lambda: bare_step(fixed[0]),
-             "backbone_passes": lambda: replay_passes(passes, st.autocast)}
+    model = {
+        "no_aug_step": lambda: train_step(*fixed),
+        "bare_fwd_bwd": lambda: bare_step(fixed[0]),
+        "backbone_passes": lambda: replay_passes(passes, st.autocast),
+    }
     # the model-only rates alternate round by round: a ratio of two rates of one round shares that round's load
     per_round = {k: [] for k in MODEL_RATES}
     for r in range(rounds):
         for k in MODEL_RATES:
             per_round[k].append(rate(model[k], warmup if r == 0 else min(warmup, 1), steps, bs, device))
     out = {k: statistics.median(v) for k, v in per_round.items()}
-    out["full_step"] = rate(lambda: train_step(*to_device(next(train_it))), warmup, steps, bs, device)
+    out["full_step"] = rate(lambda: train_step(*to_device(next(train_it))), warmup, steps, bs, device)  # noqa: F821 (del below)
     del train_it  # stop its workers before timing the loader alone
     # the loader alone; with the batched backend the views are made on the device, so that is included here
-    out["aug_only"] = rate((lambda: to_device(next(aug_it))) if dm.backend == "batched" else (lambda: next(aug_it)),
-                           warmup, steps, bs, device)
-    ratios = {name: [a / b for a, b in zip(per_round[num], per_round["no_aug_step"])]
-              for name, num in (("method_overhead", "bare_fwd_bwd"), ("passes_overhead", "backbone_passes"))}
-    res = {"method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name, "batch_size": bs,
-           "precision": precision, "backend": dm.backend, "device": device_name(device),
-           "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "rounds": rounds,
-           **{k: round(out[k], 2) for k in RATES},
-           "aug_share": round(1.0 - out["full_step"] / out["no_aug_step"], 4),
-           **{k: round(statistics.median(v), 4) for k, v in ratios.items()},
-           "passes": describe_passes(passes)}
+    out["aug_only"] = rate(
+        (lambda: to_device(next(aug_it))) if dm.backend == "batched" else (lambda: next(aug_it)),
+        warmup,
+        steps,
+        bs,
+        device,
+    )
+    ratios = {
+        name: [a / b for a, b in zip(per_round[num], per_round["no_aug_step"])]
+        for name, num in (("method_overhead", "bare_fwd_bwd"), ("passes_overhead", "backbone_passes"))
+    }
+    res = {
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "batch_size": bs,
+        "precision": precision,
+        "backend": dm.backend,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        **{k: round(out[k], 2) for k in RATES},
+        "aug_share": round(1.0 - out["full_step"] / out["no_aug_step"], 4),
+        **{k: round(statistics.median(v), 4) for k, v in ratios.items()},
+        "passes": describe_passes(passes),
+    }
     if rounds > 1:
         res.update({f"{k}_per_round": [round(x, 3) for x in v] for k, v in ratios.items()})
     return res
@@ -283,15 +333,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="alternations of the model-only rates (medians reported; ratios paired per round)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternations of the model-only rates (medians reported; ratios paired per round)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result object here")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
     res = measure(compose_cfg(overrides), args.steps, args.warmup, args.rounds)
-    print(f"{res['method']} / {res['backbone']} / {res['data']}  batch {res['batch_size']}  {res['precision']}  "
-          f"{res['device']}  {res['steps']} steps after {res['warmup']} warmup")
+    print(
+        f"{res['method']} / {res['backbone']} / {res['data']}  batch {res['batch_size']}  {res['precision']}  "
+        f"{res['device']}  {res['steps']} steps after {res['warmup']} warmup"
+    )
     for k in RATES:
         print(f"  {k:<16}{res[k]:>12.1f} images/s")
     for k in ("aug_share", "method_overhead", "passes_overhead"):

@@ -90,11 +90,23 @@ def compose_cfg(method: str, args: argparse.Namespace) -> Any:
     if args.backbone:  # a conf/backbone name with its own defaults (e.g. resnet50, vit_small: patch 16)
         backbone = [f"backbone={args.backbone}"]
     else:
-        backbone = ["backbone=vit_tiny", "backbone.patch_size=4"] if method == "mae" else [
-            "backbone=resnet18", f"backbone.width={args.width}"]
-    overrides = [f"method={method}", f"augment={AUGMENT.get(method, method)}", *backbone, "data=synthetic",
-                 f"data.image_size={args.image_size}", f"data.batch_size={args.batch}", "trainer=cpu", "logger=none",
-                 *[f"method.kwargs.{k}" for k in kw], *args.ours]
+        backbone = (
+            ["backbone=vit_tiny", "backbone.patch_size=4"]
+            if method == "mae"
+            else ["backbone=resnet18", f"backbone.width={args.width}"]
+        )
+    overrides = [
+        f"method={method}",
+        f"augment={AUGMENT.get(method, method)}",
+        *backbone,
+        "data=synthetic",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch}",
+        "trainer=cpu",
+        "logger=none",
+        *[f"method.kwargs.{k}" for k in kw],
+        *args.ours,
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("pretrain", overrides=overrides)
 
@@ -102,11 +114,14 @@ def compose_cfg(method: str, args: argparse.Namespace) -> Any:
 def make_views(cfg: Any, batch: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """One batch of augmented views (per-sample pipeline on random images), reused for every step of both sides."""
     from PIL import Image
+
     g = torch.Generator().manual_seed(0)
     size = cfg.data.image_size
     mv = build_multiview(OmegaConf.to_container(cfg.augment.views), size, 3, cfg.data.mean, cfg.data.std)
-    per_image = [mv(Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()))
-                 for _ in range(batch)]
+    per_image = [
+        mv(Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()))
+        for _ in range(batch)
+    ]
     views = [torch.stack([p[v] for p in per_image]) for v in range(len(per_image[0]))]
     return views, torch.arange(batch) % 10, torch.arange(batch)
 
@@ -151,14 +166,31 @@ class _StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.t0)
 
 
-def time_ours(module: L.LightningModule, batch: tuple, batch_size: int, warmup: int, steps: int,
-              device: torch.device = torch.device("cpu"), bf16: bool = False) -> list[float]:
+def time_ours(
+    module: L.LightningModule,
+    batch: tuple,
+    batch_size: int,
+    warmup: int,
+    steps: int,
+    device: torch.device = torch.device("cpu"),
+    bf16: bool = False,
+) -> list[float]:
     """``batch`` already on ``device`` (Lightning's per-step transfer is then a no-op, as lightly's loop has none)."""
     timer = _StepTimer(device)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps, max_epochs=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if bf16 else "32-true",
+        max_steps=warmup + steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, datamodule=_Premade(batch, batch_size, warmup + steps))
@@ -169,13 +201,22 @@ def time_ours(module: L.LightningModule, batch: tuple, batch_size: int, warmup: 
 class LightlyMethod(nn.Module):
     """A lightly model + loss + optimizer; ``step(views)`` is one training step as in lightly's examples."""
 
-    def __init__(self, method: str, cfg: Any, backbone: nn.Module, dim: int, lr: float, with_optimizer: bool = True,
-                 freeze_prototypes_steps: int = 0) -> None:
+    def __init__(
+        self,
+        method: str,
+        cfg: Any,
+        backbone: nn.Module,
+        dim: int,
+        lr: float,
+        with_optimizer: bool = True,
+        freeze_prototypes_steps: int = 0,
+    ) -> None:
         """``with_optimizer=False``: no ``self.opt`` (the caller builds one, as benchmarks/parity.py does);
         ``freeze_prototypes_steps``: SwAV's prototypes get no update for that many steps (``loss(step=...)``)."""
         super().__init__()
         from lightly import loss as LL
         from lightly.models import modules as LM
+
         self.method, self.backbone, self.k = method, backbone, cfg.method.kwargs
         k, m = self.k, method
         if m == "simclr":
@@ -187,11 +228,15 @@ class LightlyMethod(nn.Module):
                 self.criterion = LL.NTXentLoss(temperature=k.temperature, memory_bank_size=(k.queue_size, k.embed_dim))
             else:
                 out = k.proj_out_dim
-                self.head = (LM.BYOLProjectionHead(dim, k.proj_hidden_dim, out) if m == "byol" else
-                             LM.MoCoProjectionHead(dim, k.proj_hidden_dim, out, num_layers=2, batch_norm=True))
+                self.head = (
+                    LM.BYOLProjectionHead(dim, k.proj_hidden_dim, out)
+                    if m == "byol"
+                    else LM.MoCoProjectionHead(dim, k.proj_hidden_dim, out, num_layers=2, batch_norm=True)
+                )
                 self.predictor = LM.BYOLPredictionHead(out, k.pred_hidden_dim, out)
-                self.criterion = (LL.NegativeCosineSimilarity() if m == "byol" else
-                                  LL.NTXentLoss(temperature=k.temperature))
+                self.criterion = (
+                    LL.NegativeCosineSimilarity() if m == "byol" else LL.NTXentLoss(temperature=k.temperature)
+                )
             self.backbone_m, self.head_m = copy.deepcopy(backbone), copy.deepcopy(self.head)
             for p in [*self.backbone_m.parameters(), *self.head_m.parameters()]:
                 p.requires_grad = False
@@ -201,36 +246,55 @@ class LightlyMethod(nn.Module):
             self.criterion = LL.NegativeCosineSimilarity()
         elif m == "swav":
             self.head = LM.SwaVProjectionHead(dim, k.proj_hidden_dim, k.proj_out_dim)
-            self.prototypes = LM.SwaVPrototypes(k.proj_out_dim, k.num_prototypes,
-                                                n_steps_frozen_prototypes=freeze_prototypes_steps)
-            self.criterion = LL.SwaVLoss(temperature=k.temperature, sinkhorn_iterations=k.sinkhorn_iterations,
-                                         sinkhorn_epsilon=k.sinkhorn_epsilon)
+            self.prototypes = LM.SwaVPrototypes(
+                k.proj_out_dim, k.num_prototypes, n_steps_frozen_prototypes=freeze_prototypes_steps
+            )
+            self.criterion = LL.SwaVLoss(
+                temperature=k.temperature,
+                sinkhorn_iterations=k.sinkhorn_iterations,
+                sinkhorn_epsilon=k.sinkhorn_epsilon,
+            )
         elif m == "dino":
+
             def head() -> nn.Module:
-                return LM.DINOProjectionHead(dim, k.hidden_dim, k.bottleneck_dim, k.out_dim,
-                                             batch_norm=bool(k.get("use_bn_in_head", False)),
-                                             norm_last_layer=k.norm_last_layer)
+                return LM.DINOProjectionHead(
+                    dim,
+                    k.hidden_dim,
+                    k.bottleneck_dim,
+                    k.out_dim,
+                    batch_norm=bool(k.get("use_bn_in_head", False)),
+                    norm_last_layer=k.norm_last_layer,
+                )
 
             self.head, self.head_m = head(), head()  # weight-normed: not deep-copyable; a second one, as lightly
             self.head_m.load_state_dict(self.head.state_dict())
             self.backbone_m = copy.deepcopy(backbone)
             for p in [*self.backbone_m.parameters(), *self.head_m.parameters()]:
                 p.requires_grad = False
-            self.criterion = LL.DINOLoss(output_dim=k.out_dim, warmup_teacher_temp=k.warmup_teacher_temp,
-                                         teacher_temp=k.teacher_temp,
-                                         warmup_teacher_temp_epochs=k.warmup_teacher_temp_epochs,
-                                         student_temp=k.student_temp, center_momentum=k.center_momentum)
+            self.criterion = LL.DINOLoss(
+                output_dim=k.out_dim,
+                warmup_teacher_temp=k.warmup_teacher_temp,
+                teacher_temp=k.teacher_temp,
+                warmup_teacher_temp_epochs=k.warmup_teacher_temp_epochs,
+                student_temp=k.student_temp,
+                center_momentum=k.center_momentum,
+            )
         elif m == "mae":
             from lightly.models.modules.masked_autoencoder_timm import MAEDecoderTIMM
             from lightly.models.modules.masked_vision_transformer_timm import MaskedVisionTransformerTIMM
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # MAEDecoderTIMM is deprecated in lightly 1.6 (same computation)
                 self.encoder = MaskedVisionTransformerTIMM(vit=backbone)
-                self.decoder = MAEDecoderTIMM(num_patches=backbone.patch_embed.num_patches,
-                                              patch_size=backbone.patch_embed.patch_size[0],
-                                              embed_dim=backbone.embed_dim, decoder_embed_dim=k.decoder_dim,
-                                              decoder_depth=k.decoder_depth, decoder_num_heads=k.decoder_heads,
-                                              mlp_ratio=k.decoder_mlp_ratio)
+                self.decoder = MAEDecoderTIMM(
+                    num_patches=backbone.patch_embed.num_patches,
+                    patch_size=backbone.patch_embed.patch_size[0],
+                    embed_dim=backbone.embed_dim,
+                    decoder_embed_dim=k.decoder_dim,
+                    decoder_depth=k.decoder_depth,
+                    decoder_num_heads=k.decoder_heads,
+                    mlp_ratio=k.decoder_mlp_ratio,
+                )
             self.criterion = nn.MSELoss()
         else:
             raise ValueError(f"no lightly counterpart for {method!r}; valid: {', '.join(METHODS)}")
@@ -240,8 +304,10 @@ class LightlyMethod(nn.Module):
             self.opt = None
         elif o.name == "lars":
             from lightly.utils.lars import LARS
-            self.opt = LARS(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                            trust_coefficient=o.trust_coefficient)
+
+            self.opt = LARS(
+                params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient
+            )
         elif o.name == "sgd":
             self.opt = torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
         else:
@@ -279,6 +345,7 @@ class LightlyMethod(nn.Module):
             return self.criterion(teacher, student, epoch=epoch)
         # mae
         from lightly.models import utils as LU
+
         images = views[0]
         b, seq = images.shape[0], self.encoder.sequence_length
         idx_keep, idx_mask = LU.random_token_mask(size=(b, seq), mask_ratio=k.mask_ratio, device=images.device)
@@ -296,13 +363,18 @@ class LightlyMethod(nn.Module):
     def update_momentum(self, m: float) -> None:
         """lightly's EMA of the momentum / teacher copies towards the online backbone and head."""
         from lightly.models.utils import update_momentum
+
         update_momentum(self.backbone, self.backbone_m, m=m)
         update_momentum(self.head, self.head_m, m=m)
 
     def step(self, views: list[torch.Tensor]) -> None:
         if self.method in ("moco_v2", "moco_v3", "byol", "dino"):
-            mom = {"moco_v2": self.k.get("momentum", 0.999), "moco_v3": self.k.get("momentum", 0.99),
-                   "byol": self.k.get("momentum", 0.99), "dino": self.k.get("momentum", 0.996)}
+            mom = {
+                "moco_v2": self.k.get("momentum", 0.999),
+                "moco_v3": self.k.get("momentum", 0.99),
+                "byol": self.k.get("momentum", 0.99),
+                "dino": self.k.get("momentum", 0.996),
+            }
             self.update_momentum(mom[self.method])
         loss = self.loss(views)
         loss.backward()
@@ -310,8 +382,9 @@ class LightlyMethod(nn.Module):
         self.opt.zero_grad(set_to_none=True)
 
 
-def time_lightly(model: LightlyMethod, views: list[torch.Tensor], warmup: int, steps: int,
-                 bf16: bool = False) -> list[float]:
+def time_lightly(
+    model: LightlyMethod, views: list[torch.Tensor], warmup: int, steps: int, bf16: bool = False
+) -> list[float]:
     """``model`` and ``views`` on one device; ``bf16``: the step under ``torch.autocast`` (as Lightning's
     ``bf16-mixed`` does for ours)."""
     model.train()
@@ -333,6 +406,7 @@ def step_flops(model: LightlyMethod, views: list[torch.Tensor], bf16: bool = Fal
     ``torch.utils.flop_counter``), on the lightly-built model: the same arithmetic as ours (same backbone, head
     sizes and views), counted once. The optimizer step and element-wise ops are not counted (MFU convention)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     model.train()
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -350,9 +424,17 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     ours = build_module(cfg, num_samples=args.batch)
     b = cfg.backbone
     torch.manual_seed(0)  # the same initial backbone weights on both sides
-    backbone, dim = create_backbone(b.name, in_chans=3, image_size=cfg.data.image_size, width=b.width,
-                                    channels=None, small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
-                                    patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
+    backbone, dim = create_backbone(
+        b.name,
+        in_chans=3,
+        image_size=cfg.data.image_size,
+        width=b.width,
+        channels=None,
+        small_stem=b.small_stem,
+        zero_init_residual=b.zero_init_residual,
+        patch_size=b.patch_size,
+        drop_path_rate=b.drop_path_rate,
+    )
     lr = linear_scaled_lr(cfg.method.optim.base_lr, args.batch, rule=cfg.method.optim.lr_scaling)
     device, bf16 = torch.device(args.device), args.precision == "bf16"
     layout = torch.channels_last if args.lightly_channels_last else torch.contiguous_format
@@ -373,13 +455,24 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     sides = [int(v.shape[-1]) for v in views]
     shown = "+".join(f"{sides.count(s)}x{s}" for s in sorted(set(sides), reverse=True))
     tflops = {side: flops * ips / args.batch / 1e12 for side, ips in (("ours", ips_ours), ("lightly", ips_theirs))}
-    row = {"method": method, "backbone": cfg.backbone.name, "views": shown, "ours_img_s": round(ips_ours, 1),
-           "lightly_img_s": round(ips_theirs, 1), "ratio": round(ips_ours / ips_theirs, 3),
-           "ratio_per_round": per_round, "timed_steps": len(t_ours), "gflop_per_step": round(flops / 1e9, 3),
-           "ours_tflop_s": round(tflops["ours"], 4), "lightly_tflop_s": round(tflops["lightly"], 4)}
+    row = {
+        "method": method,
+        "backbone": cfg.backbone.name,
+        "views": shown,
+        "ours_img_s": round(ips_ours, 1),
+        "lightly_img_s": round(ips_theirs, 1),
+        "ratio": round(ips_ours / ips_theirs, 3),
+        "ratio_per_round": per_round,
+        "timed_steps": len(t_ours),
+        "gflop_per_step": round(flops / 1e9, 3),
+        "ours_tflop_s": round(tflops["ours"], 4),
+        "lightly_tflop_s": round(tflops["lightly"], 4),
+    }
     if args.peak_tflops:  # model FLOP utilisation against the stated peak
-        row.update(ours_mfu=round(tflops["ours"] / args.peak_tflops, 4),
-                   lightly_mfu=round(tflops["lightly"] / args.peak_tflops, 4))
+        row.update(
+            ours_mfu=round(tflops["ours"] / args.peak_tflops, 4),
+            lightly_mfu=round(tflops["lightly"] / args.peak_tflops, 4),
+        )
     return row
 
 
@@ -395,18 +488,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--paper-heads", action="store_true", help="keep the configs' head sizes (slow on a CPU)")
     ap.add_argument("--quick", action="store_true", help="batch 16, 1 round, 1 warm-up step (smoke test)")
-    ap.add_argument("--backbone", default=None,
-                    help="a conf/backbone name for every method (e.g. resnet50, vit_small); default resnet18 x--width, "
-                         "MAE vit_tiny patch 4")
+    ap.add_argument(
+        "--backbone",
+        default=None,
+        help="a conf/backbone name for every method (e.g. resnet50, vit_small); default resnet18 x--width, "
+        "MAE vit_tiny patch 4",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="both sides run there")
-    ap.add_argument("--precision", default="32", choices=["32", "bf16"],
-                    help="bf16: Lightning bf16-mixed for ours, torch.autocast(bfloat16) for lightly's loop")
-    ap.add_argument("--lightly-channels-last", action="store_true",
-                    help="lightly's model and inputs in NHWC too (ours is NHWC by default: perf.channels_last)")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the device's peak TFLOP/s at --precision, to report model FLOP utilisation (MFU)")
-    ap.add_argument("--ours", nargs="+", default=[], metavar="OVERRIDE",
-                    help="extra config overrides for our side only, e.g. perf.channels_last=false")
+    ap.add_argument(
+        "--precision",
+        default="32",
+        choices=["32", "bf16"],
+        help="bf16: Lightning bf16-mixed for ours, torch.autocast(bfloat16) for lightly's loop",
+    )
+    ap.add_argument(
+        "--lightly-channels-last",
+        action="store_true",
+        help="lightly's model and inputs in NHWC too (ours is NHWC by default: perf.channels_last)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s at --precision, to report model FLOP utilisation (MFU)",
+    )
+    ap.add_argument(
+        "--ours",
+        nargs="+",
+        default=[],
+        metavar="OVERRIDE",
+        help="extra config overrides for our side only, e.g. perf.channels_last=false",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
@@ -423,22 +535,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [measure(m, args) for m in args.methods]
     where = device_name(torch.device(args.device))  # the card, or the CPU model and torch's thread count
     head = f"{'method':<9}{'views':>14}{'ours img/s':>12}{'lightly img/s':>15}{'ours/lightly':>14}  per round"
-    print(f"batch {args.batch}, {args.image_size} px, "
-          f"{args.backbone or f'resnet18 x{args.width} (mae: vit_tiny/4)'}, {where}, precision {args.precision}, "
-          f"load avg {os.getloadavg()[0]:.2f}, ours with {args.ours or 'defaults'}")
+    print(
+        f"batch {args.batch}, {args.image_size} px, "
+        f"{args.backbone or f'resnet18 x{args.width} (mae: vit_tiny/4)'}, {where}, precision {args.precision}, "
+        f"load avg {os.getloadavg()[0]:.2f}, ours with {args.ours or 'defaults'}"
+    )
     print(head)
     for r in rows:
-        print(f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}"
-              f"  {' '.join(f'{x:.2f}' for x in r['ratio_per_round'])}   "
-              f"{r['gflop_per_step']:.1f} GFLOP/step, TFLOP/s ours {r['ours_tflop_s']:.3f} lightly "
-              f"{r['lightly_tflop_s']:.3f}" + (f", MFU ours {r['ours_mfu']:.1%} lightly {r['lightly_mfu']:.1%}"
-                                               if "ours_mfu" in r else ""))
-    res = {"batch": args.batch, "image_size": args.image_size, "width": args.width, "steps": args.steps,
-           "ours_overrides": args.ours, "device": args.device, "precision": args.precision,
-           "device_name": where,
-           "lightly_channels_last": args.lightly_channels_last, "peak_tflops": args.peak_tflops,
-           "rounds": args.rounds, "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
-           "rows": rows}
+        print(
+            f"{r['method']:<9}{r['views']:>14}{r['ours_img_s']:>12.1f}{r['lightly_img_s']:>15.1f}{r['ratio']:>14.3f}"
+            f"  {' '.join(f'{x:.2f}' for x in r['ratio_per_round'])}   "
+            f"{r['gflop_per_step']:.1f} GFLOP/step, TFLOP/s ours {r['ours_tflop_s']:.3f} lightly "
+            f"{r['lightly_tflop_s']:.3f}"
+            + (f", MFU ours {r['ours_mfu']:.1%} lightly {r['lightly_mfu']:.1%}" if "ours_mfu" in r else "")
+        )
+    res = {
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "width": args.width,
+        "steps": args.steps,
+        "ours_overrides": args.ours,
+        "device": args.device,
+        "precision": args.precision,
+        "device_name": where,
+        "lightly_channels_last": args.lightly_channels_last,
+        "peak_tflops": args.peak_tflops,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "rows": rows,
+    }
     return emit(res, args.json)  # the JSON line last; --json written atomically
 
 

@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import ssl_vision, torch, torchvision, lightning, hydra, faiss, timm, pytest" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ] \
-   || [ setup.py -nt .venv/.installed ]; then
+   || [ setup.py -nt .venv/.installed ] || [ ! -x .venv/bin/ruff ]; then
   echo "[setup] installing packages into .venv (the versions of constraints.txt:" \
        "$(grep -E '^torch(vision)?==' constraints.txt | tr '\n' ' '))"
   .venv/bin/python -m pip install -q --upgrade pip

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import timm
-import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
@@ -52,8 +51,15 @@ class _ScaledResNet(tv_resnet.ResNet):
         return super()._make_layer(block, planes, blocks, stride, dilate)
 
 
-def _resnet(name: str, in_chans: int, image_size: int, width: float, channels: list[int] | None,
-            small_stem: bool | str, zero_init_residual: bool) -> tuple[nn.Module, int]:
+def _resnet(
+    name: str,
+    in_chans: int,
+    image_size: int,
+    width: float,
+    channels: list[int] | None,
+    small_stem: bool | str,
+    zero_init_residual: bool,
+) -> tuple[nn.Module, int]:
     block, layers = TORCHVISION_RESNETS[name]
     if channels is None:
         channels = [max(1, int(round(c * width))) for c in (64, 128, 256, 512)]
@@ -78,33 +84,51 @@ def auto_patch_size(image_size: int) -> int:
     for p in (16, 14, 8, 7, 4, 2):
         if image_size % p == 0 and image_size // p >= 7:
             return p
-    raise ValueError(f"no patch size in (16, 14, 8, 7, 4, 2) divides image size {image_size} with >= 7 patches; "
-                     f"set backbone.patch_size explicitly")
+    raise ValueError(
+        f"no patch size in (16, 14, 8, 7, 4, 2) divides image size {image_size} with >= 7 patches; "
+        f"set backbone.patch_size explicitly"
+    )
 
 
-def _timm(name: str, in_chans: int, image_size: int, patch_size: int | str | None, drop_path_rate: float,
-          extra: dict) -> tuple[nn.Module, int]:
+def _timm(
+    name: str, in_chans: int, image_size: int, patch_size: int | str | None, drop_path_rate: float, extra: dict
+) -> tuple[nn.Module, int]:
     timm_name = VIT_ALIASES.get(name, name.removeprefix("timm:"))
     if not timm.is_model(timm_name):
         valid = sorted(TORCHVISION_RESNETS) + sorted(VIT_ALIASES)
-        raise ValueError(f"unknown backbone {name!r}: not a torchvision ResNet ({', '.join(sorted(TORCHVISION_RESNETS))}), "
-                         f"a ViT alias ({', '.join(sorted(VIT_ALIASES))}) or a timm model name; valid short names: {valid}")
+        raise ValueError(
+            f"unknown backbone {name!r}: not a torchvision ResNet ({', '.join(sorted(TORCHVISION_RESNETS))}), "
+            f"a ViT alias ({', '.join(sorted(VIT_ALIASES))}) or a timm model name; valid short names: {valid}"
+        )
     kw = dict(num_classes=0, in_chans=in_chans, pretrained=False, **extra)
     if "vit" in timm_name or "deit" in timm_name:
         # ViTs adapt to the data: the image size comes from data config, the patch size from it unless set.
         p = auto_patch_size(image_size) if patch_size in (None, "auto") else int(patch_size)
         if image_size % p:
             raise ValueError(f"backbone.patch_size={p} does not divide data.image_size={image_size}")
-        kw.update(img_size=image_size, patch_size=p, drop_path_rate=drop_path_rate, dynamic_img_size=True,
-                  dynamic_img_pad=True)  # multi-crop sizes need not be multiples of the patch
+        kw.update(
+            img_size=image_size,
+            patch_size=p,
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=True,
+            dynamic_img_pad=True,
+        )  # multi-crop sizes need not be multiples of the patch
     model = timm.create_model(timm_name, **kw)
     return model, int(model.num_features)
 
 
-def create_backbone(name: str, in_chans: int = 3, image_size: int = 224, width: float = 1.0,
-                    channels: list[int] | None = None, small_stem: bool | str = "auto",
-                    zero_init_residual: bool = False, patch_size: int | str | None = "auto",
-                    drop_path_rate: float = 0.0, timm_kwargs: dict | None = None) -> tuple[nn.Module, int]:
+def create_backbone(
+    name: str,
+    in_chans: int = 3,
+    image_size: int = 224,
+    width: float = 1.0,
+    channels: list[int] | None = None,
+    small_stem: bool | str = "auto",
+    zero_init_residual: bool = False,
+    patch_size: int | str | None = "auto",
+    drop_path_rate: float = 0.0,
+    timm_kwargs: dict | None = None,
+) -> tuple[nn.Module, int]:
     """Build a feature extractor (B, C, H, W) -> (B, feature_dim).
 
     Args:

@@ -37,7 +37,8 @@ def load_checkpoint(path: str | Path) -> dict:
     export, bytes that are no torch format at all, a zip cut short (truncated), or an entry whose CRC-32 does not match
     its bytes (a bit flipped on disk or in transfer: torch's own zip reader does not check CRCs, so such a file would
     load silently with a wrong weight). The CRC check reads every entry with :mod:`zipfile` (zlib's CRC-32): about
-    0.03 s per 100 MB (measured) from the page cache, plus one read of the file when it is not cached (the ``torch.load`` that
+    0.03 s per 100 MB (measured) from the page cache, plus one read of the file when it is not cached (the
+    ``torch.load`` that
     follows then reads it from the cache). Files written without CRCs (torch's ``compute_crc32=False``: every CRC field
     is 0) and legacy non-zip torch files cannot be verified and are loaded as they are. Only a real pickle that names a
     global outside torch's allow-list is refused as unsafe (it could run code).
@@ -51,17 +52,23 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:  # what weights_only raises, for a disallowed global or a non-torch pickle
         reason = _unpickling_reason(exc)
         if _disallowed_global(exc):
-            raise ValueError(f"refusing to load {path}: it is not loadable with weights_only=True ({reason}; a file "
-                             f"that needs arbitrary unpickling can run code). Use a checkpoint written by "
-                             f"tools/pretrain.py or an export written by tools/export.py") from exc
-        raise ValueError(f"cannot read checkpoint {path}: it is a pickle but not a torch checkpoint "
-                         f"(torch.load with weights_only=True: {reason}). Expected a .ckpt written by "
-                         f"tools/pretrain.py{_siblings_hint(path)}") from exc
+            raise ValueError(
+                f"refusing to load {path}: it is not loadable with weights_only=True ({reason}; a file "
+                f"that needs arbitrary unpickling can run code). Use a checkpoint written by "
+                f"tools/pretrain.py or an export written by tools/export.py"
+            ) from exc
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is a pickle but not a torch checkpoint "
+            f"(torch.load with weights_only=True: {reason}). Expected a .ckpt written by "
+            f"tools/pretrain.py{_siblings_hint(path)}"
+        ) from exc
     except (EOFError, RuntimeError, OSError, KeyError, IndexError, ValueError) as exc:
         what = "a zip archive" if kind == "zip" else "a legacy torch file"
-        raise ValueError(f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint (it looks like "
-                         f"{what} but torch.load fails: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                         f". Use an intact one{_siblings_hint(path)}") from exc
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint (it looks like "
+            f"{what} but torch.load fails: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            f". Use an intact one{_siblings_hint(path)}"
+        ) from exc
 
 
 def check_checkpoint_path(path: str | Path) -> Path:
@@ -71,8 +78,10 @@ def check_checkpoint_path(path: str | Path) -> Path:
     if path.is_dir():
         found = sorted(path.glob("*.ckpt")) or sorted(path.glob("*/*.ckpt"))
         listed = ", ".join(str(p) for p in found[:8]) + (f" (and {len(found) - 8} more)" if len(found) > 8 else "")
-        raise ValueError(f"checkpoint path {path} is a directory, not a checkpoint file; pass one file in it, e.g. "
-                         + (listed if found else "(it holds no .ckpt files; a run keeps them in <run dir>/checkpoints/)"))
+        raise ValueError(
+            f"checkpoint path {path} is a directory, not a checkpoint file; pass one file in it, e.g. "
+            + (listed if found else "(it holds no .ckpt files; a run keeps them in <run dir>/checkpoints/)")
+        )
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist{_siblings_hint(path)}")
     if not path.is_file():
@@ -87,26 +96,34 @@ def _inspect(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4096)
     if size == 0:
-        raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes; a write that never happened or "
-                         f"a failed copy). Use an intact one{_siblings_hint(path)}")
+        raise ValueError(
+            f"cannot read checkpoint {path}: the file is empty (0 bytes; a write that never happened or "
+            f"a failed copy). Use an intact one{_siblings_hint(path)}"
+        )
     if head.startswith(_ZIP_MAGIC):
         _verify_zip(path, size)
         return "zip"
     if head[0] == _PICKLE_PROTO:
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        raise ValueError(f"cannot read checkpoint {path}: it is a safetensors file (an exported backbone), not a "
-                         f"training checkpoint; the evaluation tools read it with checkpoint={path}, but training "
-                         f"resumes only from a .ckpt written by tools/pretrain.py")
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is a safetensors file (an exported backbone), not a "
+            f"training checkpoint; the evaluation tools read it with checkpoint={path}, but training "
+            f"resumes only from a .ckpt written by tools/pretrain.py"
+        )
     text = _as_text(head)
     if text is not None:
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
-        raise ValueError(f"cannot read checkpoint {path}: it is a text file (starting {first!r}), not a torch "
-                         f"checkpoint. Expected a .ckpt written by tools/pretrain.py (a zip archive){_siblings_hint(path)}")
-    raise ValueError(f"cannot read checkpoint {path}: it is not a torch checkpoint (a torch checkpoint is a zip "
-                     f"archive starting with bytes 50 4b 03 04, or a legacy torch pickle starting with 80; this file "
-                     f"starts with {head[:8].hex(' ')}). Expected a .ckpt written by tools/pretrain.py"
-                     f"{_siblings_hint(path)}")
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is a text file (starting {first!r}), not a torch "
+            f"checkpoint. Expected a .ckpt written by tools/pretrain.py (a zip archive){_siblings_hint(path)}"
+        )
+    raise ValueError(
+        f"cannot read checkpoint {path}: it is not a torch checkpoint (a torch checkpoint is a zip "
+        f"archive starting with bytes 50 4b 03 04, or a legacy torch pickle starting with 80; this file "
+        f"starts with {head[:8].hex(' ')}). Expected a .ckpt written by tools/pretrain.py"
+        f"{_siblings_hint(path)}"
+    )
 
 
 def _as_text(head: bytes) -> str | None:
@@ -136,19 +153,27 @@ def _verify_zip(path: Path, size: int) -> None:
                             pass
                 except zipfile.BadZipFile as exc:
                     if "CRC" in str(exc):
-                        raise ValueError(f"checkpoint {path} is damaged: entry {info.filename} fails its CRC check (a "
-                                         f"bit flipped on disk or in transfer); use another checkpoint"
-                                         f"{_siblings_hint(path)}") from exc
-                    raise ValueError(f"checkpoint {path} is damaged: entry {info.filename} cannot be read ({exc}; the "
-                                     f"file was altered on disk or in transfer); use another checkpoint"
-                                     f"{_siblings_hint(path)}") from exc
+                        raise ValueError(
+                            f"checkpoint {path} is damaged: entry {info.filename} fails its CRC check (a "
+                            f"bit flipped on disk or in transfer); use another checkpoint"
+                            f"{_siblings_hint(path)}"
+                        ) from exc
+                    raise ValueError(
+                        f"checkpoint {path} is damaged: entry {info.filename} cannot be read ({exc}; the "
+                        f"file was altered on disk or in transfer); use another checkpoint"
+                        f"{_siblings_hint(path)}"
+                    ) from exc
                 except (EOFError, OSError, zipfile.LargeZipFile) as exc:
-                    raise ValueError(f"cannot read checkpoint {path}: it is truncated (entry {info.filename} ends "
-                                     f"early: {exc}); use an intact one{_siblings_hint(path)}") from exc
+                    raise ValueError(
+                        f"cannot read checkpoint {path}: it is truncated (entry {info.filename} ends "
+                        f"early: {exc}); use an intact one{_siblings_hint(path)}"
+                    ) from exc
     except zipfile.BadZipFile as exc:
-        raise ValueError(f"cannot read checkpoint {path}: it is truncated or damaged (a zip archive of {size} bytes "
-                         f"whose central directory at the end is missing or unreadable: {exc}; a write or copy that "
-                         f"was cut short). Use an intact one{_siblings_hint(path)}") from exc
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is truncated or damaged (a zip archive of {size} bytes "
+            f"whose central directory at the end is missing or unreadable: {exc}; a write or copy that "
+            f"was cut short). Use an intact one{_siblings_hint(path)}"
+        ) from exc
 
 
 def _siblings_hint(path: Path) -> str:
@@ -171,7 +196,13 @@ def _unpickling_reason(exc: BaseException) -> str:
             return str(e).strip().splitlines()[0].rstrip(".")
     text = str(exc)
     m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    return m.group(1).strip().splitlines()[0] if m else text.strip().splitlines()[0] if text.strip() else "unpickling failed"
+    return (
+        m.group(1).strip().splitlines()[0]
+        if m
+        else text.strip().splitlines()[0]
+        if text.strip()
+        else "unpickling failed"
+    )
 
 
 def _disallowed_global(exc: BaseException) -> bool:
@@ -202,8 +233,11 @@ def first_nonfinite(obj: Any) -> tuple[str, torch.Tensor] | None:
     the CPU summing is several times cheaper) and one synchronisation per device. Only a tensor whose sum is not
     finite -- a NaN or infinity, or finite values so large that their sum overflows -- is checked element by
     element."""
-    named = [(n, t.detach()) for n, t in _named_tensors(obj) if (t.is_floating_point() or t.is_complex())
-             and t.numel() and t.device.type != "meta"]
+    named = [
+        (n, t.detach())
+        for n, t in _named_tensors(obj)
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and t.device.type != "meta"
+    ]
     if not named:
         return None
     by_device: dict[torch.device, list[int]] = {}
@@ -211,8 +245,12 @@ def first_nonfinite(obj: Any) -> tuple[str, torch.Tensor] | None:
         by_device.setdefault(t.device, []).append(i)
     suspects: list[int] = []
     for idx in by_device.values():
-        sums = torch.stack([_real(named[i][1]).sum(dtype=torch.float64 if named[i][1].dtype == torch.float64
-                                                   else torch.float32) for i in idx])
+        sums = torch.stack(
+            [
+                _real(named[i][1]).sum(dtype=torch.float64 if named[i][1].dtype == torch.float64 else torch.float32)
+                for i in idx
+            ]
+        )
         suspects += [i for i, ok in zip(idx, torch.isfinite(sums).cpu().tolist()) if not ok]
     for i in sorted(suspects):
         if not bool(torch.isfinite(named[i][1]).all()):
@@ -274,13 +312,19 @@ def describe_newest_finite(directory: str | Path | None) -> str:
         return "This run writes no checkpoints, so there is none to continue from: fix the cause and start again."
     found = newest_finite_checkpoint(directory)
     if found is None:
-        return (f"There is no finite checkpoint in {directory} to continue from: fix the cause and start afresh "
-                f"(resume=null).")
+        return (
+            f"There is no finite checkpoint in {directory} to continue from: fix the cause and start afresh "
+            f"(resume=null)."
+        )
     path, step = found
-    how = f"resume=auto (it takes this run's last.ckpt) or resume={path}" if path.name == "last.ckpt" \
+    how = (
+        f"resume=auto (it takes this run's last.ckpt) or resume={path}"
+        if path.name == "last.ckpt"
         else f"resume={path}"
-    return (f"The newest finite checkpoint is {path} (global step {step}): fix the cause and continue from it with "
-            f"{how}.")
+    )
+    return (
+        f"The newest finite checkpoint is {path} (global step {step}): fix the cause and continue from it with {how}."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ loop position
@@ -316,8 +360,13 @@ def normalize_fit_position(checkpoint: Any, batches_per_epoch: int | None = None
         return None
     epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
     states = (fit.get("state_dict") or {}).get("combined_loader") or []
-    if not (isinstance(epochs, dict) and isinstance(batches, dict) and len(states) == 1
-            and isinstance(states[0], dict) and "epoch" in states[0]):
+    if not (
+        isinstance(epochs, dict)
+        and isinstance(batches, dict)
+        and len(states) == 1
+        and isinstance(states[0], dict)
+        and "epoch" in states[0]
+    ):
         return None
     try:
         current, e, k = batches["current"], int(states[0]["epoch"]), int(batches["current"]["processed"])
@@ -328,8 +377,12 @@ def normalize_fit_position(checkpoint: Any, batches_per_epoch: int | None = None
         done = bool(batches.get("is_last_batch")) or (batches_per_epoch is not None and k >= int(batches_per_epoch))
         at_batch_end = int(current["completed"]) == k - 1  # written inside on_train_batch_end
         saved = dict(epochs["current"])
-        want = {"ready": e + 1, "started": e + 1, "processed": int(saved["processed"]),
-                "completed": int(saved["completed"])}
+        want = {
+            "ready": e + 1,
+            "started": e + 1,
+            "processed": int(saved["processed"]),
+            "completed": int(saved["completed"]),
+        }
         what = None
         if not done:
             want["processed"] = want["completed"] = e
@@ -399,7 +452,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{describe_nonfinite(*bad)}. Training has diverged (likely a learning rate too high: lower "
                 f"method.optim.base_lr or lengthen warmup_epochs; or fp16 overflow: trainer.precision=bf16-mixed). "
                 f"{path.name} was not written (any earlier file of that name is untouched) and the run stops here. "
-                + describe_newest_finite(path.parent))
+                + describe_newest_finite(path.parent)
+            )
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}@{_host()}")
         try:
             with open(tmp, "wb") as f:
@@ -412,10 +466,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
             if _looks_like_full_disk(exc):
                 free = shutil.disk_usage(path.parent).free
-                raise OSError(errno.ENOSPC, f"writing checkpoint {path} failed after {written / 2**20:.0f} MiB: the disk "
-                              f"looks full ({free / 2**20:.0f} MiB free there now, the partial file removed, any "
-                              f"previous {path.name} untouched). Free space, or point paths.output_root at a larger "
-                              f"disk, or keep fewer checkpoints (checkpoint.save_top_k).") from exc
+                raise OSError(
+                    errno.ENOSPC,
+                    f"writing checkpoint {path} failed after {written / 2**20:.0f} MiB: the disk "
+                    f"looks full ({free / 2**20:.0f} MiB free there now, the partial file removed, any "
+                    f"previous {path.name} untouched). Free space, or point paths.output_root at a larger "
+                    f"disk, or keep fewer checkpoints (checkpoint.save_top_k).",
+                ) from exc
             raise
         _fsync_dir(path.parent)
 
@@ -528,9 +585,16 @@ class RunCheckpoint(ModelCheckpoint):
             self._prune_periodic(trainer, int(trainer.global_step))
 
     def _prune_periodic(self, trainer: L.Trainer, current_step: int) -> None:
-        plan = periodic_prune_plan(Path(self.dirpath), self.save_top_k, current_step,
-                                   protect=[p for p in (trainer.ckpt_path, self._last_checkpoint_saved) if p]) \
-            if trainer.is_global_zero else None
+        plan = (
+            periodic_prune_plan(
+                Path(self.dirpath),
+                self.save_top_k,
+                current_step,
+                protect=[p for p in (trainer.ckpt_path, self._last_checkpoint_saved) if p],
+            )
+            if trainer.is_global_zero
+            else None
+        )
         keep, remove = trainer.strategy.broadcast(plan, src=0)
         for path in remove:
             self._remove_checkpoint(trainer, str(path))

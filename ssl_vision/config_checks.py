@@ -38,11 +38,14 @@ def _int_at_least(minimum: int) -> Callable[[Any], bool]:
 
 #: key -> (accepts the value?, what is expected, may it be null?)
 _RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    "seed": (lambda v: _is_int(v) and 0 <= v < 2 ** 32, "an integer in [0, 2**32 - 1]", False),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32 - 1]", False),
     "data.batch_size": (_int_at_least(1), "a positive integer (images per process and step), e.g. 256", False),
     "data.eval_batch_size": (_int_at_least(1), "a positive integer, e.g. 256", False),
-    "data.num_workers": (_int_at_least(0), "an integer >= 0 (DataLoader worker processes; 0 = in the main "
-                                           "process)", False),
+    "data.num_workers": (
+        _int_at_least(0),
+        "an integer >= 0 (DataLoader worker processes; 0 = in the main process)",
+        False,
+    ),
     "data.image_size": (_int_at_least(1), "a positive integer (pixels)", False),
     "data.in_chans": (_int_at_least(1), "a positive integer (1 or 3)", False),
     "data.num_classes": (_int_at_least(1), "a positive integer", False),
@@ -75,24 +78,30 @@ def check_pretrain_config(cfg: DictConfig) -> None:
         if value is _MISSING or (value is None and nullable):
             continue
         if not ok(value):
-            raise ConfigValueError(f"{key} must be {expected}, got {value!r} ({_type_name(value)}); set it with "
-                                   f"{key}=<value> on the command line or in the config")
+            raise ConfigValueError(
+                f"{key} must be {expected}, got {value!r} ({_type_name(value)}); set it with "
+                f"{key}=<value> on the command line or in the config"
+            )
     views = OmegaConf.select(cfg, "augment.views", default=None)
-    named = (views.items() if OmegaConf.is_dict(views) else enumerate(views) if OmegaConf.is_list(views) else [])
+    named = views.items() if OmegaConf.is_dict(views) else enumerate(views) if OmegaConf.is_list(views) else []
     if OmegaConf.is_dict(views) and len(views) == 0:
         raise ConfigValueError("augment.views is empty: a preset needs at least one view (conf/augment/*.yaml)")
     for name, view in named:
         count = view.get("count", 1) if OmegaConf.is_dict(view) else None
         if not (_is_int(count) and count >= 1):
-            raise ConfigValueError(f"augment.views.{name}.count must be a positive integer (crops drawn with this "
-                                   f"recipe, e.g. 2 global + 6 local for multi-crop), got {count!r} "
-                                   f"({_type_name(count)})")
+            raise ConfigValueError(
+                f"augment.views.{name}.count must be a positive integer (crops drawn with this "
+                f"recipe, e.g. 2 global + 6 local for multi-crop), got {count!r} "
+                f"({_type_name(count)})"
+            )
     knn_k = OmegaConf.select(cfg, "eval.knn_k", default=_MISSING)
     if knn_k is not _MISSING:
         ks = OmegaConf.to_container(knn_k) if OmegaConf.is_list(knn_k) else knn_k
         if not isinstance(ks, list) or not ks or not all(_is_int(k) and k >= 1 for k in ks):
-            raise ConfigValueError(f"eval.knn_k must be a list of positive integers, e.g. eval.knn_k=[20,200] (the "
-                                   f"first is the reported knn_top1), got {ks!r}")
+            raise ConfigValueError(
+                f"eval.knn_k must be a list of positive integers, e.g. eval.knn_k=[20,200] (the "
+                f"first is the reported knn_top1), got {ks!r}"
+            )
 
 
 def recipe_line(cfg: DictConfig, recipes_dir: str | None = None) -> str:
@@ -118,5 +127,7 @@ def recipe_line(cfg: DictConfig, recipes_dir: str | None = None) -> str:
         return f"[ssl_vision] recipe {name}: {OmegaConf.select(cfg, 'recipe.source', default=None)}{on_top}"
     where = Path(recipes_dir) if recipes_dir else Path(__file__).resolve().parents[1] / "conf" / "recipe"
     known = sorted(f"{method}/{p.stem}" for p in (where / str(method)).glob("*.yaml"))
-    return (f"[ssl_vision] no paper recipe for ({method}, {family}): the defaults of conf/method/{method}.yaml apply"
-            f" (paper recipes of {method}: {', '.join(known) or 'none'}){on_top}")
+    return (
+        f"[ssl_vision] no paper recipe for ({method}, {family}): the defaults of conf/method/{method}.yaml apply"
+        f" (paper recipes of {method}: {', '.join(known) or 'none'}){on_top}"
+    )

@@ -28,19 +28,21 @@ INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
 class OptimSpec:
     """Optimizer and lr schedule of a method (``method.optim``)."""
 
-    name: str = "sgd"                 # sgd | lars | adamw
-    base_lr: float = 0.03             # scaled by the global batch per ``lr_scaling``
-    lr_scaling: str = "linear"        # linear (× B/256) | sqrt (× √B) | none
-    weight_decay: float = 1e-4        # never applied to 1-D tensors (biases, norms)
-    momentum: float = 0.9             # SGD / LARS momentum (unused by adamw)
+    name: str = "sgd"  # sgd | lars | adamw
+    base_lr: float = 0.03  # scaled by the global batch per ``lr_scaling``
+    lr_scaling: str = "linear"  # linear (× B/256) | sqrt (× √B) | none
+    weight_decay: float = 1e-4  # never applied to 1-D tensors (biases, norms)
+    momentum: float = 0.9  # SGD / LARS momentum (unused by adamw)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     nesterov: bool = False
     trust_coefficient: float = 0.001  # LARS η (unused by sgd / adamw)
-    trust_clip: bool = False          # LARC clipping of the LARS rate (solo-learn's clip_lr); the papers use plain LARS
-    warmup_epochs: float = 0.0        # linear warmup, then cosine
+    trust_clip: bool = False  # LARC clipping of the LARS rate (solo-learn's clip_lr); the papers use plain LARS
+    warmup_epochs: float = 0.0  # linear warmup, then cosine
     warmup_start_factor: float = 0.0  # warmup starts at base × this
-    final_factor: float = 0.0         # cosine ends at base × this
-    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (DINO 0.04 → 0.4); null: constant
+    final_factor: float = 0.0  # cosine ends at base × this
+    weight_decay_end: float | None = (
+        None  # cosine weight-decay schedule to this value (DINO 0.04 → 0.4); null: constant
+    )
 
 
 @dataclasses.dataclass
@@ -109,7 +111,7 @@ class AugmentSpec:
     receives them (large -> small crops; the leading views of the first crop size are the global crops)."""
 
     name: str = MISSING
-    backend: str = "per_sample"       # per_sample (PIL, loader workers) | batched (tensor ops on the model's device)
+    backend: str = "per_sample"  # per_sample (PIL, loader workers) | batched (tensor ops on the model's device)
     views: dict[str, ViewSpec] = dataclasses.field(default_factory=dict)
 
 
@@ -118,12 +120,12 @@ class BackboneSpec:
     """``backbone``: the arguments of :func:`ssl_vision.backbones.create_backbone` besides the data's."""
 
     name: str = MISSING
-    width: float = 1.0                # ResNet only: stage widths round(64, 128, 256, 512 × width)
+    width: float = 1.0  # ResNet only: stage widths round(64, 128, 256, 512 × width)
     channels: list[int] | None = None  # ResNet only: or an explicit list of 4 stage widths
-    small_stem: Any = "auto"          # ResNet only: auto (3x3 stride-1, no max-pool for images <= 64 px) | true | false
+    small_stem: Any = "auto"  # ResNet only: auto (3x3 stride-1, no max-pool for images <= 64 px) | true | false
     zero_init_residual: bool = False  # ResNet only
-    patch_size: Any = "auto"          # ViT only: auto (16 at 224 px, 8 at 96 px, 4 at 28-32 px) | an integer
-    drop_path_rate: float = 0.0       # ViT only (the student's stochastic depth; DINO 0.1)
+    patch_size: Any = "auto"  # ViT only: auto (16 at 224 px, 8 at 96 px, 4 at 28-32 px) | an integer
+    drop_path_rate: float = 0.0  # ViT only (the student's stochastic depth; DINO 0.1)
 
 
 @dataclasses.dataclass
@@ -133,7 +135,7 @@ class MethodSpec:
     name: str = MISSING
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)
-    sync_batchnorm: bool = False      # cross-replica BN in backbone and heads; applied on GPU DDP only
+    sync_batchnorm: bool = False  # cross-replica BN in backbone and heads; applied on GPU DDP only
     # Lightning callbacks the method adds, each {_target_: <class>, <kwarg>: <value>} (instantiated by
     # ssl_vision/launch.py method_callbacks; they write into the run directory), e.g. MAE's reconstruction grid
     callbacks: list[Any] = dataclasses.field(default_factory=list)
@@ -152,7 +154,12 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    for name, node in (("method", MethodSpec), ("augment", AugmentSpec), ("backbone", BackboneSpec),
-                       ("optim", OptimSpec), ("view", ViewSpec)):
+    for name, node in (
+        ("method", MethodSpec),
+        ("augment", AugmentSpec),
+        ("backbone", BackboneSpec),
+        ("optim", OptimSpec),
+        ("view", ViewSpec),
+    ):
         cs.store(group="schema", name=name, node=node)
     _registered = True

@@ -45,9 +45,11 @@ def resources_root() -> Path:
     for root in candidates:
         if (root / "conf" / "pretrain.yaml").is_file() and (root / "tools" / "pretrain.py").is_file():
             return root
-    raise FileNotFoundError(f"ssl_vision's conf/ and tools/ folders were not found in {candidates[0]} (a source "
-                            f"checkout) nor in {candidates[1]} (an installed wheel); reinstall the package "
-                            f"(pip install <checkout> or pip install -e <checkout>)")
+    raise FileNotFoundError(
+        f"ssl_vision's conf/ and tools/ folders were not found in {candidates[0]} (a source "
+        f"checkout) nor in {candidates[1]} (an installed wheel); reinstall the package "
+        f"(pip install <checkout> or pip install -e <checkout>)"
+    )
 
 
 def load_tool(name: str) -> ModuleType:

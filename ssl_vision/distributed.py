@@ -58,9 +58,11 @@ def _waited_s(exc: BaseException) -> float | None:
     return int(found.group(1)) / 1000 if found else None
 
 
-_STOPPED = ("another process stopped or hung (a suspended job, a deadlock, a stuck file system or data loader). This "
-            "process stops here; the last checkpoint is kept, so once every process runs again continue with "
-            "resume=auto")
+_STOPPED = (
+    "another process stopped or hung (a suspended job, a deadlock, a stuck file system or data loader). This "
+    "process stops here; the last checkpoint is kept, so once every process runs again continue with "
+    "resume=auto"
+)
 
 
 @contextlib.contextmanager
@@ -91,7 +93,9 @@ def _explained(where: str):
         def inner(*args, **kwargs):
             with explain_timeout(where):
                 return fn(*args, **kwargs)
+
         return inner
+
     return wrap
 
 
@@ -111,8 +115,11 @@ class TimeoutDDPStrategy(DDPStrategy):
 
     def setup_environment(self) -> None:
         set_collective_timeout(self.timeout_s)
-        with explain_timeout("process-group start-up", "not every process arrived: one failed to start or is still "
-                             "starting (a loaded machine, slow imports), or the address / port is unreachable"):
+        with explain_timeout(
+            "process-group start-up",
+            "not every process arrived: one failed to start or is still "
+            "starting (a loaded machine, slow imports), or the address / port is unreachable",
+        ):
             super().setup_environment()
 
     def training_step(self, *args: Any, **kwargs: Any):
@@ -254,15 +261,17 @@ def batch_shuffle(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     x_all = gather_no_grad(x)
     b, n = x_all.shape[0], x.shape[0]
     if b != n * world_size():
-        raise ValueError(f"batch_shuffle needs the same batch on every process; got {n} here, {b} in total over "
-                         f"{world_size()} processes (use drop_last=True)")
+        raise ValueError(
+            f"batch_shuffle needs the same batch on every process; got {n} here, {b} in total over "
+            f"{world_size()} processes (use drop_last=True)"
+        )
     if rank() == 0:
         perm = torch.randperm(b, generator=generator).to(x.device)
     else:
         perm = torch.empty(b, dtype=torch.long, device=x.device)  # filled by the broadcast
     broadcast(perm, 0)
     r = rank()
-    return x_all[perm[r * n:(r + 1) * n]], perm
+    return x_all[perm[r * n : (r + 1) * n]], perm
 
 
 @torch.no_grad()

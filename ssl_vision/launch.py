@@ -29,8 +29,7 @@ from ssl_vision.resume import check_resume_compatible, find_resume_checkpoint
 from ssl_vision import run_record
 from ssl_vision.loggers import RunTracking, build_loggers, finish_tracking, run_config
 from ssl_vision.run_lock import RunLock, is_global_zero_process, register_resolvers
-from ssl_vision.run_record import (ThroughputTimer, adopt_leg_dir, read_results, trim_metrics_csv,
-                                   write_results)
+from ssl_vision.run_record import ThroughputTimer, adopt_leg_dir, read_results, trim_metrics_csv, write_results
 
 register_resolvers()  # ${ssl_vision_unique_dir:...} in conf/pretrain.yaml, for configs composed in-process
 
@@ -49,10 +48,17 @@ def build_datamodule(cfg: DictConfig) -> SSLDataModule:
 
 def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int | None = None) -> SSLModule:
     b = cfg.backbone
-    backbone, dim = create_backbone(b.name, in_chans=cfg.data.in_chans, image_size=cfg.data.image_size,
-                                    width=b.width, channels=None if b.channels is None else list(b.channels),
-                                    small_stem=b.small_stem, zero_init_residual=b.zero_init_residual,
-                                    patch_size=b.patch_size, drop_path_rate=b.drop_path_rate)
+    backbone, dim = create_backbone(
+        b.name,
+        in_chans=cfg.data.in_chans,
+        image_size=cfg.data.image_size,
+        width=b.width,
+        channels=None if b.channels is None else list(b.channels),
+        small_stem=b.small_stem,
+        zero_init_residual=b.zero_init_residual,
+        patch_size=b.patch_size,
+        drop_path_rate=b.drop_path_rate,
+    )
     if cfg.perf.channels_last:
         # NHWC weights: convolutions then produce NHWC outputs whatever the input layout; momentum / teacher copies
         # (deep copies) keep the format; state_dict values are unchanged, so checkpoints load either way
@@ -61,8 +67,9 @@ def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int
     objective = build_objective(cfg.method.name, dim, num_samples=num_samples, **kwargs)
     optim = OptimSpec(**OmegaConf.to_container(cfg.method.optim, resolve=True))
     ev = EvalSpec(knn_k=list(cfg.eval.knn_k), knn_temperature=cfg.eval.knn_temperature, probe_lr=cfg.eval.probe_lr)
-    module = SSLModule(backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev,
-                       run_info=run_info)
+    module = SSLModule(
+        backbone, dim, objective, num_classes=cfg.data.num_classes, optim=optim, evaluation=ev, run_info=run_info
+    )
     if cfg.perf.compile:
         compile_backbones(module, backend=cfg.perf.compile_backend, mode=cfg.perf.compile_mode)
     return module
@@ -92,8 +99,10 @@ def backbone_trunks(module: SSLModule) -> list[str]:
     transformer ``blocks`` for a ViT (MAE's masked encoder calls the ViT's parts, not the ViT)."""
     kind = type(module.backbone)
     owners = ["backbone"] + [f"objective.{n}" for n, m in module.objective.named_children() if type(m) is kind]
-    return [f"{o}.blocks" if isinstance(getattr(module.get_submodule(o), "blocks", None), nn.Sequential) else o
-            for o in owners]
+    return [
+        f"{o}.blocks" if isinstance(getattr(module.get_submodule(o), "blocks", None), nn.Sequential) else o
+        for o in owners
+    ]
 
 
 def method_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -106,8 +115,9 @@ def method_callbacks(cfg: DictConfig) -> list[L.Callback]:
     built = [instantiate(spec, _convert_="all") for spec in specs]
     for spec, cb in zip(specs, built):
         if not isinstance(cb, L.Callback):
-            raise TypeError(f"method.callbacks: {spec.get('_target_')!r} made a {type(cb).__name__}, not a "
-                            f"lightning Callback")
+            raise TypeError(
+                f"method.callbacks: {spec.get('_target_')!r} made a {type(cb).__name__}, not a lightning Callback"
+            )
     return built
 
 
@@ -115,10 +125,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     logger = build_loggers(cfg, run_dir)  # logs/metrics.csv always, plus the trackers logger= selects (loggers.py)
     sync_bn = bool(cfg.method.get("sync_batchnorm", False))
-    multi = (tcfg.get("devices") not in (1, "1") or tcfg.get("num_nodes", 1) != 1)
+    multi = tcfg.get("devices") not in (1, "1") or tcfg.get("num_nodes", 1) != 1
     if sync_bn and multi and tcfg.get("accelerator") == "cpu":
-        warnings.warn("method asks for SyncBN but torch has no CPU SyncBatchNorm: BN stays per process on CPU",
-                      stacklevel=2)
+        warnings.warn(
+            "method asks for SyncBN but torch has no CPU SyncBatchNorm: BN stays per process on CPU", stacklevel=2
+        )
         sync_bn = False
     if tcfg.get("strategy") == "ddp":  # the collective timeout (distributed.timeout_s) and a clear error when it fires
         tcfg["strategy"] = dist.TimeoutDDPStrategy(timeout_s=collective_timeout_s(cfg))
@@ -128,8 +139,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list) -> L.Trainer:
         # trainer.max_steps ends the run (so does the ETA)
         callbacks = [*callbacks, StepBoundedProgressBar(refresh_rate=max(1, int(tcfg.get("log_every_n_steps") or 1)))]
     # AtomicCheckpointIO: a crash while saving leaves the previous checkpoint intact (temp file + fsync + rename)
-    return L.Trainer(**tcfg, logger=logger, callbacks=callbacks, sync_batchnorm=sync_bn and multi,
-                     use_distributed_sampler=False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    return L.Trainer(
+        **tcfg,
+        logger=logger,
+        callbacks=callbacks,
+        sync_batchnorm=sync_bn and multi,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
 
 
 def collective_timeout_s(cfg: DictConfig) -> float:
@@ -139,8 +157,10 @@ def collective_timeout_s(cfg: DictConfig) -> float:
     if value is None:
         return 300.0 if cfg.trainer.get("accelerator") == "cpu" else 1800.0
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"distributed.timeout_s must be a positive number of seconds or null (the accelerator's "
-                         f"default), got {value!r}")
+        raise ValueError(
+            f"distributed.timeout_s must be a positive number of seconds or null (the accelerator's "
+            f"default), got {value!r}"
+        )
     return float(value)
 
 
@@ -149,9 +169,15 @@ def save_init_checkpoint(module: SSLModule, path: Path) -> None:
     included), in the format the evaluation tools read, so the random-init baseline of the *same* backbone can be
     kNN-evaluated, linear-probed or fine-tuned like any checkpoint. Not resumable (no optimizer state)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    AtomicCheckpointIO().save_checkpoint({"state_dict": module.state_dict(), "global_step": 0, "epoch": 0,
-                                          "ssl_vision": {"run_info": module.run_info, "init": True,
-                                                         **module.model_record()}}, path)
+    AtomicCheckpointIO().save_checkpoint(
+        {
+            "state_dict": module.state_dict(),
+            "global_step": 0,
+            "epoch": 0,
+            "ssl_vision": {"run_info": module.run_info, "init": True, **module.model_record()},
+        },
+        path,
+    )
 
 
 def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
@@ -168,13 +194,24 @@ def build_checkpoint_callback(cfg: DictConfig, run_dir: Path) -> RunCheckpoint:
     c = cfg.checkpoint
     every_steps = c.get("every_n_steps")
     if every_steps is not None and int(every_steps) < 1:
-        raise ValueError(f"checkpoint.every_n_steps must be a positive number of optimizer steps or null, got "
-                         f"{every_steps}")
-    trigger = ({"every_n_train_steps": int(every_steps), "every_n_epochs": None} if every_steps
-               else {"every_n_epochs": c.every_n_epochs})
-    return RunCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}-step{step:07d}",
-                         auto_insert_metric_name=False, save_last=True, save_top_k=c.save_top_k,
-                         monitor="step", mode="max", **trigger)
+        raise ValueError(
+            f"checkpoint.every_n_steps must be a positive number of optimizer steps or null, got {every_steps}"
+        )
+    trigger = (
+        {"every_n_train_steps": int(every_steps), "every_n_epochs": None}
+        if every_steps
+        else {"every_n_epochs": c.every_n_epochs}
+    )
+    return RunCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:03d}-step{step:07d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=c.save_top_k,
+        monitor="step",
+        mode="max",
+        **trigger,
+    )
 
 
 def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dict:
@@ -214,27 +251,37 @@ def run_pretraining(cfg: DictConfig, extra_callbacks: list | None = None) -> dic
         lock.release()
 
 
-def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, resume: Path | None, run_dir: Path,
-                leg_dir: Path) -> dict:
+def _run_locked(
+    cfg: DictConfig, extra_callbacks: list | None, t_start: float, resume: Path | None, run_dir: Path, leg_dir: Path
+) -> dict:
     leader = is_global_zero_process()
     resumed_elsewhere = resume is not None and leg_dir.resolve() != run_dir.resolve()
     if leader and resumed_elsewhere:  # this leg's .hydra/ and log join the run directory (resumes/<time>/)
         adopt_leg_dir(leg_dir, run_dir)
-    run_info = {"method": cfg.method.name, "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-                "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
-                "config": OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                                                 resolve=True)}  # the job's config (Hydra's own node left out)
+    run_info = {
+        "method": cfg.method.name,
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
+        "config": OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True),
+    }  # the job's config (Hydra's own node left out)
     resume_step = None
     if resume is not None:  # before anything is built: a pickle is refused without running it, a mismatch named
-        resume_step = int(check_resume_compatible(resume, cfg.method.name, run_info["backbone"], run_info["data"],
-                                                  optim=OmegaConf.to_container(cfg.method.optim, resolve=True)
-                                                  ).get("global_step", 0))
+        resume_step = int(
+            check_resume_compatible(
+                resume,
+                cfg.method.name,
+                run_info["backbone"],
+                run_info["data"],
+                optim=OmegaConf.to_container(cfg.method.optim, resolve=True),
+            ).get("global_step", 0)
+        )
     previous = read_results(run_dir) if resume is not None else None
     dm = build_datamodule(cfg)
     dm.setup()  # the training-set size is part of some objectives (InstDisc's memory bank)
     module = build_module(cfg, run_info, num_samples=dm.num_train_samples)
-    timer = ThroughputTimer(start=t_start, resumed_from=str(resume.resolve()) if resume is not None else None,
-                            previous_results=previous)
+    timer = ThroughputTimer(
+        start=t_start, resumed_from=str(resume.resolve()) if resume is not None else None, previous_results=previous
+    )
     ckpt = build_checkpoint_callback(cfg, run_dir)
     callbacks = [timer, ckpt, RunTracking(run_config(cfg), timer)]  # the config and throughput to every logger
     callbacks += method_callbacks(cfg)  # e.g. MAE's reconstruction grid (conf/method/mae.yaml: callbacks)
@@ -258,13 +305,18 @@ def _run_locked(cfg: DictConfig, extra_callbacks: list | None, t_start: float, r
     steps = int(trainer.global_step)
     timer.finish(steps)
     results = {
-        "method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
-        "steps": steps, "images_seen": int(timer.images_seen),
-        "wall_s": round(timer.wall_s, 2), "train_s": round(timer.train_s, 2),
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "steps": steps,
+        "images_seen": int(timer.images_seen),
+        "wall_s": round(timer.wall_s, 2),
+        "train_s": round(timer.train_s, 2),
         "images_per_s": round(timer.images_per_s, 2),
         "images_per_s_steady": None if timer.images_per_s_steady is None else round(timer.images_per_s_steady, 2),
         "train_loss": None if loss is None else float(loss),
-        "knn_top1": module.val_results.get("knn_top1"), "knn_top1_init": timer.knn_top1_init,
+        "knn_top1": module.val_results.get("knn_top1"),
+        "knn_top1_init": timer.knn_top1_init,
         "probe_top1": module.val_results.get("probe_top1"),
         "knn_protocol": module.knn_protocol,  # k, temperature, bank_size, test_size behind knn_top1 (and _init)
         "eval_skipped": dm.eval_skipped,  # why knn_top1 / probe_top1 are null (data without labels), else null

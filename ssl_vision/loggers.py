@@ -55,16 +55,19 @@ def tracker_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
     if node is None:
         return {}
     if not isinstance(node, DictConfig):
-        raise TypeError(f"logger must be a group selection (logger=csv, logger=wandb, logger=[wandb,tensorboard]), "
-                        f"got {node!r}")
+        raise TypeError(
+            f"logger must be a group selection (logger=csv, logger=wandb, logger=[wandb,tensorboard]), got {node!r}"
+        )
     if "_target_" in node:  # one flat logger node (a config written for the one-logger layout)
         return {} if node._target_ is None else {"logger": node}
     out = {}
     for name, sub in node.items():
         if not isinstance(sub, DictConfig) or "_target_" not in sub:
-            raise ValueError(f"logger.{name} is not a logger config (it needs a _target_, e.g. "
-                             f"lightning.pytorch.loggers.TensorBoardLogger); the files of conf/logger/ each put "
-                             f"their node under logger.<name> with '# @package logger.<name>'")
+            raise ValueError(
+                f"logger.{name} is not a logger config (it needs a _target_, e.g. "
+                f"lightning.pytorch.loggers.TensorBoardLogger); the files of conf/logger/ each put "
+                f"their node under logger.<name> with '# @package logger.<name>'"
+            )
         if sub._target_ is not None:
             out[str(name)] = sub
     return out
@@ -110,10 +113,12 @@ def wandb_identity(node: DictConfig, run_dir: Path) -> dict[str, Any]:
     rec = dict(known.get("wandb") or {})
     run_dir = Path(run_dir)
     default_name = run_dir.name if sweep_group() else f"{run_dir.parent.name}/{run_dir.name}"
-    ident = {"id": node.get("id") or rec.get("id") or new_wandb_id(),
-             "group": node.get("group") or rec.get("group") or sweep_group(),
-             "name": node.get("name") or rec.get("name") or default_name,
-             "project": node.get("project") or rec.get("project")}
+    ident = {
+        "id": node.get("id") or rec.get("id") or new_wandb_id(),
+        "group": node.get("group") or rec.get("group") or sweep_group(),
+        "name": node.get("name") or rec.get("name") or default_name,
+        "project": node.get("project") or rec.get("project"),
+    }
     if is_global_zero_process() and ident != {k: rec.get(k) for k in ident}:
         write_json_atomic(run_dir / TRACKERS_FILE, {**known, "wandb": ident})
     return {**ident, "resume": "allow"}
@@ -123,8 +128,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """The CSV record plus every tracker ``cfg.logger`` selects (see the module's docstring)."""
     run_dir = Path(run_dir)
     _finish_stale_wandb()
-    loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name=CSV_NAME, version="",
-                                          flush_logs_every_n_steps=1)]  # a killed run loses no row
+    loggers: list[Logger] = [
+        RunCSVLogger(save_dir=str(run_dir), name=CSV_NAME, version="", flush_logs_every_n_steps=1)
+    ]  # a killed run loses no row
     for name, node in tracker_nodes(cfg).items():
         kwargs: dict[str, Any] = {}
         if "save_dir" in node and node.save_dir is None:
@@ -132,8 +138,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         try:
             target = get_class(node._target_)
         except (ImportError, AttributeError, ValueError) as exc:
-            raise ValueError(f"logger.{name}._target_={node._target_!r} is not an importable class ({exc}); e.g. "
-                             f"lightning.pytorch.loggers.WandbLogger") from exc
+            raise ValueError(
+                f"logger.{name}._target_={node._target_!r} is not an importable class ({exc}); e.g. "
+                f"lightning.pytorch.loggers.WandbLogger"
+            ) from exc
         if isinstance(target, type) and issubclass(target, WandbLogger):
             kwargs.update(wandb_identity(node, run_dir))
         logger = instantiate(node, **kwargs)
@@ -196,8 +204,11 @@ class RunTracking(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.timer is None or not trainer.loggers or trainer.state.fn != TrainerFn.FITTING:
             return
-        metrics = {"throughput/images_per_s": self.timer.images_per_s, "throughput/train_s": self.timer.train_s,
-                   "throughput/images_seen": float(self.timer.images_seen)}
+        metrics = {
+            "throughput/images_per_s": self.timer.images_per_s,
+            "throughput/train_s": self.timer.train_s,
+            "throughput/images_seen": float(self.timer.images_seen),
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=epoch_end_step(trainer.global_step))
 
@@ -219,12 +230,14 @@ def finish_tracking(trainer: L.Trainer, results: dict, params: dict | None = Non
             _finish_one(logger, trainer, results, metrics, step, params)
         # results.json is written already: a tracker failing here does not fail the run
         except Exception as exc:  # noqa: BLE001
-            print(f"[ssl_vision] {type(logger).__name__} could not record the end of the run: "
-                  f"{type(exc).__name__}: {exc}")
+            print(
+                f"[ssl_vision] {type(logger).__name__} could not record the end of the run: {type(exc).__name__}: {exc}"
+            )
 
 
-def _finish_one(logger: Logger, trainer: L.Trainer, results: dict, metrics: dict, step: int,
-                params: dict | None) -> None:
+def _finish_one(
+    logger: Logger, trainer: L.Trainer, results: dict, metrics: dict, step: int, params: dict | None
+) -> None:
     if metrics:
         logger.log_metrics(metrics, step=step)
     if isinstance(logger, TensorBoardLogger) and params is not None:
@@ -244,8 +257,11 @@ def _finish_one(logger: Logger, trainer: L.Trainer, results: dict, metrics: dict
 def remember_wandb_runs(loggers: list[Logger]) -> None:
     """Note the wandb runs these loggers started (see :func:`_finish_stale_wandb`)."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None \
-                and logger._experiment not in _open_wandb_runs:
+        if (
+            isinstance(logger, WandbLogger)
+            and logger._experiment is not None
+            and logger._experiment not in _open_wandb_runs
+        ):
             _open_wandb_runs.append(logger._experiment)
 
 

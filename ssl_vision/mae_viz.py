@@ -49,9 +49,15 @@ def _to_display(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[flo
 
 
 @torch.no_grad()
-def reconstruction_rows(objective: nn.Module, backbone: nn.Module, images: torch.Tensor, *,
-                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                        seed: int = 0) -> torch.Tensor:
+def reconstruction_rows(
+    objective: nn.Module,
+    backbone: nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """(N, C, H, W) normalised images -> (4, N, C, H, W) in [0, 1]: original, masked, reconstruction (every patch
     predicted), reconstruction with the visible patches pasted from the original (MAE's figure).
 
@@ -88,8 +94,7 @@ def upscale_factor(height: int, width: int, min_size: int = MIN_SIZE) -> int:
     return max(1, math.ceil(min_size / max(height, width)))
 
 
-def grid_image(rows: torch.Tensor, labels: Sequence[str] | None = ROW_LABELS, min_size: int = MIN_SIZE
-               ) -> Image.Image:
+def grid_image(rows: torch.Tensor, labels: Sequence[str] | None = ROW_LABELS, min_size: int = MIN_SIZE) -> Image.Image:
     """(R, N, C, H, W) pictures in [0, 1] -> an RGB image: R rows of N images, each enlarged by
     :func:`upscale_factor` (nearest neighbour), :data:`PADDING` px between them (torchvision ``make_grid``), and, when
     ``labels`` are given (one per row), a white margin on the left with each row's label, centred on its row.
@@ -118,9 +123,18 @@ def grid_image(rows: torch.Tensor, labels: Sequence[str] | None = ROW_LABELS, mi
     return out
 
 
-def save_reconstruction_grid(objective: nn.Module, backbone: nn.Module, images: torch.Tensor, path: str | Path, *,
-                             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                             seed: int = 0, labels: bool = True, min_size: int = MIN_SIZE) -> Path:
+def save_reconstruction_grid(
+    objective: nn.Module,
+    backbone: nn.Module,
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    labels: bool = True,
+    min_size: int = MIN_SIZE,
+) -> Path:
     """Write the 4-row grid of :func:`reconstruction_rows` as a PNG (:func:`grid_image`: one column per image,
     enlarged to at least ``min_size`` px, rows labelled with :data:`ROW_LABELS` unless ``labels=False``).
 
@@ -163,9 +177,16 @@ class MAEReconstructionCallback(L.Callback):
     communication involved).
     """
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, out_dir: str | Path | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, seed: int = 0,
-                 min_size: int = MIN_SIZE):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_images: int = 8,
+        out_dir: str | Path | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int = 0,
+        min_size: int = MIN_SIZE,
+    ):
         if every_n_epochs < 1 or num_images < 1:
             raise ValueError(f"every_n_epochs and num_images must be >= 1, got {every_n_epochs}, {num_images}")
         self.every_n_epochs, self.num_images, self.seed, self.min_size = every_n_epochs, num_images, seed, min_size
@@ -193,8 +214,16 @@ class MAEReconstructionCallback(L.Callback):
         if path in self.written:
             return
         images = self._batch(trainer).to(pl_module.device)
-        save_reconstruction_grid(pl_module.objective, pl_module.backbone, images, path, mean=self.mean, std=self.std,
-                                 seed=self.seed, min_size=self.min_size)
+        save_reconstruction_grid(
+            pl_module.objective,
+            pl_module.backbone,
+            images,
+            path,
+            mean=self.mean,
+            std=self.std,
+            seed=self.seed,
+            min_size=self.min_size,
+        )
         self.written.append(path)
         log_image_to_loggers(trainer.loggers, "mae/reconstructions", path, step=trainer.global_step)
 

@@ -21,30 +21,46 @@ from ssl_vision.eval.checkpoints import create_kwargs, model_record
 from ssl_vision.eval.online import EvalSpec, OnlineEvaluator, upgrade_checkpoint
 from ssl_vision.nn.monitor import collapse_std
 from ssl_vision.objectives.base import Objective, StepInfo
-from ssl_vision.optim import (WarmupCosineLR, build_optimizer, check_same_optimizer, cosine_between,
-                              groups_for_resume, linear_scaled_lr, param_groups)
+from ssl_vision.optim import (
+    WarmupCosineLR,
+    build_optimizer,
+    check_same_optimizer,
+    cosine_between,
+    groups_for_resume,
+    linear_scaled_lr,
+    param_groups,
+)
 
 
 class SSLModule(L.LightningModule):
-    def __init__(self, backbone: nn.Module, feature_dim: int, objective: Objective, num_classes: int,
-                 optim: OptimSpec, evaluation: EvalSpec | None = None, run_info: dict | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        objective: Objective,
+        num_classes: int,
+        optim: OptimSpec,
+        evaluation: EvalSpec | None = None,
+        run_info: dict | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.objective = objective
         self.optim_spec = optim
         self.eval_spec = evaluation or EvalSpec()
         self.num_classes = num_classes
-        self.run_info = dict(run_info or {})   # stored in checkpoints so tools can rebuild the model
+        self.run_info = dict(run_info or {})  # stored in checkpoints so tools can rebuild the model
         objective.bind(backbone)
         # The online evaluator (probe + kNN) has its own optimizer and is stepped outside the main backward; it is
         # kept out of DDP's gradient sync (it averages its grads itself) so the main loss need not touch it.
         self.online_probe = OnlineEvaluator(feature_dim, num_classes, self.eval_spec)
-        self._ddp_params_and_buffers_to_ignore = [f"online_probe.{n}" for n, _ in (
-            *self.online_probe.named_parameters(), *self.online_probe.named_buffers())]
+        self._ddp_params_and_buffers_to_ignore = [
+            f"online_probe.{n}" for n, _ in (*self.online_probe.named_parameters(), *self.online_probe.named_buffers())
+        ]
         self.last_val_step = -1
         self._total_steps: int | None = None
         self._resume_checkpoint: dict | None = None  # the checkpoint being resumed, until configure_optimizers
-        self._resume_position: dict | None = None    # where its data position lands under this run's batch / data
+        self._resume_position: dict | None = None  # where its data position lands under this run's batch / data
         self.last_train_loss: torch.Tensor | None = None
         self._nonfinite: tuple[torch.Tensor, ...] | None = None  # step, epoch, value of the first non-finite loss
         self.val_results: dict[str, float] = {}
@@ -56,8 +72,10 @@ class SSLModule(L.LightningModule):
             return self._total_steps
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            raise ValueError("schedules need a run length: set trainer.max_epochs or trainer.max_steps "
-                             "(trainer.max_time alone gives no step count)")
+            raise ValueError(
+                "schedules need a run length: set trainer.max_epochs or trainer.max_steps "
+                "(trainer.max_time alone gives no step count)"
+            )
         resumed = self._steps_after_changed_resume()
         self._total_steps = int(total) if resumed is None else resumed
         return self._total_steps
@@ -74,8 +92,9 @@ class SSLModule(L.LightningModule):
         if not math.isfinite(batches):
             return None
         acc = t.accumulate_grad_batches
-        left = (math.ceil(max(0, int(batches) - pos["batches_done"]) / acc)
-                + max(0, t.max_epochs - pos["epoch"] - 1) * math.ceil(int(batches) / acc))
+        left = math.ceil(max(0, int(batches) - pos["batches_done"]) / acc) + max(
+            0, t.max_epochs - pos["epoch"] - 1
+        ) * math.ceil(int(batches) / acc)
         total = pos["global_step"] + left
         if t.max_steps not in (-1, None):
             total = min(total, t.max_steps)
@@ -83,8 +102,12 @@ class SSLModule(L.LightningModule):
 
     def steps_per_epoch(self) -> int:
         pos = getattr(self, "_resume_position", None)
-        if (self.trainer.max_epochs and self.trainer.max_epochs > 0 and self.trainer.max_steps in (-1, None)
-                and not (pos and pos.get("changed"))):
+        if (
+            self.trainer.max_epochs
+            and self.trainer.max_epochs > 0
+            and self.trainer.max_steps in (-1, None)
+            and not (pos and pos.get("changed"))
+        ):
             return max(1, self.total_steps() // self.trainer.max_epochs)
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):
@@ -92,9 +115,14 @@ class SSLModule(L.LightningModule):
         return max(1, int(batches) // self.trainer.accumulate_grad_batches)
 
     def step_info(self, indices: torch.Tensor | None = None) -> StepInfo:
-        return StepInfo(global_step=self.global_step, total_steps=self.total_steps(), epoch=self.current_epoch,
-                        max_epochs=max(1, self.trainer.max_epochs or 1), steps_per_epoch=self.steps_per_epoch(),
-                        indices=indices)
+        return StepInfo(
+            global_step=self.global_step,
+            total_steps=self.total_steps(),
+            epoch=self.current_epoch,
+            max_epochs=max(1, self.trainer.max_epochs or 1),
+            steps_per_epoch=self.steps_per_epoch(),
+            indices=indices,
+        )
 
     def global_batch_size(self, per_device: int) -> int:
         t = self.trainer
@@ -109,15 +137,27 @@ class SSLModule(L.LightningModule):
         lr = linear_scaled_lr(spec.base_lr, self.global_batch_size(per_device), rule=spec.lr_scaling)
         groups = param_groups(self.backbone.named_parameters(), spec.weight_decay, name="backbone")
         groups += self.objective.parameter_groups(spec.weight_decay)
-        opt = build_optimizer(spec.name, groups, lr=lr, momentum=spec.momentum, betas=tuple(spec.betas),
-                              nesterov=spec.nesterov, trust_coefficient=spec.trust_coefficient,
-                              trust_clip=spec.trust_clip)
+        opt = build_optimizer(
+            spec.name,
+            groups,
+            lr=lr,
+            momentum=spec.momentum,
+            betas=tuple(spec.betas),
+            nesterov=spec.nesterov,
+            trust_coefficient=spec.trust_coefficient,
+            trust_clip=spec.trust_clip,
+        )
         total = self.total_steps()  # first: it sets up the train data, which steps_per_epoch counts
         warmup = int(round(spec.warmup_epochs * self.steps_per_epoch()))
         for g in opt.param_groups:
             g["initial_weight_decay"] = g.get("weight_decay", 0.0)
-        sched = WarmupCosineLR(opt, total_steps=total, warmup_steps=min(warmup, total),
-                               warmup_start_factor=spec.warmup_start_factor, final_factor=spec.final_factor)
+        sched = WarmupCosineLR(
+            opt,
+            total_steps=total,
+            warmup_steps=min(warmup, total),
+            warmup_start_factor=spec.warmup_start_factor,
+            final_factor=spec.final_factor,
+        )
         ckpt, self._resume_checkpoint = self._resume_checkpoint, None
         if ckpt is not None:
             self._continue_schedule(ckpt, opt, sched)
@@ -158,8 +198,11 @@ class SSLModule(L.LightningModule):
             changes.append(f"peak lr (after scaling by the global batch) {old_peak[0]:.6g} -> {new_peak[0]:.6g}")
         if changes and self.trainer.is_global_zero:
             step = int(saved_sched["last_epoch"])
-            print(f"[ssl_vision] resume: {'; '.join(changes)}; continuing at step {step} with lr "
-                  f"{new_sched['_last_lr'][0]:.6g}", flush=True)
+            print(
+                f"[ssl_vision] resume: {'; '.join(changes)}; continuing at step {step} with lr "
+                f"{new_sched['_last_lr'][0]:.6g}",
+                flush=True,
+            )
 
     # ----------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -168,8 +211,9 @@ class SSLModule(L.LightningModule):
             return
         for g in self.trainer.optimizers[0].param_groups:
             if g["initial_weight_decay"] > 0:  # 1-D params stay at 0
-                g["weight_decay"] = cosine_between(self.global_step, self.total_steps(), g["initial_weight_decay"],
-                                                   spec.weight_decay_end)
+                g["weight_decay"] = cosine_between(
+                    self.global_step, self.total_steps(), g["initial_weight_decay"], spec.weight_decay_end
+                )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.objective.before_optimizer_step(self.step_info())
@@ -213,8 +257,11 @@ class SSLModule(L.LightningModule):
             self._nonfinite = (minus_one, minus_one.clone(), torch.zeros((), device=loss.device))
         step, epoch, value = self._nonfinite
         first = ~torch.isfinite(loss) & (step < 0)
-        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, self.current_epoch, epoch),
-                           torch.where(first, loss, value))
+        self._nonfinite = (
+            torch.where(first, self.global_step, step),
+            torch.where(first, self.current_epoch, epoch),
+            torch.where(first, loss, value),
+        )
 
     def raise_if_nonfinite_loss(self) -> None:
         """Raise ``FloatingPointError`` if a loss since the start of training was not finite (one device read)."""
@@ -227,17 +274,26 @@ class SSLModule(L.LightningModule):
         # name the checkpoint to continue from as it is on disk: the writer never writes a non-finite state, but
         # weights can blow up between two checkpoints (or an older file may hold NaNs), so last.ckpt is not assumed
         from ssl_vision.checkpoint_io import describe_newest_finite, describe_nonfinite, first_nonfinite
+
         bad = first_nonfinite(self.state_dict())
-        weights = ("" if bad is None else f"; the weights themselves are already non-finite (first: "
-                   f"{describe_nonfinite(*bad)})")
-        later = ("" if step == self.global_step else f" (noticed at global step {self.global_step}: the loss is read "
-                 "back every trainer.log_every_n_steps steps and before every checkpoint)")
+        weights = (
+            ""
+            if bad is None
+            else f"; the weights themselves are already non-finite (first: {describe_nonfinite(*bad)})"
+        )
+        later = (
+            ""
+            if step == self.global_step
+            else f" (noticed at global step {self.global_step}: the loss is read "
+            "back every trainer.log_every_n_steps steps and before every checkpoint)"
+        )
         callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
         raise FloatingPointError(
             f"non-finite loss {value} at global step {step} (epoch {epoch}){later}{weights}; likely causes: "
             "learning rate too high (lower method.optim.base_lr or lengthen warmup_epochs), temperature too low, or "
             "fp16 overflow (use trainer.precision=bf16-mixed or 32-true). Training stopped here; no checkpoint was "
-            "written after that step. " + describe_newest_finite(getattr(callback, "dirpath", None)))
+            "written after that step. " + describe_newest_finite(getattr(callback, "dirpath", None))
+        )
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the objective's state updates that follow it (EMA teachers, bank writes).
@@ -272,8 +328,7 @@ class SSLModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite_loss()  # never a checkpoint of a state after a non-finite loss
-        checkpoint["ssl_vision"] = {"run_info": self.run_info, "optim": asdict(self.optim_spec),
-                                    **self.model_record()}
+        checkpoint["ssl_vision"] = {"run_info": self.run_info, "optim": asdict(self.optim_spec), **self.model_record()}
 
     def model_record(self) -> dict:
         """How to rebuild the backbone and where its (and its EMA teacher's) weights are in the state_dict, stored

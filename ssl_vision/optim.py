@@ -136,9 +136,7 @@ class LARS(torch.optim.Optimizer):
         w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
         one = torch.ones_like(w_norm)
         # torch.where keeps this on the device (no .item() sync per parameter, as in MoCo v3 / MAE).
-        ratio = torch.where(
-            (w_norm > 0) & (d_norm > 0), group["trust_coefficient"] * w_norm / d_norm, one
-        )
+        ratio = torch.where((w_norm > 0) & (d_norm > 0), group["trust_coefficient"] * w_norm / d_norm, one)
         if group["trust_clip"] and group["lr"] > 0:
             ratio = torch.clamp(ratio / group["lr"], max=1.0)
         return d.mul(ratio)
@@ -217,8 +215,14 @@ def build_optimizer(
     if key == "sgd":
         return torch.optim.SGD(scaled, lr=lr, momentum=momentum, nesterov=nesterov)
     if key == "lars":
-        return LARS(scaled, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient,
-                    nesterov=nesterov, trust_clip=trust_clip)
+        return LARS(
+            scaled,
+            lr=lr,
+            momentum=momentum,
+            trust_coefficient=trust_coefficient,
+            nesterov=nesterov,
+            trust_clip=trust_clip,
+        )
     return torch.optim.AdamW(scaled, lr=lr, betas=betas)
 
 
@@ -312,8 +316,16 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
             if group.get("fixed_lr", False):
                 lrs.append(base)
             else:
-                lrs.append(warmup_cosine(step, self.total_steps, self.warmup_steps, base,
-                                         start=base * self.warmup_start_factor, final=base * self.final_factor))
+                lrs.append(
+                    warmup_cosine(
+                        step,
+                        self.total_steps,
+                        self.warmup_steps,
+                        base,
+                        start=base * self.warmup_start_factor,
+                        final=base * self.final_factor,
+                    )
+                )
         return lrs
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
@@ -325,9 +337,14 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         that a changed run length or lr continues from the step reached instead of replaying the old curve."""
         step = int(saved["last_epoch"])
         state = dict(saved)  # step bookkeeping (last_epoch, _step_count, ...) as saved
-        state.update(total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     warmup_start_factor=self.warmup_start_factor, final_factor=self.final_factor,
-                     base_lrs=list(self.base_lrs), _last_lr=self._lr_at(step))
+        state.update(
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            warmup_start_factor=self.warmup_start_factor,
+            final_factor=self.final_factor,
+            base_lrs=list(self.base_lrs),
+            _last_lr=self._lr_at(step),
+        )
         return state
 
     def _get_closed_form_lr(self) -> list[float]:
@@ -343,23 +360,28 @@ def check_same_optimizer(saved_name: str | None, name: str, source: str) -> None
     would fail on it only at the first step (``KeyError: 'step'``)."""
     if saved_name is None or saved_name.lower() == name.lower():
         return
-    raise ValueError(f"{source} was trained with method.optim.name={saved_name}, this run asks for "
-                     f"method.optim.name={name}: the optimizer state in the checkpoint (momentum buffers / Adam "
-                     f"moments) cannot carry over to another optimizer. Resume with method.optim.name={saved_name} "
-                     f"(lr, weight decay, momentum and schedule may change on resume), or start fresh with "
-                     f"resume=null.")
+    raise ValueError(
+        f"{source} was trained with method.optim.name={saved_name}, this run asks for "
+        f"method.optim.name={name}: the optimizer state in the checkpoint (momentum buffers / Adam "
+        f"moments) cannot carry over to another optimizer. Resume with method.optim.name={saved_name} "
+        f"(lr, weight decay, momentum and schedule may change on resume), or start fresh with "
+        f"resume=null."
+    )
 
 
-def groups_for_resume(saved_groups: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
-                      lrs: Sequence[float]) -> list[dict[str, Any]]:
+def groups_for_resume(
+    saved_groups: list[dict[str, Any]], optimizer: torch.optim.Optimizer, lrs: Sequence[float]
+) -> list[dict[str, Any]]:
     """The saved optimizer's ``param_groups`` with every hyper-parameter (weight decay, momentum, betas, the initial
     lr, the LARS options...) taken from ``optimizer`` -- built from the current config -- and each group's lr set to
     ``lrs`` (the current schedule at the resumed step). The saved ``params`` (state indices) are kept, so the
     per-parameter state (momentum buffers, Adam moments) still loads."""
     if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's has "
-                         f"{len(optimizer.param_groups)}: the model or the method's parameter grouping changed "
-                         f"(resume with the same method.kwargs, or start fresh with resume=null)")
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's has "
+            f"{len(optimizer.param_groups)}: the model or the method's parameter grouping changed "
+            f"(resume with the same method.kwargs, or start fresh with resume=null)"
+        )
     out = []
     for saved, group, lr in zip(saved_groups, optimizer.param_groups, lrs, strict=True):
         new = {k: v for k, v in group.items() if k != "params"}

@@ -106,8 +106,14 @@ def progress_enabled(option: Any = None) -> bool:
     return bool(option)
 
 
-def progress(iterable: Iterable[T], desc: str, enabled: Any = None, total: int | None = None,
-             unit: str = "it", leave: bool = True) -> Iterable[T]:
+def progress(
+    iterable: Iterable[T],
+    desc: str,
+    enabled: Any = None,
+    total: int | None = None,
+    unit: str = "it",
+    leave: bool = True,
+) -> Iterable[T]:
     """``iterable`` wrapped in a tqdm bar on stderr when :func:`progress_enabled` says so, else unchanged. The
     finished bar stays on screen (its count, rate and time) unless ``leave=False`` (bars repeated per epoch)."""
     if not progress_enabled(enabled):

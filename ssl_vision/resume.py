@@ -39,8 +39,9 @@ def find_resume_checkpoint(resume: str | None, search_root: Path, run_prefix: st
             except ValueError as exc:
                 raise ValueError(f"resume={resume!r}: {exc}; or resume=auto for the newest state") from None
         if not path.is_file():
-            raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file; pass a path to a .ckpt or "
-                                    f"resume=auto")
+            raise FileNotFoundError(
+                f"resume={resume!r}: no such checkpoint file; pass a path to a .ckpt or resume=auto"
+            )
         return path
     root = Path(search_root)
     runs = {}
@@ -77,13 +78,16 @@ def checkpoint_step(path: Path) -> int | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(ckpt["global_step"])
     except Exception as exc:  # truncated, not a torch zip file, a pickle weights_only refuses, no global_step
-        print(f"[ssl_vision] resume=auto: skipping {path}: cannot read its global_step ({type(exc).__name__}: "
-              f"{str(exc)[:200]})")
+        print(
+            f"[ssl_vision] resume=auto: skipping {path}: cannot read its global_step ({type(exc).__name__}: "
+            f"{str(exc)[:200]})"
+        )
         return None
 
 
-def check_resume_compatible(path: Path, method: str, backbone: dict[str, Any], data: dict[str, Any],
-                            optim: dict[str, Any] | None = None) -> dict:
+def check_resume_compatible(
+    path: Path, method: str, backbone: dict[str, Any], data: dict[str, Any], optim: dict[str, Any] | None = None
+) -> dict:
     """Read ``path`` safely (:func:`load_checkpoint`) and check it was written by a run of the same method, backbone
     (name, width, channels, patch size...) and input shape (``in_chans``, ``image_size``) as this one, and, given this
     run's ``optim`` (``method.optim``), with the same optimizer (its state means nothing to another one). Everything
@@ -96,8 +100,10 @@ def check_resume_compatible(path: Path, method: str, backbone: dict[str, Any], d
     ckpt = load_checkpoint(path)
     info = (ckpt.get("ssl_vision") or {}).get("run_info") if isinstance(ckpt, dict) else None
     if not info or "method" not in info or "state_dict" not in ckpt:
-        raise ValueError(f"resume={str(path)!r} is not an ssl_vision pretraining checkpoint (no ssl_vision.run_info / "
-                         f"state_dict); resume from a checkpoints/last.ckpt written by tools/pretrain.py")
+        raise ValueError(
+            f"resume={str(path)!r} is not an ssl_vision pretraining checkpoint (no ssl_vision.run_info / "
+            f"state_dict); resume from a checkpoints/last.ckpt written by tools/pretrain.py"
+        )
     had_backbone = info.get("backbone") or {}
     had_data = info.get("data") or {}
     problems = []
@@ -111,9 +117,11 @@ def check_resume_compatible(path: Path, method: str, backbone: dict[str, Any], d
         if k in had_data and k in data and had_data[k] != data[k]:
             problems.append(f"data.{k}={had_data[k]} (this run: {data[k]})")
     if problems:
-        raise ValueError(f"resume={str(path)!r} was written by another kind of run: {'; '.join(problems)}. Resume it "
-                         f"with the same settings (method={info['method']} backbone={had_backbone.get('name')} ...), "
-                         f"start fresh with resume=null, or evaluate it with tools/knn_eval.py checkpoint=...")
+        raise ValueError(
+            f"resume={str(path)!r} was written by another kind of run: {'; '.join(problems)}. Resume it "
+            f"with the same settings (method={info['method']} backbone={had_backbone.get('name')} ...), "
+            f"start fresh with resume=null, or evaluate it with tools/knn_eval.py checkpoint=..."
+        )
     if optim is not None and optim.get("name"):
         saved = ((ckpt.get("ssl_vision") or {}).get("optim") or {}).get("name")
         check_same_optimizer(saved, optim["name"], f"resume={str(path)!r}")

@@ -106,13 +106,21 @@ class RunLock:
                     f"{self.path}). Two runs writing one directory would overwrite each other's checkpoints/last.ckpt "
                     f"and results. Wait for that run to end (or stop it) and then "
                     f"resume it with resume=auto or resume={self.path.parent / 'checkpoints'}/<checkpoint>; or start "
-                    f"a separate run with resume=null.") from None
+                    f"a separate run with resume=null."
+                ) from None
             os.close(fd)
-            warnings.warn(f"cannot lock {self.path} ({exc}): this file system has no locks, so a second run resuming "
-                          f"into {self.path.parent} while this one is alive will not be refused", stacklevel=2)
+            warnings.warn(
+                f"cannot lock {self.path} ({exc}): this file system has no locks, so a second run resuming "
+                f"into {self.path.parent} while this one is alive will not be refused",
+                stacklevel=2,
+            )
             return self
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "argv": sys.argv}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "argv": sys.argv,
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._fd = fd

@@ -22,9 +22,24 @@ from lightning.pytorch.trainer.states import TrainerFn
 clock = time.perf_counter
 
 #: keys every results.json carries (other tools and benchmarks read them; keep stable, see README).
-RESULT_KEYS = ("method", "backbone", "data", "steps", "images_seen", "wall_s", "images_per_s", "train_loss",
-               "knn_top1", "knn_top1_init", "knn_protocol", "probe_top1", "checkpoint", "train_s",
-               "images_per_s_steady", "legs")
+RESULT_KEYS = (
+    "method",
+    "backbone",
+    "data",
+    "steps",
+    "images_seen",
+    "wall_s",
+    "images_per_s",
+    "train_loss",
+    "knn_top1",
+    "knn_top1_init",
+    "knn_protocol",
+    "probe_top1",
+    "checkpoint",
+    "train_s",
+    "images_per_s_steady",
+    "legs",
+)
 
 
 def warmup_steps(total_steps: float | int) -> int:
@@ -55,18 +70,27 @@ class ThroughputTimer(L.Callback):
     * ``legs``: one entry per leg: start time, steps from/to, images, train_s, wall_s, the checkpoint it resumed from.
     """
 
-    def __init__(self, start: float | None = None, resumed_from: str | None = None,
-                 previous_results: dict | None = None) -> None:
+    def __init__(
+        self, start: float | None = None, resumed_from: str | None = None, previous_results: dict | None = None
+    ) -> None:
         self._previous_results = previous_results  # the run's results.json, adopted if it is of the step resumed
         self._t_leg = clock() if start is None else start
         self._earlier = {"images_seen": 0, "train_s": 0.0, "steady_images": 0, "steady_s": 0.0, "wall_s": 0.0}
         self.earlier_legs: list[dict] = []
         started = time.localtime(time.time() - (clock() - self._t_leg))  # when the leg's command began
-        self.leg = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z", started), "from_step": None, "to_step": None,
-                    "images_seen": 0, "train_s": 0.0, "steady_images": 0, "steady_s": 0.0, "wall_s": None,
-                    "resumed_from": resumed_from}
-        self.knn_top1_init: float | None = None   # carried with the run: a resumed leg does not recompute it
-        self._t: float | None = None               # start of the interval the next batch end closes
+        self.leg = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z", started),
+            "from_step": None,
+            "to_step": None,
+            "images_seen": 0,
+            "train_s": 0.0,
+            "steady_images": 0,
+            "steady_s": 0.0,
+            "wall_s": None,
+            "resumed_from": resumed_from,
+        }
+        self.knn_top1_init: float | None = None  # carried with the run: a resumed leg does not recompute it
+        self._t: float | None = None  # start of the interval the next batch end closes
         self._step_before: int | None = None
         self._warmup = 5
         self._wall_end: float | None = None
@@ -99,8 +123,11 @@ class ThroughputTimer(L.Callback):
         self.leg["images_seen"] += n
         self.leg["to_step"] = int(trainer.global_step)
         self.leg["train_s"] += dt
-        if self._step_before is not None and self.leg["from_step"] is not None \
-                and self._step_before - self.leg["from_step"] >= self._warmup:
+        if (
+            self._step_before is not None
+            and self.leg["from_step"] is not None
+            and self._step_before - self.leg["from_step"] >= self._warmup
+        ):
             self.leg["steady_images"] += n
             self.leg["steady_s"] += dt
         self._t = now
@@ -109,8 +136,11 @@ class ThroughputTimer(L.Callback):
         self._t = None
 
     def state_dict(self) -> dict:
-        return {"totals": self._totals(clock()), "legs": [*self.earlier_legs, self._leg_record()],
-                "knn_top1_init": self.knn_top1_init}
+        return {
+            "totals": self._totals(clock()),
+            "legs": [*self.earlier_legs, self._leg_record()],
+            "knn_top1_init": self.knn_top1_init,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         totals = state_dict.get("totals") or {}
@@ -224,8 +254,10 @@ def trim_metrics_csv(path: Path, before_step: int) -> int:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(keep)
-    print(f"[ssl_vision] {path}: dropped {len(rows) - len(keep)} rows logged after step {before_step - 1} by the leg "
-          f"that was interrupted; the resumed leg logs those steps again")
+    print(
+        f"[ssl_vision] {path}: dropped {len(rows) - len(keep)} rows logged after step {before_step - 1} by the leg "
+        f"that was interrupted; the resumed leg logs those steps again"
+    )
     return len(rows) - len(keep)
 
 

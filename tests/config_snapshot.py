@@ -23,9 +23,18 @@ CONF = ROOT / "conf"
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "config_golden.json"
 
 #: each method with the backbone of its paper's main recipe (the method file's own defaults are that recipe)
-METHOD_DEFAULTS = {"simclr": "resnet50", "moco_v1": "resnet50", "moco_v2": "resnet50", "moco_v3": "resnet50",
-                   "byol": "resnet50", "simsiam": "resnet50", "swav": "resnet50", "instdisc": "resnet18",
-                   "dino": "vit_s", "mae": "vit_b"}
+METHOD_DEFAULTS = {
+    "simclr": "resnet50",
+    "moco_v1": "resnet50",
+    "moco_v2": "resnet50",
+    "moco_v3": "resnet50",
+    "byol": "resnet50",
+    "simsiam": "resnet50",
+    "swav": "resnet50",
+    "instdisc": "resnet18",
+    "dino": "vit_s",
+    "mae": "vit_b",
+}
 
 TRAINER_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches", "check_val_every_n_epoch")
 
@@ -50,8 +59,12 @@ def snapshot(cfg) -> dict:
     """What matters of one composed config, resolved to plain values (``views`` as the config has them)."""
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     return {
-        "method": {"name": cfg.method.name, "kwargs": plain(cfg.method.kwargs), "optim": plain(cfg.method.optim),
-                   "sync_batchnorm": cfg.method.get("sync_batchnorm")},
+        "method": {
+            "name": cfg.method.name,
+            "kwargs": plain(cfg.method.kwargs),
+            "optim": plain(cfg.method.optim),
+            "sync_batchnorm": cfg.method.get("sync_batchnorm"),
+        },
         "augment": {"name": cfg.augment.name, "backend": cfg.augment.backend, "views": plain(cfg.augment.views)},
         "backbone": plain(cfg.backbone),
         "data": plain(cfg.data),

@@ -32,8 +32,9 @@ def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
 def run_on_processes(fn, world: int, *args) -> list:
     """``fn(rank, world, *args)`` on ``world`` processes; returns the list of per-rank results (torch-saveable)."""
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=True, start_method="spawn"
+        )
         return [torch.load(Path(d) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -36,6 +36,7 @@ def test_width_multiplier_and_channel_list():
 
 def test_width_matches_torchvision_at_one():
     from torchvision.models import resnet18
+
     ours, _ = create_backbone("resnet18", image_size=224)
     ref = resnet18()
     ref.fc = nn.Identity()

@@ -31,14 +31,18 @@ from tests.eval.test_features import TINY_BACKBONE_CFG, tiny_backbone, write_che
 BASE = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "eval.final_eval=false"]
 
 #: small heads, so that the cases that are (rightly) accepted build in milliseconds
-SMALL = {"simclr": dict(proj_hidden_dim=8, proj_out_dim=4), "swav": dict(proj_hidden_dim=8, proj_out_dim=4,
-                                                                         num_prototypes=6, queue_length=0),
-         "byol": dict(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8),
-         "simsiam": dict(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8),
-         "dino": dict(out_dim=8, hidden_dim=8, bottleneck_dim=4), "moco_v1": dict(embed_dim=4, queue_size=16),
-         "moco_v2": dict(embed_dim=4, proj_hidden_dim=8, queue_size=16),
-         "moco_v3": dict(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8), "instdisc": dict(embed_dim=4),
-         "mae": dict(decoder_dim=8, decoder_depth=1, decoder_heads=2)}
+SMALL = {
+    "simclr": dict(proj_hidden_dim=8, proj_out_dim=4),
+    "swav": dict(proj_hidden_dim=8, proj_out_dim=4, num_prototypes=6, queue_length=0),
+    "byol": dict(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8),
+    "simsiam": dict(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8),
+    "dino": dict(out_dim=8, hidden_dim=8, bottleneck_dim=4),
+    "moco_v1": dict(embed_dim=4, queue_size=16),
+    "moco_v2": dict(embed_dim=4, proj_hidden_dim=8, queue_size=16),
+    "moco_v3": dict(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8),
+    "instdisc": dict(embed_dim=4),
+    "mae": dict(decoder_dim=8, decoder_depth=1, decoder_heads=2),
+}
 
 INT_RANGE = r"must be an integer >= {}, got {}"
 TEMP = r"must be a number >= 0\.001 \(logits are divided by it; {}\), got {}"
@@ -61,8 +65,11 @@ CASES = [
     ("instdisc", {"nce_k": -1}, "method.kwargs.nce_k " + INT_RANGE.format(0, -1)),
     ("instdisc", {"bank_momentum": 1.0}, "method.kwargs.bank_momentum " + INTERVAL.format(r"\[0, 1\)", "1.0")),
     ("instdisc", {"embed_dim": 0}, "method.kwargs.embed_dim " + INT_RANGE.format(1, 0)),
-    ("moco_v1", {"temperature": 1e-4}, "method.kwargs.temperature " + TEMP.format(r"MoCo uses 0\.07 \(v1\).*",
-                                                                                    "0.0001")),
+    (
+        "moco_v1",
+        {"temperature": 1e-4},
+        "method.kwargs.temperature " + TEMP.format(r"MoCo uses 0\.07 \(v1\).*", "0.0001"),
+    ),
     ("moco_v1", {"queue_size": 0}, "method.kwargs.queue_size " + INT_RANGE.format(1, 0)),
     ("moco_v2", {"momentum": 1.5}, "method.kwargs.momentum " + INTERVAL.format(r"\[0, 1\]", "1.5")),
     ("moco_v2", {"shuffle_bn_splits": 0}, "method.kwargs.shuffle_bn_splits " + INT_RANGE.format(1, 0)),
@@ -74,8 +81,11 @@ CASES = [
     ("simsiam", {"pred_hidden_dim": -1}, "method.kwargs.pred_hidden_dim " + INT_RANGE.format(1, -1)),
     ("simsiam", {"proj_layers": True}, "method.kwargs.proj_layers " + INT_RANGE.format(1, True)),
     ("dino", {"student_temp": 1e-9}, "method.kwargs.student_temp " + TEMP.format("DINO's student uses 0.1", "1e-09")),
-    ("dino", {"teacher_temp": 1e-6}, "method.kwargs.teacher_temp " + TEMP.format("DINO's teacher uses 0.04-0.07",
-                                                                                 "1e-06")),
+    (
+        "dino",
+        {"teacher_temp": 1e-6},
+        "method.kwargs.teacher_temp " + TEMP.format("DINO's teacher uses 0.04-0.07", "1e-06"),
+    ),
     ("dino", {"out_dim": 0}, "method.kwargs.out_dim " + INT_RANGE.format(1, 0)),
     ("dino", {"momentum": 2.0}, "method.kwargs.momentum " + INTERVAL.format(r"\[0, 1\]", "2.0")),
     ("mae", {"mask_ratio": 0.0}, "method.kwargs.mask_ratio " + INTERVAL.format(r"\(0, 1\)", "0.0")),
@@ -84,17 +94,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,bad,message", CASES, ids=[f"{m}-{next(iter(b))}={next(iter(b.values()))}"
-                                                           for m, b, _ in CASES])
+@pytest.mark.parametrize(
+    "method,bad,message", CASES, ids=[f"{m}-{next(iter(b))}={next(iter(b.values()))}" for m, b, _ in CASES]
+)
 def test_objective_values_are_checked_when_built(method, bad, message):
     with pytest.raises(ValueError, match=message):
         build_objective(method, 16, num_samples=64, **{**SMALL[method], **bad})
 
 
-@pytest.mark.parametrize("method,edge", [("simclr", {"temperature": 1e-3}), ("moco_v2", {"momentum": 1.0}),
-                                         ("byol", {"momentum": 0.0}), ("mae", {"mask_ratio": 0.95}),
-                                         ("swav", {"queue_length": 0}), ("instdisc", {"nce_k": 0}),
-                                         ("dino", {"teacher_temp": 0.04, "student_temp": 0.1})])
+@pytest.mark.parametrize(
+    "method,edge",
+    [
+        ("simclr", {"temperature": 1e-3}),
+        ("moco_v2", {"momentum": 1.0}),
+        ("byol", {"momentum": 0.0}),
+        ("mae", {"mask_ratio": 0.95}),
+        ("swav", {"queue_length": 0}),
+        ("instdisc", {"nce_k": 0}),
+        ("dino", {"teacher_temp": 0.04, "student_temp": 0.1}),
+    ],
+)
 def test_values_at_the_edges_of_the_ranges_are_accepted(method, edge):
     objective = build_objective(method, 16, num_samples=64, **{**SMALL[method], **edge})
     for key, value in edge.items():  # the value the objective keeps is the one given
@@ -105,27 +124,39 @@ def test_values_at_the_edges_of_the_ranges_are_accepted(method, edge):
 
 def test_swav_without_prototypes_fails_before_training(make_cfg):
     """It used to train to a loss of exactly 0.0 and report success."""
-    cfg = make_cfg([*BASE, "method=swav", "augment=simclr", "method.kwargs.num_prototypes=0",
-                    "method.kwargs.queue_length=0", "method.kwargs.proj_hidden_dim=16", "trainer.max_steps=1"])
+    cfg = make_cfg(
+        [
+            *BASE,
+            "method=swav",
+            "augment=simclr",
+            "method.kwargs.num_prototypes=0",
+            "method.kwargs.queue_length=0",
+            "method.kwargs.proj_hidden_dim=16",
+            "trainer.max_steps=1",
+        ]
+    )
     with pytest.raises(ValueError, match=r"method\.kwargs\.num_prototypes must be an integer >= 1, got 0"):
         run_pretraining(cfg)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.batch_size=abc", r"data\.batch_size must be a positive integer .*, got 'abc' \(str\)"),
-    ("data.batch_size=0", r"data\.batch_size must be a positive integer .*, got 0 \(int\)"),
-    ("data.num_workers=-1", r"data\.num_workers must be an integer >= 0 .*, got -1"),
-    ("seed=abc", r"seed must be an integer in \[0, 2\*\*32 - 1\], got 'abc' \(str\)"),
-    ("seed=1.5", r"seed must be an integer .*, got 1\.5 \(float\)"),
-    ("trainer.max_steps=abc", r"trainer\.max_steps must be an integer >= 1 \(or -1: no step limit\), got 'abc'"),
-    ("trainer.max_epochs=2.5", r"trainer\.max_epochs must be an integer >= 1 .*, got 2\.5 \(float\)"),
-    ("checkpoint.every_n_epochs=abc", r"checkpoint\.every_n_epochs must be an integer >= 0 .*, got 'abc'"),
-    ("checkpoint.every_n_steps=ten", r"checkpoint\.every_n_steps must be a positive number .*, got 'ten'"),
-    ("checkpoint.save_top_k=all", r"checkpoint\.save_top_k must be an integer >= -1 .*, got 'all'"),
-    ("checkpoint.save_init=maybe", r"checkpoint\.save_init must be true or false, got 'maybe'"),
-    ("eval.knn_k=[0]", r"eval\.knn_k must be a list of positive integers.*, got \[0\]"),
-    ("augment.views.global.count=0", r"augment\.views\.global\.count must be a positive integer .*, got 0 \(int\)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.batch_size=abc", r"data\.batch_size must be a positive integer .*, got 'abc' \(str\)"),
+        ("data.batch_size=0", r"data\.batch_size must be a positive integer .*, got 0 \(int\)"),
+        ("data.num_workers=-1", r"data\.num_workers must be an integer >= 0 .*, got -1"),
+        ("seed=abc", r"seed must be an integer in \[0, 2\*\*32 - 1\], got 'abc' \(str\)"),
+        ("seed=1.5", r"seed must be an integer .*, got 1\.5 \(float\)"),
+        ("trainer.max_steps=abc", r"trainer\.max_steps must be an integer >= 1 \(or -1: no step limit\), got 'abc'"),
+        ("trainer.max_epochs=2.5", r"trainer\.max_epochs must be an integer >= 1 .*, got 2\.5 \(float\)"),
+        ("checkpoint.every_n_epochs=abc", r"checkpoint\.every_n_epochs must be an integer >= 0 .*, got 'abc'"),
+        ("checkpoint.every_n_steps=ten", r"checkpoint\.every_n_steps must be a positive number .*, got 'ten'"),
+        ("checkpoint.save_top_k=all", r"checkpoint\.save_top_k must be an integer >= -1 .*, got 'all'"),
+        ("checkpoint.save_init=maybe", r"checkpoint\.save_init must be true or false, got 'maybe'"),
+        ("eval.knn_k=[0]", r"eval\.knn_k must be a list of positive integers.*, got \[0\]"),
+        ("augment.views.global.count=0", r"augment\.views\.global\.count must be a positive integer .*, got 0 \(int\)"),
+    ],
+)
 def test_typed_config_fields_are_named(make_cfg, override, message):
     with pytest.raises(ConfigValueError, match=message):
         run_pretraining(make_cfg([*BASE, override]))
@@ -155,8 +186,8 @@ def test_moco_queue_smaller_than_the_batch_suggests_real_sizes():
 
 
 def test_shape_mismatch_lists_at_most_five_tensors_with_the_config(tmp_path):
-    model, _ = tiny_backbone()                        # width 0.125
-    claimed = {**TINY_BACKBONE_CFG, "width": 0.25}    # ... but the run_info says 0.25
+    model, _ = tiny_backbone()  # width 0.125
+    claimed = {**TINY_BACKBONE_CFG, "width": 0.25}  # ... but the run_info says 0.25
     ckpt = write_checkpoint(tmp_path / "last.ckpt", model, backbone_cfg=claimed)
     built, _ = create_backbone("resnet18", in_chans=3, image_size=16, width=0.25)
     stored, own = model.state_dict(), built.state_dict()
@@ -181,8 +212,11 @@ def test_broken_export_files_name_the_file(tmp_path):
 
     with open(sidecar, "w") as f:
         f.write(good_json[: len(good_json) // 2])  # cut mid-way
-    with pytest.raises(ValueError, match=re.escape(sidecar) + r": the export's sidecar is not valid JSON .*re-run "
-                                                              r"tools/export\.py"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(sidecar) + r": the export's sidecar is not valid JSON .*re-run "
+        r"tools/export\.py",
+    ):
         load_backbone(weights)
     with open(sidecar, "w") as f:
         json.dump({**json.loads(good_json), "create_kwargs": None}, f)

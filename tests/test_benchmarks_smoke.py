@@ -28,8 +28,10 @@ def test_aug_speed_quick():
         assert math.isfinite(res[k]) and res[k] > 0, (k, res[k])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
-                    reason="lightly is not installed (optional extra: pip install -e '.[bench]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightly") is None,
+    reason="lightly is not installed (optional extra: pip install -e '.[bench]')",
+)
 def test_vs_lightly_quick_simclr():
     res = run_script("vs_lightly.py", "--quick", "--methods", "simclr", "--steps", "1", "--peak-tflops", "2")
     (row,) = res["rows"]
@@ -60,15 +62,26 @@ def load_script(name: str):
     return mod
 
 
-AB_BASE = ["data=synthetic", "data.synthetic_size=32", "data.batch_size=8", "data.num_workers=0",
-           "backbone.width=0.125", "--steps", "1", "--rounds", "1", "--warmup", "1"]
+AB_BASE = [
+    "data=synthetic",
+    "data.synthetic_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "backbone.width=0.125",
+    "--steps",
+    "1",
+    "--rounds",
+    "1",
+    "--warmup",
+    "1",
+]
 
 
 def test_options_ab_quick_with_a_compiled_variant(tmp_path):
     out_json = tmp_path / "ab.json"
-    res = load_script("options_ab").main([*AB_BASE, "--variant",
-                                          "compiled=perf.compile=true,perf.compile_backend=eager",
-                                          "--json", str(out_json)])
+    res = load_script("options_ab").main(
+        [*AB_BASE, "--variant", "compiled=perf.compile=true,perf.compile_backend=eager", "--json", str(out_json)]
+    )
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(res))
     base, compiled = res["rows"]
     assert (base["variant"], compiled["variant"]) == ("base", "compiled")
@@ -88,38 +101,75 @@ def test_options_ab_refuses_a_variant_that_changes_the_data():
 
 
 def test_loader_epochs_quick():
-    res = load_script("loader_epochs").main(["data=synthetic", "data.synthetic_size=32", "data.batch_size=8",
-                                             "data.num_workers=1", "--epochs", "2", "--rounds", "1"])
+    res = load_script("loader_epochs").main(
+        [
+            "data=synthetic",
+            "data.synthetic_size=32",
+            "data.batch_size=8",
+            "data.num_workers=1",
+            "--epochs",
+            "2",
+            "--rounds",
+            "1",
+        ]
+    )
     off, on = res["rows"]
     assert (off["persistent_workers"], on["persistent_workers"]) == (False, True)
     for row in res["rows"]:
-        assert all(row[k] > 0 for k in ("first_epoch_first_batch_s", "later_epochs_first_batch_s",
-                                        "later_epochs_epoch_s"))
+        assert all(
+            row[k] > 0 for k in ("first_epoch_first_batch_s", "later_epochs_first_batch_s", "later_epochs_epoch_s")
+        )
 
 
 def test_aug_ab_quick_checks_the_variants_agree():
     res = run_script("aug_ab.py", "--quick", "--variants", "subsets:8", "grouped:3", "auto:0", "--kernels")
     assert [r["variant"] for r in res["rows"]] == ["subsets:8", "grouped:3", "auto:0"]
     assert all(math.isfinite(r["ms_per_image"]) and r["ms_per_image"] > 0 for r in res["rows"])
-    pairs = [("index_copy_224px", "row_copy_loop_224px"), ("index_copy_96px", "row_copy_loop_96px"),
-             ("where_bool_mask", "minimum"), ("remainder", "floor"),
-             ("addcmul_c11", "mul_then_add_c11"), ("saturation_mul_add", "saturation_lerp"),
-             ("gray_kornia", "gray_ours"), ("blur_k23_kornia", "blur_k23_ours")]  # (replaced, ours)
+    pairs = [
+        ("index_copy_224px", "row_copy_loop_224px"),
+        ("index_copy_96px", "row_copy_loop_96px"),
+        ("where_bool_mask", "minimum"),
+        ("remainder", "floor"),
+        ("addcmul_c11", "mul_then_add_c11"),
+        ("saturation_mul_add", "saturation_lerp"),
+        ("gray_kornia", "gray_ours"),
+        ("blur_k23_kornia", "blur_k23_ours"),
+    ]  # (replaced, ours)
     others = {"index_select_4d", "index_select_2d", "sub_mul_float_ops"}
     assert {k for pair in pairs for k in pair} | others == set(res["kernels"])
     assert all(math.isfinite(v) and v > 0 for v in res["kernels"].values())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
-                    reason="lightly is not installed (optional extra: pip install -e '.[bench]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightly") is None,
+    reason="lightly is not installed (optional extra: pip install -e '.[bench]')",
+)
 def test_parity_two_steps_of_simclr_on_tiny_data(tmp_path):
     """Both sides train 2 steps on the same batches (checked by sample index inside the script) and are evaluated by
     the same kNN; the summary is computed from the per-seed numbers."""
     out_json = tmp_path / "parity.json"
-    res = load_script("parity").main([
-        "--methods", "simclr", "--steps", "2", "--seeds", "0", "--recipe", "none", "--json", str(out_json),
-        "--override", "data=synthetic", "data.synthetic_size=48", "data.batch_size=16", "data.eval_batch_size=64",
-        "backbone.width=0.125", "method.kwargs.proj_hidden_dim=64", "eval.knn_k=[5]"])
+    res = load_script("parity").main(
+        [
+            "--methods",
+            "simclr",
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "--recipe",
+            "none",
+            "--json",
+            str(out_json),
+            "--override",
+            "data=synthetic",
+            "data.synthetic_size=48",
+            "data.batch_size=16",
+            "data.eval_batch_size=64",
+            "backbone.width=0.125",
+            "method.kwargs.proj_hidden_dim=64",
+            "eval.knn_k=[5]",
+        ]
+    )
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(res))
     (row,) = res["rows"]
     (run,) = row["runs"]

@@ -16,14 +16,26 @@ import torch
 from safetensors.torch import save_file
 
 import ssl_vision.checkpoint_io as checkpoint_io
-from ssl_vision.checkpoint_io import (AtomicCheckpointIO, describe_newest_finite, load_checkpoint,
-                                      periodic_prune_plan, remove_stale_temporaries)
+from ssl_vision.checkpoint_io import (
+    AtomicCheckpointIO,
+    describe_newest_finite,
+    load_checkpoint,
+    periodic_prune_plan,
+    remove_stale_temporaries,
+)
 from ssl_vision.eval.checkpoints import load_backbone
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
 
-BASE = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", "method.kwargs.proj_hidden_dim=64", *FAST,
-        "eval.final_eval=false", "trainer.limit_val_batches=0"]  # small checkpoints (a 64-wide projector)
+BASE = [
+    "method=simclr",
+    "backbone=resnet18",
+    "backbone.width=0.125",
+    "method.kwargs.proj_hidden_dim=64",
+    *FAST,
+    "eval.final_eval=false",
+    "trainer.limit_val_batches=0",
+]  # small checkpoints (a 64-wide projector)
 
 
 def _all_float_tensors(obj, name=""):
@@ -61,8 +73,17 @@ def test_diverged_run_leaves_only_finite_checkpoints_and_names_one(make_cfg, tmp
     last.ckpt held inf and the loss guard called last.ckpt "the last good checkpoint"; now the writer refuses that
     state, the run stops with a FloatingPointError naming a checkpoint that loads finite, and none on disk is
     poisoned."""
-    cfg = make_cfg([*BASE, "data.synthetic_size=256", "method.optim.base_lr=1e9", "method.optim.warmup_epochs=0",
-                    "trainer.max_steps=4", "checkpoint.every_n_steps=1"], tmp_path / "run")
+    cfg = make_cfg(
+        [
+            *BASE,
+            "data.synthetic_size=256",
+            "method.optim.base_lr=1e9",
+            "method.optim.warmup_epochs=0",
+            "trainer.max_steps=4",
+            "checkpoint.every_n_steps=1",
+        ],
+        tmp_path / "run",
+    )
     with pytest.raises(FloatingPointError) as err:
         run_pretraining(cfg)
     msg = str(err.value)
@@ -88,8 +109,10 @@ def test_writer_refuses_a_nan_state_and_leaves_the_previous_file(tmp_path):
     io_.save_checkpoint({"global_step": 4, "state_dict": sd, "optimizer_states": [opt]}, path)
     before = path.read_bytes()
 
-    poisoned_opt = {"state": {0: {"momentum_buffer": torch.tensor([0.0, float("nan"), 1.0, 2.0])}},
-                    "param_groups": [{"lr": 0.1, "params": [0]}]}
+    poisoned_opt = {
+        "state": {0: {"momentum_buffer": torch.tensor([0.0, float("nan"), 1.0, 2.0])}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
     with pytest.raises(FloatingPointError) as err:
         io_.save_checkpoint({"global_step": 8, "state_dict": sd, "optimizer_states": [poisoned_opt]}, path)
     msg = str(err.value)
@@ -174,9 +197,17 @@ def test_load_backbone_refuses_non_finite_weights(simclr_checkpoint, tmp_path, f
         path = tmp_path / "diverged.backbone.safetensors"
         save_file(state, str(path))
         import json
-        json.dump({"format": "ssl_vision.backbone/1", "create_kwargs": info["create_kwargs"],
-                   "feature_dim": info["feature_dim"], "weights": "student", "method": "simclr"},
-                  open(path.with_suffix(".json"), "w"))
+
+        json.dump(
+            {
+                "format": "ssl_vision.backbone/1",
+                "create_kwargs": info["create_kwargs"],
+                "feature_dim": info["feature_dim"],
+                "weights": "student",
+                "method": "simclr",
+            },
+            open(path.with_suffix(".json"), "w"),
+        )
     with pytest.raises(ValueError) as err:
         load_backbone(path)
     msg = str(err.value)
@@ -190,7 +221,9 @@ def test_a_flipped_bit_is_detected_and_the_file_named(tmp_path):
     weight = torch.arange(4096, dtype=torch.float32) * 0.5 + 0.25  # a pattern that occurs once in the file
     path = tmp_path / "epoch000-step0000004.ckpt"
     io_.save_checkpoint({"global_step": 4, "state_dict": {"backbone.w": weight}}, path)
-    io_.save_checkpoint({"global_step": 2, "state_dict": {"backbone.w": weight}}, tmp_path / "epoch000-step0000002.ckpt")
+    io_.save_checkpoint(
+        {"global_step": 2, "state_dict": {"backbone.w": weight}}, tmp_path / "epoch000-step0000002.ckpt"
+    )
     assert torch.equal(load_checkpoint(path)["state_dict"]["backbone.w"], weight)  # intact: loads
 
     raw = bytearray(path.read_bytes())
@@ -203,8 +236,11 @@ def test_a_flipped_bit_is_detected_and_the_file_named(tmp_path):
     with pytest.raises(ValueError) as err:
         load_checkpoint(path)
     msg = str(err.value)
-    assert re.search(rf"checkpoint {re.escape(str(path))} is damaged: entry \S+/data/0 fails its CRC check \(a bit "
-                     r"flipped on disk or in transfer\); use another checkpoint", msg), msg
+    assert re.search(
+        rf"checkpoint {re.escape(str(path))} is damaged: entry \S+/data/0 fails its CRC check \(a bit "
+        r"flipped on disk or in transfer\); use another checkpoint",
+        msg,
+    ), msg
     assert "epoch000-step0000002.ckpt" in msg  # the siblings to use instead
 
 
@@ -228,15 +264,24 @@ def _random_bytes(n: int) -> bytes:
     return b"\xcf" + data[1:]  # not the zip magic, not a pickle protocol byte
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("text", r"cannot read checkpoint .*bad\.ckpt: it is a text file \(starting 'epoch: 3'\), not a torch checkpoint"),
-    ("random", r"cannot read checkpoint .*bad\.ckpt: it is not a torch checkpoint \(a torch checkpoint is a zip "
-               r"archive .*this file starts with cf "),
-    ("empty", r"cannot read checkpoint .*bad\.ckpt: the file is empty \(0 bytes"),
-    ("plain pickle", r"cannot read checkpoint .*bad\.ckpt: it is a pickle but not a torch checkpoint"),
-    ("safetensors", r"cannot read checkpoint .*bad\.ckpt: it is a safetensors file \(an exported backbone\)"),
-    ("truncated", r"cannot read checkpoint .*bad\.ckpt: it is truncated"),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        (
+            "text",
+            r"cannot read checkpoint .*bad\.ckpt: it is a text file \(starting 'epoch: 3'\), not a torch checkpoint",
+        ),
+        (
+            "random",
+            r"cannot read checkpoint .*bad\.ckpt: it is not a torch checkpoint \(a torch checkpoint is a zip "
+            r"archive .*this file starts with cf ",
+        ),
+        ("empty", r"cannot read checkpoint .*bad\.ckpt: the file is empty \(0 bytes"),
+        ("plain pickle", r"cannot read checkpoint .*bad\.ckpt: it is a pickle but not a torch checkpoint"),
+        ("safetensors", r"cannot read checkpoint .*bad\.ckpt: it is a safetensors file \(an exported backbone\)"),
+        ("truncated", r"cannot read checkpoint .*bad\.ckpt: it is truncated"),
+    ],
+)
 def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, kind, expected):
     """Before: text -> KeyError: 101; random bytes -> "refusing to load ... can run code" with torch's advice that
     weights_only=False "will likely succeed". Each now says what the file is, and is a ValueError."""
@@ -263,8 +308,11 @@ def test_a_directory_as_checkpoint_lists_its_checkpoints(simclr_checkpoint, tmp_
     """Before: load_backbone said "does not exist" for a directory (which exists)."""
     ckpt_dir = simclr_checkpoint.parent
     for load in (load_checkpoint, load_backbone):
-        with pytest.raises(ValueError, match=rf"checkpoint path {re.escape(str(ckpt_dir))} is a directory, not a "
-                                             r"checkpoint file; pass one file in it, e\.g\. .*last\.ckpt"):
+        with pytest.raises(
+            ValueError,
+            match=rf"checkpoint path {re.escape(str(ckpt_dir))} is a directory, not a "
+            r"checkpoint file; pass one file in it, e\.g\. .*last\.ckpt",
+        ):
             load(ckpt_dir)
     run_dir = ckpt_dir.parent  # one level up: the files of checkpoints/ are listed
     with pytest.raises(ValueError, match=r"is a directory.*checkpoints/last\.ckpt"):
@@ -313,16 +361,26 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
 
 
 def test_prune_plan_keeps_the_newest_steps_over_all_periodic_files(tmp_path):
-    names = ["epoch000-step0000002.ckpt", "epoch000-step0000004.ckpt", "epoch000-step0000004-v1.ckpt",
-             "epoch001-step0000006-v1.ckpt", "epoch001-step0000008.ckpt", "epoch002-step0000010.ckpt",
-             "last.ckpt", "init.ckpt"]
+    names = [
+        "epoch000-step0000002.ckpt",
+        "epoch000-step0000004.ckpt",
+        "epoch000-step0000004-v1.ckpt",
+        "epoch001-step0000006-v1.ckpt",
+        "epoch001-step0000008.ckpt",
+        "epoch002-step0000010.ckpt",
+        "last.ckpt",
+        "init.ckpt",
+    ]
     for i, n in enumerate(names):
         (tmp_path / n).write_bytes(b"x")
         os.utime(tmp_path / n, (1000 + i, 1000 + i))
     keep, remove = periodic_prune_plan(tmp_path, 2, current_step=8)
     assert [(p.name, s) for p, s in keep] == [("epoch001-step0000008.ckpt", 8), ("epoch001-step0000006-v1.ckpt", 6)]
-    assert sorted(p.name for p in remove) == ["epoch000-step0000002.ckpt", "epoch000-step0000004-v1.ckpt",
-                                              "epoch000-step0000004.ckpt"]  # step 10 (not reached yet) is left
+    assert sorted(p.name for p in remove) == [
+        "epoch000-step0000002.ckpt",
+        "epoch000-step0000004-v1.ckpt",
+        "epoch000-step0000004.ckpt",
+    ]  # step 10 (not reached yet) is left
     keep, remove = periodic_prune_plan(tmp_path, 2, current_step=8, protect=[tmp_path / "epoch000-step0000002.ckpt"])
     assert "epoch000-step0000002.ckpt" not in [p.name for p in remove]
 
@@ -341,11 +399,19 @@ def test_resume_after_a_kill_between_periodic_and_last_leaves_no_stale_periodic_
     run = tmp_path / "run"
     run_pretraining(make_cfg([*RESUMABLE, "trainer.max_steps=3", "checkpoint.save_top_k=3"], run))
     d = run / "checkpoints"
-    assert _ckpt_names(d) == ["epoch000-step0000001.ckpt", "epoch000-step0000002.ckpt", "epoch000-step0000003.ckpt",
-                              "last.ckpt"]
+    assert _ckpt_names(d) == [
+        "epoch000-step0000001.ckpt",
+        "epoch000-step0000002.ckpt",
+        "epoch000-step0000003.ckpt",
+        "last.ckpt",
+    ]
     (d / "last.ckpt").write_bytes((d / "epoch000-step0000002.ckpt").read_bytes())  # the state the kill left
-    res = run_pretraining(make_cfg([*RESUMABLE, "trainer.max_steps=5", "checkpoint.save_top_k=2",
-                                    f"resume={d / 'last.ckpt'}"], tmp_path / "other"))
+    res = run_pretraining(
+        make_cfg(
+            [*RESUMABLE, "trainer.max_steps=5", "checkpoint.save_top_k=2", f"resume={d / 'last.ckpt'}"],
+            tmp_path / "other",
+        )
+    )
     assert res["steps"] == 5 and Path(res["run_dir"]) == run.resolve()
     assert _ckpt_names(d) == ["epoch000-step0000004.ckpt", "epoch000-step0000005.ckpt", "last.ckpt"]
     assert load_checkpoint(d / "last.ckpt")["global_step"] == 5
@@ -359,10 +425,18 @@ def test_resume_from_an_earlier_periodic_file_rewrites_in_place_without_versions
     run_pretraining(make_cfg([*RESUMABLE, "trainer.max_steps=2", "checkpoint.save_top_k=3"], run))
     d = run / "checkpoints"
     first2 = (d / "epoch000-step0000002.ckpt").stat().st_mtime_ns
-    run_pretraining(make_cfg([*RESUMABLE, "trainer.max_steps=3", "checkpoint.save_top_k=3",
-                              f"resume={d / 'epoch000-step0000001.ckpt'}"], tmp_path / "other"))
-    assert _ckpt_names(d) == ["epoch000-step0000001.ckpt", "epoch000-step0000002.ckpt", "epoch000-step0000003.ckpt",
-                              "last.ckpt"]
+    run_pretraining(
+        make_cfg(
+            [*RESUMABLE, "trainer.max_steps=3", "checkpoint.save_top_k=3", f"resume={d / 'epoch000-step0000001.ckpt'}"],
+            tmp_path / "other",
+        )
+    )
+    assert _ckpt_names(d) == [
+        "epoch000-step0000001.ckpt",
+        "epoch000-step0000002.ckpt",
+        "epoch000-step0000003.ckpt",
+        "last.ckpt",
+    ]
     assert (d / "epoch000-step0000002.ckpt").stat().st_mtime_ns > first2, "step 2 was rewritten in place"
     assert load_checkpoint(d / "epoch000-step0000002.ckpt")["global_step"] == 2
     assert load_checkpoint(d / "last.ckpt")["global_step"] == 3

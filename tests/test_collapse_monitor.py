@@ -51,14 +51,37 @@ def _logged_columns(res: dict) -> set[str]:
 def test_mae_logs_no_collapse_monitor_and_simclr_does(make_cfg, tmp_path):
     from ssl_vision.launch import run_pretraining
 
-    mae = run_pretraining(make_cfg(["method=mae", "backbone=vit_tiny", "backbone.patch_size=8", *FAST,
-                                    "trainer.max_steps=1", "eval.final_eval=false", "trainer.limit_val_batches=0",
-                                    "method.kwargs.decoder_dim=32",
-                                    "method.kwargs.decoder_depth=1", "method.kwargs.decoder_heads=4"],
-                                   tmp_path / "mae"))
+    mae = run_pretraining(
+        make_cfg(
+            [
+                "method=mae",
+                "backbone=vit_tiny",
+                "backbone.patch_size=8",
+                *FAST,
+                "trainer.max_steps=1",
+                "eval.final_eval=false",
+                "trainer.limit_val_batches=0",
+                "method.kwargs.decoder_dim=32",
+                "method.kwargs.decoder_depth=1",
+                "method.kwargs.decoder_heads=4",
+            ],
+            tmp_path / "mae",
+        )
+    )
     columns = _logged_columns(mae)
     assert "train/loss" in columns and "train/collapse_std" not in columns
-    simclr = run_pretraining(make_cfg(["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST,
-                                       "trainer.max_steps=1", "eval.final_eval=false", "trainer.limit_val_batches=0"],
-                                      tmp_path / "simclr"))
+    simclr = run_pretraining(
+        make_cfg(
+            [
+                "method=simclr",
+                "backbone=resnet18",
+                "backbone.width=0.125",
+                *FAST,
+                "trainer.max_steps=1",
+                "eval.final_eval=false",
+                "trainer.limit_val_batches=0",
+            ],
+            tmp_path / "simclr",
+        )
+    )
     assert "train/collapse_std" in _logged_columns(simclr)

@@ -70,8 +70,10 @@ def actual(new: dict) -> dict:
 
 
 def test_fixture_covers_every_experiment_and_method():
-    assert set(GOLDEN) == set(CASES), "a new experiment needs its golden values: python -m tests.config_snapshot " \
-                                      "on the tree before the change, then keep the fixture"
+    assert set(GOLDEN) == set(CASES), (
+        "a new experiment needs its golden values: python -m tests.config_snapshot "
+        "on the tree before the change, then keep the fixture"
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -81,4 +83,3 @@ def test_composes_to_golden_values(case):
     exp, got = expected(old, new), actual(new)
     for part in ("method", "augment", "backbone", "data", "trainer", "eval"):
         assert got[part] == exp[part], f"{case}: {part} changed"
-

@@ -32,16 +32,25 @@ from tests.config_snapshot import FIXTURE
 ROOT = Path(CONF).parent
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 BACKBONES = sorted(p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml"))
-FAMILY = {"resnet18": "resnet", "resnet50": "resnet", "vit_b": "vit", "vit_s": "vit", "vit_small": "vit",
-          "vit_tiny": "vit"}
+FAMILY = {
+    "resnet18": "resnet",
+    "resnet50": "resnet",
+    "vit_b": "vit",
+    "vit_s": "vit",
+    "vit_small": "vit",
+    "vit_tiny": "vit",
+}
 
 #: MoCo v3 ViT-B (CONFIG.md, docs/reference.md §3 table "ViT-S, ViT-B")
-MOCO_V3_VIT = {"optim": {"name": "adamw", "base_lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40,
-                         "betas": [0.9, 0.999]},
-               "kwargs": {"temperature": 0.2, "proj_layers": 3, "pred_last_bn": True, "momentum": 0.99}}
+MOCO_V3_VIT = {
+    "optim": {"name": "adamw", "base_lr": 1.5e-4, "weight_decay": 0.1, "warmup_epochs": 40, "betas": [0.9, 0.999]},
+    "kwargs": {"temperature": 0.2, "proj_layers": 3, "pred_last_bn": True, "momentum": 0.99},
+}
 #: MoCo v3 ResNet-50 (CONFIG.md 100 epochs)
-MOCO_V3_RESNET = {"optim": {"name": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10},
-                  "kwargs": {"temperature": 1.0, "proj_layers": 2, "pred_last_bn": False}}
+MOCO_V3_RESNET = {
+    "optim": {"name": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10},
+    "kwargs": {"temperature": 1.0, "proj_layers": 2, "pred_last_bn": False},
+}
 
 
 def _compose_many(overrides_list: list[list[str]]):
@@ -81,7 +90,9 @@ def test_moco_v3_vit_recipe_equals_what_the_experiment_had():
 
     assert OmegaConf.to_container(cfg.method.kwargs, resolve=True) == old["kwargs"]
     optim = OmegaConf.to_container(cfg.method.optim, resolve=True)
-    assert optim == {**old["optim"], "weight_decay_end": optim["weight_decay_end"]} and optim["weight_decay_end"] is None
+    assert (
+        optim == {**old["optim"], "weight_decay_end": optim["weight_decay_end"]} and optim["weight_decay_end"] is None
+    )
     exp = _compose(["experiment=moco_v3_vit"])
     assert exp.recipe.name == "moco_v3/vit" and exp.method == cfg.method and exp.trainer.max_epochs == 300
 
@@ -101,8 +112,10 @@ def test_dino_with_a_resnet_composes_dinos_resnet_recipe():
     _has(cfg.method.optim, {"name": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 10})
     assert cfg.method.optim.weight_decay_end is None  # constant, as --weight_decay_end 1e-4 = --weight_decay
     assert cfg.method.optim.final_factor * 0.03 == pytest.approx(1e-6, rel=0.02)  # min_lr 1e-6 at B = 256
-    _has(cfg.method.kwargs, {"teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "norm_last_layer": True,
-                             "use_bn_in_head": False})
+    _has(
+        cfg.method.kwargs,
+        {"teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "norm_last_layer": True, "use_bn_in_head": False},
+    )
     views = cfg.augment.views
     assert list(views) == ["global1", "global2", "local"] and views.local.count == 8
     assert [list(views[v].scale) for v in views] == [[0.14, 1.0], [0.14, 1.0], [0.05, 0.14]]
@@ -134,7 +147,10 @@ def test_every_method_backbone_pair_composes_with_its_recipe_or_none():
         seen.add((m, family, has_recipe))
     # every method has its paper recipe for its paper's backbone family
     assert {(m, f) for m, f, r in seen if r} >= {(m, "resnet") for m in METHODS if m != "mae"} | {
-        ("dino", "vit"), ("mae", "vit"), ("moco_v3", "vit")}
+        ("dino", "vit"),
+        ("mae", "vit"),
+        ("moco_v3", "vit"),
+    }
 
 
 def test_family_can_be_named_for_another_backbone():
@@ -144,8 +160,13 @@ def test_family_can_be_named_for_another_backbone():
 
 
 def test_cfg_job_shows_the_recipe_and_its_source():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), "method=moco_v3", "backbone=vit_b",
-                          "--cfg", "job"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "pretrain.py"), "method=moco_v3", "backbone=vit_b", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "recipe:\n  name: moco_v3/vit\n  source: 'MoCo v3" in out.stdout and "CONFIG.md ViT-B 300" in out.stdout
     assert "name: adamw" in out.stdout and "temperature: 0.2" in out.stdout
@@ -162,15 +183,18 @@ def test_a_view_count_set_by_name_reaches_the_built_augmentation(make_cfg):
     assert len(dm.train_transform) == 1 + 1 + 6 and sizes == [(side, side)] * 2 + [(local, local)] * 6
 
 
-@pytest.mark.parametrize("override,key", [
-    ("augment.views.global1.blurp=0.1", "blurp"),            # a misspelt field of an existing view
-    ("augment.views.global1.count=abc", "count"),            # a value of the wrong type
-    ("augment.views.globl1.count=3", "globl1"),              # a misspelt view name
-    ("method.optim.base_lrr=0.1", "base_lrr"),               # a misspelt optimizer field
-    ("method.optim.warmup_epochs=soon", "warmup_epochs"),
-    ("backbone.drop_path=0.1", "drop_path"),
-    ("method.kwargs.temprature=0.1", "temprature"),          # kwargs stay closed too
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("augment.views.global1.blurp=0.1", "blurp"),  # a misspelt field of an existing view
+        ("augment.views.global1.count=abc", "count"),  # a value of the wrong type
+        ("augment.views.globl1.count=3", "globl1"),  # a misspelt view name
+        ("method.optim.base_lrr=0.1", "base_lrr"),  # a misspelt optimizer field
+        ("method.optim.warmup_epochs=soon", "warmup_epochs"),
+        ("backbone.drop_path=0.1", "drop_path"),
+        ("method.kwargs.temprature=0.1", "temprature"),  # kwargs stay closed too
+    ],
+)
 def test_a_typo_is_refused_naming_the_key(override, key):
     with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as err:
         _compose(["method=dino", override])
@@ -191,25 +215,48 @@ def test_views_out_of_size_order_are_refused_naming_them(make_cfg):
 
 
 # ------------------------------------------------------------------------------------------------ one step each
-TINY = {"moco_v3": ["method.kwargs.proj_hidden_dim=16", "method.kwargs.proj_out_dim=8",
-                    "method.kwargs.pred_hidden_dim=16"],
-        "dino": ["method.kwargs.out_dim=32", "method.kwargs.hidden_dim=16", "method.kwargs.bottleneck_dim=8",
-                 "augment.views.local.size_ratio=0.5"],
-        "simclr": ["method.kwargs.proj_hidden_dim=16", "method.kwargs.proj_out_dim=8"],
-        "mae": ["method.kwargs.decoder_dim=16", "method.kwargs.decoder_depth=1", "method.kwargs.decoder_heads=2"]}
-STEP = [("moco_v3", "vit_tiny", "recipe moco_v3/vit: MoCo v3"),
-        ("dino", "resnet18", "recipe dino/resnet: DINO"),
-        ("simclr", "vit_tiny", "no paper recipe for (simclr, vit): the defaults of conf/method/simclr.yaml apply "
-                               "(paper recipes of simclr: simclr/resnet)"),
-        ("mae", "vit_tiny", "recipe mae/vit: MAE")]
+TINY = {
+    "moco_v3": ["method.kwargs.proj_hidden_dim=16", "method.kwargs.proj_out_dim=8", "method.kwargs.pred_hidden_dim=16"],
+    "dino": [
+        "method.kwargs.out_dim=32",
+        "method.kwargs.hidden_dim=16",
+        "method.kwargs.bottleneck_dim=8",
+        "augment.views.local.size_ratio=0.5",
+    ],
+    "simclr": ["method.kwargs.proj_hidden_dim=16", "method.kwargs.proj_out_dim=8"],
+    "mae": ["method.kwargs.decoder_dim=16", "method.kwargs.decoder_depth=1", "method.kwargs.decoder_heads=2"],
+}
+STEP = [
+    ("moco_v3", "vit_tiny", "recipe moco_v3/vit: MoCo v3"),
+    ("dino", "resnet18", "recipe dino/resnet: DINO"),
+    (
+        "simclr",
+        "vit_tiny",
+        "no paper recipe for (simclr, vit): the defaults of conf/method/simclr.yaml apply "
+        "(paper recipes of simclr: simclr/resnet)",
+    ),
+    ("mae", "vit_tiny", "recipe mae/vit: MAE"),
+]
 
 
 @pytest.mark.parametrize("method,backbone,line", STEP, ids=[f"{m}-{b}" for m, b, _ in STEP])
 def test_recipe_pairs_train_one_step_and_say_their_recipe_first(make_cfg, capsys, method, backbone, line):
     size = ["backbone.width=0.125"] if backbone == "resnet18" else ["backbone.patch_size=8"]
-    cfg = make_cfg([f"method={method}", f"backbone={backbone}", *size, *TINY[method], *FAST, "data.image_size=16",
-                    "trainer.max_steps=1", "eval.final_eval=false", "checkpoint.save_top_k=0",
-                    "data.synthetic_size=32", "trainer.limit_val_batches=0"])
+    cfg = make_cfg(
+        [
+            f"method={method}",
+            f"backbone={backbone}",
+            *size,
+            *TINY[method],
+            *FAST,
+            "data.image_size=16",
+            "trainer.max_steps=1",
+            "eval.final_eval=false",
+            "checkpoint.save_top_k=0",
+            "data.synthetic_size=32",
+            "trainer.limit_val_batches=0",
+        ]
+    )
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and math.isfinite(res["train_loss"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "recipe" in ln]

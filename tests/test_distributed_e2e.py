@@ -17,7 +17,8 @@ process with batch B, same seed and data. What is compared, and why it is a vali
     rows and block j is normalised together with the other blocks of rank j mod 2 -- exactly the rows process
     j mod 2 normalises together under DDP. (MoCo v1/v2 shuffle-BN needs no mimic: with a ViT and BN-free v1/v2 heads
     the key path has no BN; its permutation is global and seeded by the step on any process count.)
-  - *MAE masks are drawn per rank* (docs/reference.md §9): the reference draws rank r's rows of the masking noise with the
+  - *MAE masks are drawn per rank* (docs/reference.md §9): the reference draws rank r's rows of the masking noise
+  with the
     same function, rank set to r.
   Every other source of randomness (data order, augmentation, MoCo shuffles, InstDisc noise, initialisation) is
   keyed by seed, epoch, step or index, never by process, so nothing else is mimicked.
@@ -60,30 +61,60 @@ HEADS = {  # small heads; the structure (BN or not, layers) is the method's own
     # SGD-type steps (LARS) instead of the ViT recipe's AdamW: through the projector's BatchNorm the ViT's final-norm
     # bias (and every key bias, through the softmax) has an analytically zero gradient, and Adam turns the
     # rounding noise of such a gradient into a full lr-sized step whose sign differs between 1 and 2 processes
-    "moco_v3": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=32",
-                "method.kwargs.pred_hidden_dim=64", "method.optim.name=lars"],
+    "moco_v3": [
+        "method.kwargs.proj_hidden_dim=64",
+        "method.kwargs.proj_out_dim=32",
+        "method.kwargs.pred_hidden_dim=64",
+        "method.optim.name=lars",
+    ],
     "byol": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=32", "method.kwargs.pred_hidden_dim=64"],
-    "simsiam": ["method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=64",
-                "method.kwargs.pred_hidden_dim=16"],
-    "swav": ["method.kwargs.num_prototypes=16", "method.kwargs.proj_hidden_dim=64", "method.kwargs.proj_out_dim=32",
-             "method.kwargs.queue_length=0", "method.kwargs.freeze_prototypes_niters=1"],
+    "simsiam": [
+        "method.kwargs.proj_hidden_dim=64",
+        "method.kwargs.proj_out_dim=64",
+        "method.kwargs.pred_hidden_dim=16",
+    ],
+    "swav": [
+        "method.kwargs.num_prototypes=16",
+        "method.kwargs.proj_hidden_dim=64",
+        "method.kwargs.proj_out_dim=32",
+        "method.kwargs.queue_length=0",
+        "method.kwargs.freeze_prototypes_niters=1",
+    ],
     "dino": ["method.kwargs.out_dim=128", "method.kwargs.hidden_dim=64", "method.kwargs.bottleneck_dim=32"],
     "mae": ["method.kwargs.decoder_dim=32", "method.kwargs.decoder_depth=1", "method.kwargs.decoder_heads=2"],
 }
-COMMON = ["backbone=vit_tiny", "backbone.name=test_vit", "backbone.patch_size=8",  # timm's 6-block, 64-d test ViT
-          "data=synthetic", f"data.synthetic_size={B * STEPS}",
-          "data.num_workers=0", "data.eval_batch_size=64", f"trainer.max_steps={STEPS}", "trainer.max_epochs=1",
-          "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-          "eval.final_eval=false", "eval.knn_k=[5]", "logger=none",
-          "method.optim.warmup_epochs=0"]  # no warmup: every step moves the weights at the full rate
+COMMON = [
+    "backbone=vit_tiny",
+    "backbone.name=test_vit",
+    "backbone.patch_size=8",  # timm's 6-block, 64-d test ViT
+    "data=synthetic",
+    f"data.synthetic_size={B * STEPS}",
+    "data.num_workers=0",
+    "data.eval_batch_size=64",
+    f"trainer.max_steps={STEPS}",
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "eval.final_eval=false",
+    "eval.knn_k=[5]",
+    "logger=none",
+    "method.optim.warmup_epochs=0",
+]  # no warmup: every step moves the weights at the full rate
 ACCUM = "simclr_accum2"  # an extra 2-process job: 1 step of 2 accumulated micro-batches
 
 
 def overrides(job: str, world: int) -> list[str]:
     method = "simclr" if job == ACCUM else job
     extra = ["trainer.accumulate_grad_batches=2", "trainer.max_steps=1"] if job == ACCUM else []
-    return [f"method={method}", *COMMON, *HEADS[method], f"data.batch_size={B // world}",
-            f"trainer={'ddp_cpu' if world > 1 else 'cpu'}", *extra]
+    return [
+        f"method={method}",
+        *COMMON,
+        *HEADS[method],
+        f"data.batch_size={B // world}",
+        f"trainer={'ddp_cpu' if world > 1 else 'cpu'}",
+        *extra,
+    ]
 
 
 class LossRecorder(L.Callback):
@@ -100,8 +131,9 @@ class LossRecorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.path.write_text(json.dumps({"losses": self.losses, "initial_lr": self.initial_lr,
-                                             "world_size": trainer.world_size}))
+            self.path.write_text(
+                json.dumps({"losses": self.losses, "initial_lr": self.initial_lr, "world_size": trainer.world_size})
+            )
 
 
 def compose_cfg(job: str, world: int, out: Path, cwd: Path):
@@ -112,8 +144,11 @@ def compose_cfg(job: str, world: int, out: Path, cwd: Path):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"paths.output_root={out / 'outputs'}", *overrides(job, world)],
-                      return_hydra_config=True)
+        cfg = compose(
+            "pretrain",
+            overrides=[f"paths.output_root={out / 'outputs'}", *overrides(job, world)],
+            return_hydra_config=True,
+        )
     GlobalHydra.instance().clear()
     run_dir = out / f"{job}-w{world}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +207,7 @@ def per_rank_mae_masks(world: int, n: int):
         for r in range(world):
             self._micro = before
             with mock.patch.object(mae_module.dist, "rank", lambda r=r: r):
-                parts.append(original(self, imgs[r * n:(r + 1) * n], step))
+                parts.append(original(self, imgs[r * n : (r + 1) * n], step))
         return torch.cat(parts)
 
     with mock.patch.object(mae_module.MAE, "masking_noise", masking_noise):
@@ -186,8 +221,9 @@ def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "SSLV_E2E_OUT": str(out), "SSLV_E2E_JOBS": ",".join([*METHODS, ACCUM])}
     log = open(out / "ddp.log", "w")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], cwd=out, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve())], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
     def wait() -> Path:
         if proc.poll() is None:
@@ -206,9 +242,11 @@ def two_process_runs(tmp_path_factory):
 def _trained_state(path: str) -> dict[str, torch.Tensor]:
     from ssl_vision.checkpoint_io import load_checkpoint
 
-    return {k: v for k, v in load_checkpoint(Path(path))["state_dict"].items()
-            if not k.startswith("online_probe.")
-            and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    return {
+        k: v
+        for k, v in load_checkpoint(Path(path))["state_dict"].items()
+        if not k.startswith("online_probe.") and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)

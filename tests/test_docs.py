@@ -21,8 +21,11 @@ def _files() -> list[Path]:
         if path.is_file():
             out.append(path)
         elif path.is_dir():
-            out += [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in SUFFIXES
-                    and "__pycache__" not in p.parts]
+            out += [
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts
+            ]
     return out
 
 
@@ -54,9 +57,13 @@ def test_every_citation_names_an_existing_section():
 
 def test_nothing_cites_documents_outside_the_repository():
     outside = re.compile("methods" + r"\.md|shared/docs|\.\./shared")
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in _files() if p != Path(__file__).resolve()
-            for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
-            if outside.search(line)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _files()
+        if p != Path(__file__).resolve()
+        for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
     assert not hits, f"references to documents outside the repository (cite docs/reference.md §N instead): {hits}"
 
 

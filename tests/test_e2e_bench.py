@@ -26,9 +26,24 @@ BASE = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "ev
 # ------------------------------------------------------------------------------------------------ benchmarks/e2e.py
 def test_e2e_script_tiny_run(tmp_path):
     out_json = tmp_path / "sub" / "e2e.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "data=synthetic", "data.synthetic_size=96",
-           "data.batch_size=16", "data.num_workers=0", "backbone.width=0.125", "augment.backend=batched",
-           "--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(out_json)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "e2e.py"),
+        "data=synthetic",
+        "data.synthetic_size=96",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "backbone.width=0.125",
+        "augment.backend=batched",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out_json),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -45,8 +60,12 @@ def test_e2e_script_tiny_run(tmp_path):
 
 
 def test_e2e_rejects_unknown_stage():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--stages", "whole,bogus"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--stages", "whole,bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "unknown ['bogus']" in proc.stderr and "synthetic_gen" in proc.stderr
 
 
@@ -101,9 +120,17 @@ def test_training_step_reads_nothing_back_between_log_steps(make_cfg, monkeypatc
     """Before: the non-finite check (``if not torch.isfinite(loss)``), the probe's ``bool(keep.any())`` and
     ``int(keep.sum())`` and the progress bar's loss each read a device value every step."""
     counter = CountHostReads(monkeypatch)
-    cfg = make_cfg([*BASE, "trainer.max_steps=6", "trainer.max_epochs=2", "trainer.log_every_n_steps=100",
-                    f"trainer.enable_progress_bar={str(progress_bar).lower()}", "checkpoint.every_n_epochs=100",
-                    "trainer.check_val_every_n_epoch=100"])
+    cfg = make_cfg(
+        [
+            *BASE,
+            "trainer.max_steps=6",
+            "trainer.max_epochs=2",
+            "trainer.log_every_n_steps=100",
+            f"trainer.enable_progress_bar={str(progress_bar).lower()}",
+            "checkpoint.every_n_epochs=100",
+            "trainer.check_val_every_n_epoch=100",
+        ]
+    )
     run_pretraining(cfg, extra_callbacks=[counter])
     assert counter.steps == 4
     assert counter.reads == [], counter.reads
@@ -111,8 +138,9 @@ def test_training_step_reads_nothing_back_between_log_steps(make_cfg, monkeypatc
 
 def test_progress_bar_refreshes_with_the_loggers(make_cfg, tmp_path):
     for every in (1, 50):
-        trainer = build_trainer(make_cfg([*BASE, f"trainer.log_every_n_steps={every}",
-                                          "trainer.enable_progress_bar=true"]), tmp_path, [])
+        trainer = build_trainer(
+            make_cfg([*BASE, f"trainer.log_every_n_steps={every}", "trainer.enable_progress_bar=true"]), tmp_path, []
+        )
         bars = [c for c in trainer.callbacks if isinstance(c, TQDMProgressBar)]
         assert len(bars) == 1 and bars[0].refresh_rate == every
     trainer = build_trainer(make_cfg([*BASE, "trainer.enable_progress_bar=false"]), tmp_path, [])
@@ -136,8 +164,9 @@ def _poison_from(monkeypatch, step: int) -> None:
 
 def test_nonfinite_loss_read_at_the_next_log_step_names_its_own_step(make_cfg, monkeypatch, tmp_path):
     _poison_from(monkeypatch, 1)
-    cfg = make_cfg([*BASE, "trainer.max_epochs=2", "trainer.log_every_n_steps=4", "checkpoint.every_n_epochs=1"],
-                   tmp_path / "run")
+    cfg = make_cfg(
+        [*BASE, "trainer.max_epochs=2", "trainer.log_every_n_steps=4", "checkpoint.every_n_epochs=1"], tmp_path / "run"
+    )
     with pytest.raises(FloatingPointError) as err:
         run_pretraining(cfg)
     msg = str(err.value)
@@ -150,8 +179,9 @@ def test_no_checkpoint_after_a_nonfinite_loss_between_log_steps(make_cfg, monkey
     """The loss goes NaN at step 3, the next read would be at step 50: the checkpoint after step 4 is refused, the
     one after step 2 is what stays, and the error names step 3."""
     _poison_from(monkeypatch, 3)
-    cfg = make_cfg([*BASE, "trainer.max_epochs=2", "trainer.log_every_n_steps=50", "checkpoint.every_n_steps=2"],
-                   tmp_path / "run")
+    cfg = make_cfg(
+        [*BASE, "trainer.max_epochs=2", "trainer.log_every_n_steps=50", "checkpoint.every_n_steps=2"], tmp_path / "run"
+    )
     with pytest.raises(FloatingPointError, match="non-finite loss nan at global step 3"):
         run_pretraining(cfg)
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")

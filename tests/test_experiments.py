@@ -24,10 +24,24 @@ def test_recipe_runs_one_step(make_cfg, experiment):
     recipe = make_cfg([f"experiment={experiment}"])
     # ImageNet recipes (224 px, ViT-B) at 64 px: the same model and heads, a CPU-sized step (84 s -> seconds)
     size, chans = min(recipe.data.image_size, 64), recipe.data.in_chans
-    cfg = make_cfg([f"experiment={experiment}", *FAST, "trainer=cpu", f"data.image_size={size}",
-                    f"data.in_chans={chans}", f"data.mean={[0.5] * chans}", f"data.std={[0.25] * chans}", "data.num_workers=0",
-                    "data.train_subset=null", "data.knn_train_subset=null", "data.synthetic_size=32",
-                    "trainer.max_steps=1", "eval.knn_at_init=false", "checkpoint.save_top_k=0"])  # last.ckpt only
+    cfg = make_cfg(
+        [
+            f"experiment={experiment}",
+            *FAST,
+            "trainer=cpu",
+            f"data.image_size={size}",
+            f"data.in_chans={chans}",
+            f"data.mean={[0.5] * chans}",
+            f"data.std={[0.25] * chans}",
+            "data.num_workers=0",
+            "data.train_subset=null",
+            "data.knn_train_subset=null",
+            "data.synthetic_size=32",
+            "trainer.max_steps=1",
+            "eval.knn_at_init=false",
+            "checkpoint.save_top_k=0",
+        ]
+    )  # last.ckpt only
     # the recipe's own choices survive the test overrides
     assert (cfg.method.name, cfg.backbone.name) == (recipe.method.name, recipe.backbone.name)
     assert cfg.method.kwargs == recipe.method.kwargs and cfg.augment.views == recipe.augment.views

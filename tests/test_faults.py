@@ -31,10 +31,12 @@ BASE = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "ev
 def _half_then_raise(real_save):
     def save(obj, f, *args, **kwargs):
         import io
+
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # the crash comes half-way through the write
         raise OSError(28, "No space left on device")
+
     return save
 
 
@@ -47,8 +49,10 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
     if crash == "in torch.save":
         monkeypatch.setattr(checkpoint_io.torch, "save", _half_then_raise(torch.save))
     else:
+
         def broken_fsync(fd):
             raise OSError(5, "Input/output error")
+
         monkeypatch.setattr(checkpoint_io.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         io_.save_checkpoint({"global_step": 8, "state_dict": {"w": torch.zeros(1000)}}, path)
@@ -58,10 +62,16 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"], "no temporary file is left behind"
 
 
-@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1080960 vs "
-                                                  "1080848"), OSError(28, "No space left on device")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1080960 vs 1080848"),
+        OSError(28, "No space left on device"),
+    ],
+)
 def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
-    """What torch.save raises when the disk fills mid-write (the RuntimeError is the one a full disk gave in CI) becomes an
+    """What torch.save raises when the disk fills mid-write (the RuntimeError is the one a full disk gave in CI)
+    becomes an
     ENOSPC OSError that says the disk is full, how much is free, and what to do; the previous checkpoint survives."""
     io_ = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -70,6 +80,7 @@ def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
     def short_write(obj, f, *args, **kwargs):
         f.write(b"x" * 3 * 2**20)
         raise error
+
     monkeypatch.setattr(checkpoint_io.torch, "save", short_write)
     with pytest.raises(OSError) as info:
         io_.save_checkpoint({"global_step": 8}, path)
@@ -84,6 +95,7 @@ def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, error):
 def test_other_save_errors_pass_through_unchanged(tmp_path, monkeypatch):
     def bad(obj, f, *args, **kwargs):
         raise RuntimeError("cannot pickle 'generator' object")
+
     monkeypatch.setattr(checkpoint_io.torch, "save", bad)
     with pytest.raises(RuntimeError, match="cannot pickle"):
         AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
@@ -175,8 +187,11 @@ def simclr_checkpoint(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("simclr")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"paths.output_root={tmp / 'outputs'}", *BASE, "trainer.max_steps=1"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "pretrain",
+            overrides=[f"paths.output_root={tmp / 'outputs'}", *BASE, "trainer.max_steps=1"],
+            return_hydra_config=True,
+        )
     GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp / "run")
@@ -186,10 +201,12 @@ def simclr_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_resume_from_another_kind_of_run_says_what_would_be_right(make_cfg, simclr_checkpoint):
-    cases = {"method=byol": r"method=simclr \(this run: method=byol\)",
-             "backbone.width=0.25": r"backbone\.width=0\.125 \(this run: 0\.25\)",
-             "backbone=resnet50": r"backbone\.name=resnet18 \(this run: resnet50\)",
-             "data.image_size=24": r"data\.image_size=32 \(this run: 24\)"}
+    cases = {
+        "method=byol": r"method=simclr \(this run: method=byol\)",
+        "backbone.width=0.25": r"backbone\.width=0\.125 \(this run: 0\.25\)",
+        "backbone=resnet50": r"backbone\.name=resnet18 \(this run: resnet50\)",
+        "data.image_size=24": r"data\.image_size=32 \(this run: 24\)",
+    }
     for override, expected in cases.items():
         with pytest.raises(ValueError, match=r"was written by another kind of run: .*" + expected) as err:
             run_pretraining(make_cfg([*BASE, override, f"resume={simclr_checkpoint}"]))
@@ -218,8 +235,18 @@ def test_bad_checkpoint_interval_is_clear(make_cfg):
 def test_empty_train_set_is_clear():
     from ssl_vision.data.datamodule import SSLDataModule
 
-    dm = SSLDataModule(name="synthetic", root=None, image_size=8, in_chans=3, num_classes=2, mean=[0.5],
-                       std=[0.25], batch_size=2, num_workers=0, views=[{}])
+    dm = SSLDataModule(
+        name="synthetic",
+        root=None,
+        image_size=8,
+        in_chans=3,
+        num_classes=2,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=2,
+        num_workers=0,
+        views=[{}],
+    )
     dm.train_dataset = torch.utils.data.TensorDataset(torch.zeros(0))
     with pytest.raises(ValueError, match="the synthetic train set is empty"):
         dm.train_dataloader()
@@ -228,7 +255,6 @@ def test_empty_train_set_is_clear():
 # ------------------------------------------------------------------------------------------- never overwrite silently
 def test_results_are_never_overwritten_even_within_one_second(tmp_path):
     payloads = [{k: i for k in run_record.RESULT_KEYS} for i in range(4)]
-    t0 = time.time()
     for p in payloads:  # usually within one second, so the kept names share one time stamp
         write_results(tmp_path, p)
     files = sorted(tmp_path.glob("results*.json"))

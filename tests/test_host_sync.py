@@ -22,18 +22,33 @@ VIT = ["backbone=vit_tiny", "backbone.patch_size=8"]
 #: the small heads and the settings that exercise each method's state (queues in use, EMA every step); a method
 #: not listed runs with its own defaults on the small ResNet
 SETTINGS = {
-    "byol": [*RESNET, "method.kwargs.proj_hidden_dim=32", "method.kwargs.pred_hidden_dim=32",
-             "method.kwargs.proj_out_dim=16"],
+    "byol": [
+        *RESNET,
+        "method.kwargs.proj_hidden_dim=32",
+        "method.kwargs.pred_hidden_dim=32",
+        "method.kwargs.proj_out_dim=16",
+    ],
     "dino": [*RESNET, "method.kwargs.out_dim=64", "method.kwargs.hidden_dim=32", "method.kwargs.bottleneck_dim=16"],
     "mae": [*VIT],
     "moco_v1": [*RESNET, "method.kwargs.queue_size=64"],
     "moco_v2": [*RESNET, "method.kwargs.queue_size=64", "method.kwargs.proj_hidden_dim=32"],
     "moco_v3": [*RESNET, "method.kwargs.proj_hidden_dim=64", "method.kwargs.pred_hidden_dim=64"],
-    "simsiam": [*RESNET, "method.kwargs.proj_hidden_dim=32", "method.kwargs.proj_out_dim=32",
-                "method.kwargs.pred_hidden_dim=8"],
-    "swav": [*RESNET, "data.image_size=16", "method.kwargs.queue_length=32", "method.kwargs.queue_start_epoch=0",
-             "method.kwargs.freeze_prototypes_niters=3", "method.kwargs.num_prototypes=32",
-             "method.kwargs.proj_hidden_dim=32", "method.kwargs.proj_out_dim=16"],
+    "simsiam": [
+        *RESNET,
+        "method.kwargs.proj_hidden_dim=32",
+        "method.kwargs.proj_out_dim=32",
+        "method.kwargs.pred_hidden_dim=8",
+    ],
+    "swav": [
+        *RESNET,
+        "data.image_size=16",
+        "method.kwargs.queue_length=32",
+        "method.kwargs.queue_start_epoch=0",
+        "method.kwargs.freeze_prototypes_niters=3",
+        "method.kwargs.num_prototypes=32",
+        "method.kwargs.proj_hidden_dim=32",
+        "method.kwargs.proj_out_dim=16",
+    ],
 }
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 64 synthetic images, batch 16
 #: torch.optim keeps its ``step`` counters on the host unless ``capturable``/``fused`` (AdamW's bias correction reads
@@ -73,9 +88,18 @@ def test_training_steps_after_the_first_read_nothing_back(method, make_cfg, monk
     """Before: MoCo read its EMA step (``int(last_step)``) and its queue pointer, SwAV its queue fill (twice),
     InstDisc the sample-index range (twice) and its ``z_set`` flag, the NCE loss ``Z > 0``: every step."""
     counter = CountDeviceReads(monkeypatch, first=1)
-    cfg = make_cfg([f"method={method}", *SETTINGS.get(method, RESNET), *FAST, f"trainer.max_epochs={EPOCHS}",
-                    "trainer.log_every_n_steps=1000", "checkpoint.every_n_epochs=100",
-                    "trainer.check_val_every_n_epoch=100", "eval.final_eval=false"])
+    cfg = make_cfg(
+        [
+            f"method={method}",
+            *SETTINGS.get(method, RESNET),
+            *FAST,
+            f"trainer.max_epochs={EPOCHS}",
+            "trainer.log_every_n_steps=1000",
+            "checkpoint.every_n_epochs=100",
+            "trainer.check_val_every_n_epoch=100",
+            "eval.final_eval=false",
+        ]
+    )
     res = run_pretraining(cfg, extra_callbacks=[counter])
     assert res["steps"] == EPOCHS * STEPS_PER_EPOCH and counter.steps == EPOCHS * STEPS_PER_EPOCH - 1
     if method == "simsiam":  # its periodic collapse alarm reads by design, never more often than documented
@@ -113,16 +137,16 @@ def test_moco_mirrors_follow_a_loaded_checkpoint(moco_pair):
     must follow the *loaded* step, exactly as the buffers say (stale mirrors would write columns 48..63)."""
     a, b = moco_pair
     a.backbone_for_test.load_state_dict(b.backbone_for_test.state_dict())  # the same online network
-    _train_steps(a, 3)                        # a: pointer 3·16 = 48, last EMA at step 2
-    _train_steps(b, 1)                        # b: pointer 16, no EMA yet (step 0 skips it)
+    _train_steps(a, 3)  # a: pointer 3·16 = 48, last EMA at step 2
+    _train_steps(b, 1)  # b: pointer 16, no EMA yet (step 0 skips it)
     assert (int(a.queue.ptr), int(a.ema_step)) == (48, 2) and (int(b.queue.ptr), int(b.ema_step)) == (16, 0)
-    a.load_state_dict(b.state_dict())         # a now *is* b: its mirrors must follow
+    a.load_state_dict(b.state_dict())  # a now *is* b: its mirrors must follow
     ref = {k: v.clone() for k, v in b.state_dict().items()}
     torch.manual_seed(0)
     _train_steps(a, 1, start=1)
     torch.manual_seed(0)
     _train_steps(b, 1, start=1)
-    for k, v in b.state_dict().items():       # same step on the same state: bit-identical, pointer at 32
+    for k, v in b.state_dict().items():  # same step on the same state: bit-identical, pointer at 32
         torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert int(a.queue.ptr) == 32 and int(a.ema_step) == 1
     # the keys went to columns 16..31 (the loaded pointer), columns 32..47 are b's old ones, untouched
@@ -135,10 +159,10 @@ def test_moco_fresh_module_from_checkpoint_continues_the_buffers(moco_pair, tmp_
     _train_steps(a, 3)
     path = tmp_path / "obj.pt"
     torch.save(a.state_dict(), path)
-    b.load_state_dict(torch.load(path))       # b is fresh (never stepped) and had read nothing
+    b.load_state_dict(torch.load(path))  # b is fresh (never stepped) and had read nothing
     assert b.queue.host_ptr() == int(a.queue.ptr) == 48
     assert b._ema_step.read(b.ema_step) == int(a.ema_step) == 2
-    _train_steps(b, 1, start=3)               # wraps: 48 + 16 = 64 ≡ 0
+    _train_steps(b, 1, start=3)  # wraps: 48 + 16 = 64 ≡ 0
     assert int(b.queue.ptr) == 0 == b.queue.host_ptr() and int(b.ema_step) == 3 == b._ema_step.read(b.ema_step)
 
 
@@ -150,7 +174,7 @@ def test_moco_mirror_reads_its_buffer_once(moco_pair, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(1) or real(t))
     monkeypatch.setattr(torch.Tensor, "item", lambda t, _r=torch.Tensor.item: reads.append(1) or _r(t))
     _train_steps(a, 4)
-    assert len(reads) == 2                     # the pointer and the EMA step, once each
+    assert len(reads) == 2  # the pointer and the EMA step, once each
     a.load_state_dict(a.state_dict())
     _train_steps(a, 2, start=4)
     assert len(reads) == 4
@@ -161,8 +185,14 @@ MIRRORS = [  # (method, kwargs, the owning submodule's path, mirror attribute, b
     ("moco_v2", dict(queue_size=64, proj_hidden_dim=8), "queue", "_ptr", "ptr", 48),
     ("moco_v2", dict(queue_size=64, proj_hidden_dim=8), "", "_ema_step", "ema_step", 7),
     ("moco_v3", dict(proj_hidden_dim=8, pred_hidden_dim=8, proj_out_dim=4), "", "_ema_step", "ema_step", 7),
-    ("swav", dict(queue_length=32, num_prototypes=8, proj_hidden_dim=8, proj_out_dim=4), "", "_queue_fill",
-     "queue_fill", 32),
+    (
+        "swav",
+        dict(queue_length=32, num_prototypes=8, proj_hidden_dim=8, proj_out_dim=4),
+        "",
+        "_queue_fill",
+        "queue_fill",
+        32,
+    ),
     ("instdisc", dict(num_samples=16, embed_dim=4), "", "_z_set", "z_set", 1),
 ]
 

@@ -23,8 +23,14 @@ from ssl_vision.loggers import TRACKERS_FILE, build_loggers, finish_tracking
 from ssl_vision.run_record import RunCSVLogger
 from tests.conftest import FAST
 
-BASE = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "eval.final_eval=false",
-        "trainer.limit_val_batches=0"]
+BASE = [
+    "method=simclr",
+    "backbone=resnet18",
+    "backbone.width=0.125",
+    *FAST,
+    "eval.final_eval=false",
+    "trainer.limit_val_batches=0",
+]
 PREFIX = "simclr-resnet18-synthetic"
 
 
@@ -60,8 +66,9 @@ def fake_wandb(monkeypatch, wandb_offline):
 
     def init(**kwargs):
         runs.append(FakeRun(**kwargs))
-        runs[-1].config = SimpleNamespace(data={}, update=lambda d, allow_val_change=False: runs[-1].config.data
-                                          .update(d))
+        runs[-1].config = SimpleNamespace(
+            data={}, update=lambda d, allow_val_change=False: runs[-1].config.data.update(d)
+        )
         return runs[-1]
 
     monkeypatch.setattr(wandb, "init", init)
@@ -77,8 +84,9 @@ def test_every_logger_gets_the_config_and_the_throughput(make_cfg, tmp_path, wan
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    res = run_pretraining(make_cfg([*BASE, "trainer.max_steps=2", "method.optim.base_lr=0.123",
-                                    "logger=[wandb,tensorboard]"], run_dir))
+    res = run_pretraining(
+        make_cfg([*BASE, "trainer.max_steps=2", "method.optim.base_lr=0.123", "logger=[wandb,tensorboard]"], run_dir)
+    )
     assert res["steps"] == 2
     for hparams in (run_dir / "tb" / "hparams.yaml", run_dir / "logs" / "hparams.yaml"):
         cfg = yaml.safe_load(hparams.read_text())
@@ -97,6 +105,7 @@ def test_every_logger_gets_the_config_and_the_throughput(make_cfg, tmp_path, wan
     # throughput: the results' numbers in the CSV record and in TensorBoard
     with open(run_dir / "logs" / "metrics.csv") as f:
         import csv
+
         rows = [r for r in csv.DictReader(f) if r.get("throughput/wall_s")]
     assert len(rows) == 1 and int(rows[0]["step"]) == 1, "at the last batch's step, as Lightning's epoch-end rows"
     assert float(rows[0]["throughput/images_per_s"]) == pytest.approx(res["images_per_s"])
@@ -108,9 +117,16 @@ def test_every_logger_gets_the_config_and_the_throughput(make_cfg, tmp_path, wan
     assert ea.Scalars("hp/train_loss")[-1].value == pytest.approx(res["train_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("choice, trackers", [("csv", []), ("none", []), ("wandb", [WandbLogger]),
-                                              ("tensorboard", [TensorBoardLogger]),
-                                              ("[wandb,tensorboard]", [WandbLogger, TensorBoardLogger])])
+@pytest.mark.parametrize(
+    "choice, trackers",
+    [
+        ("csv", []),
+        ("none", []),
+        ("wandb", [WandbLogger]),
+        ("tensorboard", [TensorBoardLogger]),
+        ("[wandb,tensorboard]", [WandbLogger, TensorBoardLogger]),
+    ],
+)
 def test_csv_record_with_any_choice_plus_the_trackers(make_cfg, tmp_path, wandb_offline, choice, trackers):
     """Every choice keeps the CSV record (logs/metrics.csv, which tools/compare.py and resumes read), and adds the
     trackers it names, several at once with a list; none is started (no wandb.init) before the run."""
@@ -162,8 +178,10 @@ def test_resumed_run_continues_the_same_wandb_run(make_cfg, tmp_path, fake_wandb
     assert "dropped" not in capsys.readouterr().out
     with open(Path(first["run_dir"]) / "logs" / "metrics.csv") as f:
         import csv
-        walls = [(int(r["step"]), float(r["throughput/wall_s"])) for r in csv.DictReader(f)
-                 if r.get("throughput/wall_s")]
+
+        walls = [
+            (int(r["step"]), float(r["throughput/wall_s"])) for r in csv.DictReader(f) if r.get("throughput/wall_s")
+        ]
     assert walls == [(0, first["wall_s"]), (1, second["wall_s"])]
     assert one.finished == 0 and two.finished == 0, "each leg finishes its wandb run (the next one starts its own)"
 
@@ -186,6 +204,7 @@ def _sweep_job(make_cfg, sweep: Path, num: int, mode=RunMode.MULTIRUN, extra=())
         cfg.hydra.mode = mode
         cfg.hydra.job.num = num
     from hydra.core.hydra_config import HydraConfig
+
     HydraConfig.instance().set_config(cfg)
     return cfg, job
 
@@ -201,8 +220,9 @@ def test_multirun_jobs_share_a_wandb_group_and_a_tensorboard_root(make_cfg, tmp_
     assert [i["group"] for i in idents] == ["2026-01-02_03-04-05"] * 2
     assert idents[0]["id"] != idents[1]["id"]
     assert [i["name"] for i in idents] == [f"0-{PREFIX}", f"1-{PREFIX}"]
-    assert all(d.is_relative_to(sweep) for d in tb_dirs) and tb_dirs[0] != tb_dirs[1], \
+    assert all(d.is_relative_to(sweep) for d in tb_dirs) and tb_dirs[0] != tb_dirs[1], (
         "tensorboard --logdir <sweep dir> shows every job"
+    )
     # a job of the sweep resumed later, as a single run, stays in its group with its id
     cfg, job = _sweep_job(make_cfg, sweep, 1, mode=RunMode.RUN, extra=["resume=auto"])
     again = build_loggers(cfg, job)[1]._wandb_init
@@ -241,7 +261,7 @@ def test_mae_grid_is_enlarged_and_labelled():
     assert plain.size == (3 * (28 * s + 2) + 2, 4 * (28 * s + 2) + 2)
     # nearest-neighbour enlargement: every pixel of an image becomes an s×s block of its grey value
     px = np.asarray(plain)
-    tile = px[2:2 + 28 * s, 2:2 + 28 * s, 0]
+    tile = px[2 : 2 + 28 * s, 2 : 2 + 28 * s, 0]
     expect = np.floor(rows[0, 0, 0].numpy() * 255 + 0.5).astype(np.uint8)
     assert np.array_equal(tile, np.kron(expect, np.ones((s, s), dtype=np.uint8)))
 
@@ -250,7 +270,7 @@ def test_mae_grid_is_enlarged_and_labelled():
     lab = np.asarray(labelled)
     assert np.array_equal(lab[:, margin:], px), "the labels only add a margin"
     row_h = 28 * s + 2
-    bands = [lab[2 + r * row_h: (r + 1) * row_h, :margin] for r in range(len(ROW_LABELS))]
+    bands = [lab[2 + r * row_h : (r + 1) * row_h, :margin] for r in range(len(ROW_LABELS))]
     for r, band in enumerate(bands):
         assert (band < 128).sum() > 20, f"row {r} ({ROW_LABELS[r]}) has its label drawn"
     assert len({band.tobytes() for band in bands}) == len(ROW_LABELS), "each row its own label"
@@ -268,8 +288,10 @@ def test_mae_picture_goes_to_the_loggers_that_take_images(tmp_path):
     tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="")
     wb = WandbLogger(experiment=FakeRun(id="x"))
     csv_logger = RunCSVLogger(save_dir=str(tmp_path), name="logs", version="")
-    assert log_image_to_loggers([csv_logger, tb, wb], "mae/reconstructions", path, step=7) == \
-        ["TensorBoardLogger", "WandbLogger"]
+    assert log_image_to_loggers([csv_logger, tb, wb], "mae/reconstructions", path, step=7) == [
+        "TensorBoardLogger",
+        "WandbLogger",
+    ]
     tb.experiment.flush()
     ea = EventAccumulator(str(tmp_path / "tb"))
     ea.Reload()

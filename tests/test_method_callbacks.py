@@ -19,13 +19,17 @@ def test_mae_config_lists_its_reconstruction_grid(make_cfg):
 def test_other_methods_add_none_and_a_config_can_add_or_drop_them(make_cfg):
     assert method_callbacks(make_cfg(["method=simclr"])) == []
     assert method_callbacks(make_cfg(["method=mae", "backbone=vit_tiny", "method.callbacks=[]"])) == []
-    added = method_callbacks(make_cfg(["method=simclr",
-                                       "method.callbacks=[{_target_: ssl_vision.mae_viz.MAEReconstructionCallback}]"]))
+    added = method_callbacks(
+        make_cfg(["method=simclr", "method.callbacks=[{_target_: ssl_vision.mae_viz.MAEReconstructionCallback}]"])
+    )
     assert [type(c) for c in added] == [MAEReconstructionCallback]
 
 
 def test_a_target_that_is_not_a_callback_is_named(make_cfg):
     cfg = make_cfg(["method=simclr", "method.callbacks=[{_target_: collections.OrderedDict}]"])
-    with pytest.raises(TypeError, match=r"method\.callbacks: 'collections\.OrderedDict' made a OrderedDict, not a "
-                                        r"lightning Callback"):
+    with pytest.raises(
+        TypeError,
+        match=r"method\.callbacks: 'collections\.OrderedDict' made a OrderedDict, not a "
+        r"lightning Callback",
+    ):
         method_callbacks(cfg)

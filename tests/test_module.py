@@ -30,9 +30,18 @@ class Capture(L.Callback):
 
 def test_lr_scaled_by_true_global_batch_and_no_decay_on_1d(make_cfg):
     cap = Capture()
-    cfg = make_cfg([*BASE, "trainer.max_steps=1", "trainer.accumulate_grad_batches=2", "method.optim.name=sgd",
-                    "method.optim.base_lr=0.5", "method.optim.warmup_epochs=0", "method.optim.final_factor=1.0",
-                    "method.optim.weight_decay=0.01"])
+    cfg = make_cfg(
+        [
+            *BASE,
+            "trainer.max_steps=1",
+            "trainer.accumulate_grad_batches=2",
+            "method.optim.name=sgd",
+            "method.optim.base_lr=0.5",
+            "method.optim.warmup_epochs=0",
+            "method.optim.final_factor=1.0",
+            "method.optim.weight_decay=0.01",
+        ]
+    )
     run_pretraining(cfg, extra_callbacks=[cap])
     for g in cap.groups:
         # global batch = 16 per device × 1 device × 2 accumulation = 32 -> 0.5 × 32/256
@@ -43,14 +52,22 @@ def test_lr_scaled_by_true_global_batch_and_no_decay_on_1d(make_cfg):
         assert (g["weight_decay"] == 0.0) == (dims <= {1}), (g["weight_decay"], names[:3])
     assert cap.frozen == {"objective.projector.7.bias"}  # SimCLR's last BN shift β is frozen...
     grouped = {cap.names[i] for g in cap.groups for i in g["params"]}
-    assert not cap.frozen & grouped                       # ...and never reaches the optimizer
+    assert not cap.frozen & grouped  # ...and never reaches the optimizer
 
 
 def test_online_probe_trains_without_touching_backbone(make_cfg):
     """With the SSL learning rate at 0 the backbone parameters stay put while the probe learns."""
     cap = Capture()
-    cfg = make_cfg([*BASE, "trainer.max_steps=1", "method.optim.name=sgd", "method.optim.base_lr=0.0",
-                    "method.optim.weight_decay=0.0", "eval.probe_lr=0.5"])
+    cfg = make_cfg(
+        [
+            *BASE,
+            "trainer.max_steps=1",
+            "method.optim.name=sgd",
+            "method.optim.base_lr=0.0",
+            "method.optim.weight_decay=0.0",
+            "eval.probe_lr=0.5",
+        ]
+    )
     run_pretraining(cfg, extra_callbacks=[cap])
     for n, before in cap.before.items():
         if n.startswith("backbone."):
@@ -103,7 +120,14 @@ def test_schedule_needs_a_length(make_cfg):
 @pytest.mark.parametrize("clip", [False, True])
 def test_lars_trust_clip_reaches_the_optimizer(make_cfg, clip):
     cap = Capture()
-    cfg = make_cfg([*BASE, "trainer.max_steps=1", "method.optim.name=lars", f"method.optim.trust_clip={clip}",
-                    "method.optim.trust_coefficient=0.02"])
+    cfg = make_cfg(
+        [
+            *BASE,
+            "trainer.max_steps=1",
+            "method.optim.name=lars",
+            f"method.optim.trust_clip={clip}",
+            "method.optim.trust_coefficient=0.02",
+        ]
+    )
     run_pretraining(cfg, extra_callbacks=[cap])
     assert cap.groups and all(g["trust_clip"] is clip and g["trust_coefficient"] == 0.02 for g in cap.groups)

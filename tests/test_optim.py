@@ -53,7 +53,9 @@ def test_lars_two_steps_with_excluded_group():
             # lars_exclude wins over a non-zero weight decay: plain momentum SGD, no decay.
             {"params": [b], "weight_decay": 0.3, "lars_exclude": True},
         ],
-        lr=lr, momentum=mu, trust_coefficient=eta,
+        lr=lr,
+        momentum=mu,
+        trust_coefficient=eta,
     )
     w_ref, b_ref = W.detach().clone(), b.detach().clone()
     uw, ub = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
@@ -161,7 +163,9 @@ def test_param_groups_drop_empty_groups():
 @pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("lars", LARS), ("adamw", torch.optim.AdamW)])
 def test_build_optimizer_scales_lr(name, cls):
     net = _Net()
-    groups = param_groups(net.fc.named_parameters(), 1e-4) + param_groups(net.conv.named_parameters(), 1e-4, lr_scale=0.1)
+    groups = param_groups(net.fc.named_parameters(), 1e-4) + param_groups(
+        net.conv.named_parameters(), 1e-4, lr_scale=0.1
+    )
     opt = build_optimizer(name, groups, lr=2.0)
     assert isinstance(opt, cls)
     assert [g["lr"] for g in opt.param_groups] == [2.0, 2.0, 0.2, 0.2]

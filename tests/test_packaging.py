@@ -64,15 +64,27 @@ def test_console_scripts_match_the_commands():
         assert (ROOT / "tools" / f"{tool}.py").is_file(), command
 
 
-@pytest.mark.parametrize("command,func,args,expect", [
-    ("ssl-pretrain", "pretrain", ["--cfg", "job", "data=folder", "data.root=imgs", "seed=7"], ["name: folder", "seed: 7"]),
-    ("ssl-knn", "knn_eval", ["--cfg", "job", "checkpoint=run/last.ckpt", "ks=[5]"], ["checkpoint: run/last.ckpt"]),
-    ("ssl-linear", "linear_probe", ["--cfg", "job", "checkpoint=a.ckpt", "protocol=lars_bn"], ["protocol: lars_bn"]),
-    ("ssl-export", "export", ["--cfg", "job", "checkpoint=a.ckpt"], ["checkpoint: a.ckpt"]),
-    ("ssl-embed", "embed_plot", ["--cfg", "job", "checkpoint=a.ckpt", "num_samples=10"], ["num_samples: 10"]),
-])
-def test_console_command_composes_from_another_directory(command, func, args, expect, tmp_path, monkeypatch,
-                                                         capsys):
+@pytest.mark.parametrize(
+    "command,func,args,expect",
+    [
+        (
+            "ssl-pretrain",
+            "pretrain",
+            ["--cfg", "job", "data=folder", "data.root=imgs", "seed=7"],
+            ["name: folder", "seed: 7"],
+        ),
+        ("ssl-knn", "knn_eval", ["--cfg", "job", "checkpoint=run/last.ckpt", "ks=[5]"], ["checkpoint: run/last.ckpt"]),
+        (
+            "ssl-linear",
+            "linear_probe",
+            ["--cfg", "job", "checkpoint=a.ckpt", "protocol=lars_bn"],
+            ["protocol: lars_bn"],
+        ),
+        ("ssl-export", "export", ["--cfg", "job", "checkpoint=a.ckpt"], ["checkpoint: a.ckpt"]),
+        ("ssl-embed", "embed_plot", ["--cfg", "job", "checkpoint=a.ckpt", "num_samples=10"], ["num_samples: 10"]),
+    ],
+)
+def test_console_command_composes_from_another_directory(command, func, args, expect, tmp_path, monkeypatch, capsys):
     """Run from an empty folder (where a relative ``../conf`` would not exist): the config is found and composed."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [command, *args])
@@ -104,9 +116,23 @@ def test_wheel_carries_configs_tools_and_entry_points(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("ssl_vision", "conf", "tools"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    done = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
-                           str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("ssl_vision-*.whl"))
     with zipfile.ZipFile(wheel) as z:
@@ -117,9 +143,11 @@ def test_wheel_carries_configs_tools_and_entry_points(tmp_path):
     assert dict(parser["console_scripts"]) == PYPROJECT["project"]["scripts"]
     confs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert {f"ssl_vision/_resources/{c}" for c in confs} <= names, sorted(
-        c for c in confs if f"ssl_vision/_resources/{c}" not in names)
+        c for c in confs if f"ssl_vision/_resources/{c}" not in names
+    )
     tools = {f"ssl_vision/_resources/tools/{p.name}" for p in (ROOT / "tools").glob("*.py")}
     assert tools <= names, sorted(tools - names)
-    modules = {f"{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "ssl_vision").rglob("*.py")
-               if "__pycache__" not in p.parts}
+    modules = {
+        f"{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "ssl_vision").rglob("*.py") if "__pycache__" not in p.parts
+    }
     assert modules <= names, sorted(modules - names)

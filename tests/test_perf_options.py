@@ -45,8 +45,11 @@ def test_channels_last_trains_and_its_checkpoint_loads_into_a_plain_backbone(mak
     res = run_pretraining(make_cfg([*SMALL, "perf.channels_last=true", "trainer.max_steps=2"], tmp_path))
     assert res["steps"] == 2
     backbone = load_backbone(res["checkpoint"])[0]
-    stored = {k[len("backbone."):]: v for k, v in load_checkpoint(res["checkpoint"])["state_dict"].items()
-              if k.startswith("backbone.")}
+    stored = {
+        k[len("backbone.") :]: v
+        for k, v in load_checkpoint(res["checkpoint"])["state_dict"].items()
+        if k.startswith("backbone.")
+    }
     loaded = backbone.state_dict()
     assert stored.keys() == loaded.keys()
     for k, v in stored.items():
@@ -84,11 +87,12 @@ def test_compile_covers_every_backbone_copy_and_keeps_the_model(make_cfg):
 
 def test_compile_option_trains_and_its_checkpoint_loads_into_a_plain_backbone(make_cfg, tmp_path):
     # the "eager" backend: dynamo's tracing and guards without inductor's C++ build (that is measured, not tested)
-    res = run_pretraining(make_cfg([*SMALL, "perf.compile=true", "perf.compile_backend=eager",
-                                    "trainer.max_steps=2"], tmp_path))
+    res = run_pretraining(
+        make_cfg([*SMALL, "perf.compile=true", "perf.compile_backend=eager", "trainer.max_steps=2"], tmp_path)
+    )
     assert res["steps"] == 2 and res["train_loss"] is not None
     state = load_checkpoint(res["checkpoint"])["state_dict"]
     assert not any("_orig_mod" in k for k in state)
     backbone = load_backbone(res["checkpoint"])[0]
-    stored = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    stored = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     assert stored.keys() == backbone.state_dict().keys()

@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from ssl_vision.launch import run_pretraining
 from ssl_vision.checkpoint_io import load_checkpoint
@@ -64,8 +63,15 @@ def _backbone_state(ckpt_path):
 
 def test_resume_equals_uninterrupted(make_cfg, tmp_path):
     """N steps straight == N/2 steps, checkpoint, resume, N/2 steps (weights equal within float tolerance)."""
-    common = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "trainer.max_epochs=2",
-              "eval.final_eval=false", "checkpoint.save_top_k=-1"]
+    common = [
+        "method=simclr",
+        "backbone=resnet18",
+        "backbone.width=0.125",
+        *FAST,
+        "trainer.max_epochs=2",
+        "eval.final_eval=false",
+        "checkpoint.save_top_k=-1",
+    ]
     straight = run_pretraining(make_cfg(common, tmp_path / "straight"))
     assert straight["steps"] == 8  # 64 samples / 16 per batch × 2 epochs
     half = run_pretraining(make_cfg(common, tmp_path / "half"), extra_callbacks=[StopAfter(4)])
@@ -83,9 +89,15 @@ def test_resume_equals_uninterrupted(make_cfg, tmp_path):
 
 
 def test_resume_auto_finds_last_run(make_cfg, tmp_path):
-    common = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "trainer.max_epochs=2",
-              "eval.final_eval=false"]
-    runs = tmp_path / "outputs" / "simclr-resnet18-synthetic"   # <output_root>/<method>-<backbone>-<data>/<time>
+    common = [
+        "method=simclr",
+        "backbone=resnet18",
+        "backbone.width=0.125",
+        *FAST,
+        "trainer.max_epochs=2",
+        "eval.final_eval=false",
+    ]
+    runs = tmp_path / "outputs" / "simclr-resnet18-synthetic"  # <output_root>/<method>-<backbone>-<data>/<time>
     first = run_pretraining(make_cfg(common, runs / "t1"), extra_callbacks=[StopAfter(4)])
     again = run_pretraining(make_cfg([*common, "resume=auto"], runs / "t2"))
     assert again["run_dir"] == first["run_dir"] and again["steps"] == 8
@@ -118,24 +130,43 @@ def test_unknown_timm_backbone_name_is_clear(make_cfg):
 
 
 def test_cli_prints_results_json_last_and_cfg_job(tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools/pretrain.py"), *FAST, "backbone.width=0.125", "trainer.max_steps=1",
-           f"paths.output_root={tmp_path}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools/pretrain.py"),
+        *FAST,
+        "backbone.width=0.125",
+        "trainer.max_steps=1",
+        f"paths.output_root={tmp_path}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["steps"] == 1 and last["method"] == "simclr"
-    job = subprocess.run([sys.executable, str(ROOT / "tools/pretrain.py"), "--cfg", "job"], capture_output=True,
-                         text=True, timeout=120)
+    job = subprocess.run(
+        [sys.executable, str(ROOT / "tools/pretrain.py"), "--cfg", "job"], capture_output=True, text=True, timeout=120
+    )
     assert job.returncode == 0 and "method:" in job.stdout and "trainer:" in job.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "tools/pretrain.py"), "method=nope", "--cfg", "job"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools/pretrain.py"), "method=nope", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "Available options in 'method'" in bad.stderr
 
 
 def test_two_process_cpu_run_end_to_end(tmp_path):
     """trainer=ddp_cpu: Lightning DDP over gloo; one results line, the global step count and images seen."""
-    cmd = [sys.executable, str(ROOT / "tools/pretrain.py"), "trainer=ddp_cpu", *FAST, "data.num_workers=0",
-           "backbone.width=0.125", "trainer.max_steps=2", f"paths.output_root={tmp_path}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools/pretrain.py"),
+        "trainer=ddp_cpu",
+        *FAST,
+        "data.num_workers=0",
+        "backbone.width=0.125",
+        "trainer.max_steps=2",
+        f"paths.output_root={tmp_path}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -148,9 +179,19 @@ def test_two_process_cpu_run_end_to_end(tmp_path):
 def test_one_step_on_real_fashion_mnist(make_cfg):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    cfg = make_cfg(["experiment=fmnist_simclr", *FAST, "data=fashion_mnist", "data.train_subset=64",
-                    "data.knn_train_subset=256", "data.batch_size=16", "data.num_workers=0", "trainer.max_steps=1",
-                    "eval.knn_at_init=false"])
+    cfg = make_cfg(
+        [
+            "experiment=fmnist_simclr",
+            *FAST,
+            "data=fashion_mnist",
+            "data.train_subset=64",
+            "data.knn_train_subset=256",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "trainer.max_steps=1",
+            "eval.knn_at_init=false",
+        ]
+    )
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and res["data"] == "fashion_mnist" and 0 <= res["knn_top1"] <= 100
 
@@ -168,8 +209,20 @@ def test_init_checkpoint_holds_the_weights_before_the_first_step(make_cfg, tmp_p
     from ssl_vision.eval.checkpoints import load_backbone
 
     rec = RecordStartState()
-    res = run_pretraining(make_cfg(["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST,
-                                    "trainer.max_steps=2", "eval.knn_at_init=true"], tmp_path), extra_callbacks=[rec])
+    res = run_pretraining(
+        make_cfg(
+            [
+                "method=byol",
+                "backbone=resnet18",
+                "backbone.width=0.125",
+                *FAST,
+                "trainer.max_steps=2",
+                "eval.knn_at_init=true",
+            ],
+            tmp_path,
+        ),
+        extra_callbacks=[rec],
+    )
     init = Path(res["checkpoint"]).parent / "init.ckpt"
     ckpt = load_checkpoint(init)
     assert ckpt["global_step"] == 0 and ckpt["ssl_vision"]["run_info"]["method"] == "byol"
@@ -181,6 +234,17 @@ def test_init_checkpoint_holds_the_weights_before_the_first_step(make_cfg, tmp_p
     model, dim, info = load_backbone(init)
     torch.testing.assert_close(model.state_dict()["conv1.weight"], rec.state["backbone.conv1.weight"])
     # off: no file
-    res2 = run_pretraining(make_cfg(["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST,
-                                     "trainer.max_steps=1", "eval.knn_at_init=false"], tmp_path / "off"))
+    res2 = run_pretraining(
+        make_cfg(
+            [
+                "method=simclr",
+                "backbone=resnet18",
+                "backbone.width=0.125",
+                *FAST,
+                "trainer.max_steps=1",
+                "eval.knn_at_init=false",
+            ],
+            tmp_path / "off",
+        )
+    )
     assert not (Path(res2["checkpoint"]).parent / "init.ckpt").exists()

@@ -36,8 +36,20 @@ README = Path(os.environ.get("SSL_VISION_README", ROOT / "README.md"))
 TOOL_CONFIGS = {tool: config for tool, config in COMMANDS.values()}  # tools/<tool>.py -> its conf/<config>.yaml
 CONSOLE = {command: tool for command, (tool, _) in COMMANDS.items()}  # ssl-<x> -> tools/<tool>.py
 #: Hydra command-line flags that are not overrides (with the number of values they take)
-HYDRA_FLAGS = {"-m": 0, "--multirun": 0, "--cfg": 1, "-c": 1, "--package": 1, "-p": 1, "--resolve": 0,
-               "--help": 0, "-h": 0, "--hydra-help": 0, "--info": 0, "-i": 0}
+HYDRA_FLAGS = {
+    "-m": 0,
+    "--multirun": 0,
+    "--cfg": 1,
+    "-c": 1,
+    "--package": 1,
+    "-p": 1,
+    "--resolve": 0,
+    "--help": 0,
+    "-h": 0,
+    "--hydra-help": 0,
+    "--info": 0,
+    "-i": 0,
+}
 
 
 def fenced_blocks(text: str, language: str) -> list[str]:
@@ -54,7 +66,7 @@ def tool_commands(text: str) -> list[tuple[str, list[str], str]]:
             for i, word in enumerate(words):
                 m = re.fullmatch(r"(?:\./)?tools/(\w+)\.py", word)
                 if m and i > 0 and re.search(r"python[\d.]*$", words[i - 1]):
-                    found.append((m.group(1), words[i + 1:], line.strip()))
+                    found.append((m.group(1), words[i + 1 :], line.strip()))
                     break
                 if i == 0 and word in CONSOLE:
                     found.append((CONSOLE[word], words[1:], line.strip()))
@@ -115,8 +127,7 @@ def test_readme_has_commands_and_snippets():
     assert fenced_blocks(README.read_text(), "python")
 
 
-@pytest.mark.parametrize("tool,args,line", COMMAND_LINES, ids=[f"{i}-{t}" for i, (t, _, _) in
-                                                               enumerate(COMMAND_LINES)])
+@pytest.mark.parametrize("tool,args,line", COMMAND_LINES, ids=[f"{i}-{t}" for i, (t, _, _) in enumerate(COMMAND_LINES)])
 def test_readme_command_composes(tool, args, line, tmp_path, monkeypatch):
     assert tool in TOOL_CONFIGS, f"README runs tools/{tool}.py, which is not a known tool: {line}"
     config_name = TOOL_CONFIGS[tool]
@@ -137,6 +148,7 @@ def test_readme_command_composes(tool, args, line, tmp_path, monkeypatch):
         assert resolved, line
         if tool == "pretrain":  # the values checked before a run builds anything
             from ssl_vision.config_checks import check_pretrain_config
+
             check_pretrain_config(cfg)
 
 
@@ -149,13 +161,28 @@ def _write_export(folder: Path, backbone: str, image_size: int) -> dict:
     from ssl_vision.eval.export import write_backbone_files
 
     data = {"name": "synthetic", "image_size": image_size, "in_chans": 3, "num_classes": 10}
-    bcfg = {"name": backbone, "width": 1.0, "channels": None, "small_stem": "auto", "zero_init_residual": False,
-            "patch_size": "auto", "drop_path_rate": 0.0}
+    bcfg = {
+        "name": backbone,
+        "width": 1.0,
+        "channels": None,
+        "small_stem": "auto",
+        "zero_init_residual": False,
+        "patch_size": "auto",
+        "drop_path_rate": 0.0,
+    }
     kw = create_kwargs(bcfg, data)
     torch.manual_seed(0)
     model, dim = create_backbone(**kw)
-    info = {"backbone": backbone, "create_kwargs": kw, "method": "simclr", "weights": "student",
-            "weights_prefix": "backbone.", "data": data, "global_step": 0, "epoch": 0}
+    info = {
+        "backbone": backbone,
+        "create_kwargs": kw,
+        "method": "simclr",
+        "weights": "student",
+        "weights_prefix": "backbone.",
+        "data": data,
+        "global_step": 0,
+        "epoch": 0,
+    }
     return write_backbone_files(folder / "last.backbone.safetensors", model, dim, info, folder / "last.ckpt")
 
 

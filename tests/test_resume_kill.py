@@ -21,8 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "simclr-resnet18-synthetic"
 # 96 samples / 16 per batch = 6 steps per epoch, 12 in all; a checkpoint (and last.ckpt) every 4 optimizer steps:
 # steps 4, 8 (neither on an epoch boundary) and the end. No validation: it plays no part here and costs time.
-COMMON = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "data.synthetic_size=96",
-          "trainer.max_epochs=2", "trainer.limit_val_batches=0", "eval.final_eval=false", "checkpoint.every_n_steps=4"]
+COMMON = [
+    "method=simclr",
+    "backbone=resnet18",
+    "backbone.width=0.125",
+    *FAST,
+    "data.synthetic_size=96",
+    "trainer.max_epochs=2",
+    "trainer.limit_val_batches=0",
+    "eval.final_eval=false",
+    "checkpoint.every_n_steps=4",
+]
 STEPS_PER_EPOCH, TOTAL = 6, 12
 
 
@@ -49,8 +58,9 @@ def _kill_after_checkpoint(cmd: list[str], root: Path, min_step: int, timeout: f
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before it was killed: "
-                            f"{proc.stderr.read().decode()[-3000:]}")
+                pytest.fail(
+                    f"the run ended (rc {proc.returncode}) before it was killed: {proc.stderr.read().decode()[-3000:]}"
+                )
             time.sleep(0.05)
         else:
             pytest.fail("no checkpoint appeared in time")
@@ -80,16 +90,19 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_uninterrupted(make_cfg, tmp_p
     run_dir = ckpt.parent.parent
     assert not (run_dir / "results.json").exists()
 
-    out = subprocess.run(_cli([*args, "resume=auto"], root), capture_output=True, text=True, cwd=root, timeout=300,
-                         env=_same_threads())
+    out = subprocess.run(
+        _cli([*args, "resume=auto"], root), capture_output=True, text=True, cwd=root, timeout=300, env=_same_threads()
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert f"resuming {ckpt}" in out.stdout
     assert resumed["steps"] == TOTAL and Path(resumed["run_dir"]) == run_dir.resolve()
     # the run's record counts every leg: the killed one up to its checkpoint, the resumed one the batches after it
     assert resumed["images_seen"] == TOTAL * 16
-    assert [(leg["from_step"], leg["to_step"], leg["images_seen"]) for leg in resumed["legs"]] == \
-        [(0, killed_at, killed_at * 16), (killed_at, TOTAL, (TOTAL - killed_at) * 16)]
+    assert [(leg["from_step"], leg["to_step"], leg["images_seen"]) for leg in resumed["legs"]] == [
+        (0, killed_at, killed_at * 16),
+        (killed_at, TOTAL, (TOTAL - killed_at) * 16),
+    ]
 
     straight = run_pretraining(make_cfg([*COMMON, "data.num_workers=0"], tmp_path / "straight"))
     assert straight["steps"] == TOTAL

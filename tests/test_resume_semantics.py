@@ -25,9 +25,17 @@ from ssl_vision.launch import build_trainer, run_pretraining
 from tests.conftest import FAST
 
 # 96 samples / 16 per batch = 6 batches per epoch; LARS (SimCLR's default optimizer), base_lr 0.3 scaled × B/256.
-BASE = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "data.synthetic_size=96",
-        "trainer.limit_val_batches=0", "eval.final_eval=false", "method.kwargs.proj_hidden_dim=64",
-        "trainer.max_epochs=100"]
+BASE = [
+    "method=simclr",
+    "backbone=resnet18",
+    "backbone.width=0.125",
+    *FAST,
+    "data.synthetic_size=96",
+    "trainer.limit_val_batches=0",
+    "eval.final_eval=false",
+    "method.kwargs.proj_hidden_dim=64",
+    "trainer.max_epochs=100",
+]
 BASE_LR = 0.3
 
 
@@ -39,8 +47,9 @@ class Record(L.Callback):
         self.indices: list[list[int]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.groups[trainer.global_step] = [{k: v for k, v in g.items() if k != "params"}
-                                            for g in trainer.optimizers[0].param_groups]
+        self.groups[trainer.global_step] = [
+            {k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups
+        ]
         self.indices.append(batch[2].tolist())
 
 
@@ -51,8 +60,9 @@ def _expected_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def _leg(make_cfg, overrides: list[str], run_dir: Path | None = None, stop_at: int | None = None
-         ) -> tuple[dict, Record]:
+def _leg(
+    make_cfg, overrides: list[str], run_dir: Path | None = None, stop_at: int | None = None
+) -> tuple[dict, Record]:
     rec = Record()
     extra = [rec] if stop_at is None else [rec, StopAt(stop_at)]
     results = run_pretraining(make_cfg([*BASE, *overrides], run_dir=run_dir), extra_callbacks=extra)
@@ -79,12 +89,22 @@ def _last_ckpt(results: dict) -> Path:
 def test_extending_a_finished_run_continues_the_cosine_over_the_new_length(make_cfg, tmp_path, capsys):
     """8 steps, then the same run extended to 12: steps 8-11 follow the 12-step warmup-cosine (warmup 0.5 epoch = 3
     steps), not the 8-step schedule's end (lr 0.0, what the old code trained at), and a notice says so."""
-    first, _ = _leg(make_cfg, ["trainer.max_steps=8", "checkpoint.every_n_steps=4", "method.optim.warmup_epochs=0.5"],
-                    run_dir=tmp_path / "a")
+    first, _ = _leg(
+        make_cfg,
+        ["trainer.max_steps=8", "checkpoint.every_n_steps=4", "method.optim.warmup_epochs=0.5"],
+        run_dir=tmp_path / "a",
+    )
     capsys.readouterr()
-    second, rec = _leg(make_cfg, ["trainer.max_steps=12", "checkpoint.every_n_steps=4",
-                                  "method.optim.warmup_epochs=0.5", f"resume={_last_ckpt(first)}"],
-                       run_dir=tmp_path / "b")
+    second, rec = _leg(
+        make_cfg,
+        [
+            "trainer.max_steps=12",
+            "checkpoint.every_n_steps=4",
+            "method.optim.warmup_epochs=0.5",
+            f"resume={_last_ckpt(first)}",
+        ],
+        run_dir=tmp_path / "b",
+    )
     assert second["steps"] == 12 and sorted(rec.groups) == [8, 9, 10, 11]
     peak = BASE_LR * 16 / 256
     for step in range(8, 12):
@@ -97,13 +117,26 @@ def test_extending_a_finished_run_continues_the_cosine_over_the_new_length(make_
 
 
 def test_optimizer_values_given_on_resume_reach_the_optimizer(make_cfg, tmp_path, capsys):
-    first, _ = _leg(make_cfg, ["trainer.max_steps=4", "checkpoint.every_n_steps=4", "method.optim.warmup_epochs=0.5"],
-                    run_dir=tmp_path / "a")
+    first, _ = _leg(
+        make_cfg,
+        ["trainer.max_steps=4", "checkpoint.every_n_steps=4", "method.optim.warmup_epochs=0.5"],
+        run_dir=tmp_path / "a",
+    )
     capsys.readouterr()
-    _, rec = _leg(make_cfg, ["trainer.max_steps=6", "checkpoint.every_n_steps=4", "method.optim.warmup_epochs=0.5",
-                             "method.optim.base_lr=0.6", "method.optim.weight_decay=0.001",
-                             "method.optim.momentum=0.8", "method.optim.trust_coefficient=0.02",
-                             f"resume={_last_ckpt(first)}"], run_dir=tmp_path / "b")
+    _, rec = _leg(
+        make_cfg,
+        [
+            "trainer.max_steps=6",
+            "checkpoint.every_n_steps=4",
+            "method.optim.warmup_epochs=0.5",
+            "method.optim.base_lr=0.6",
+            "method.optim.weight_decay=0.001",
+            "method.optim.momentum=0.8",
+            "method.optim.trust_coefficient=0.02",
+            f"resume={_last_ckpt(first)}",
+        ],
+        run_dir=tmp_path / "b",
+    )
     peak = 0.6 * 16 / 256
     for step in (4, 5):
         groups = rec.groups[step]
@@ -116,8 +149,13 @@ def test_optimizer_values_given_on_resume_reach_the_optimizer(make_cfg, tmp_path
     out = capsys.readouterr().out
     notice = [line for line in out.splitlines() if line.startswith("[ssl_vision] resume:")]
     assert len(notice) == 1, out
-    for part in ("schedule rebuilt for 6 steps (was 4)", "base_lr 0.3 -> 0.6", "weight_decay 1e-06 -> 0.001",
-                 "momentum 0.9 -> 0.8", "trust_coefficient 0.001 -> 0.02"):
+    for part in (
+        "schedule rebuilt for 6 steps (was 4)",
+        "base_lr 0.3 -> 0.6",
+        "weight_decay 1e-06 -> 0.001",
+        "momentum 0.9 -> 0.8",
+        "trust_coefficient 0.001 -> 0.02",
+    ):
         assert part in notice[0]
 
 
@@ -126,8 +164,9 @@ def test_plain_resume_prints_no_notice_and_keeps_the_schedule(make_cfg, tmp_path
     ckpt = tmp_path / "mid.ckpt"
     ckpt.write_bytes((_last_ckpt(first).parent / "epoch000-step0000004.ckpt").read_bytes())
     capsys.readouterr()
-    _, rec = _leg(make_cfg, ["trainer.max_steps=6", "checkpoint.every_n_steps=4", f"resume={ckpt}"],
-                  run_dir=tmp_path / "b")
+    _, rec = _leg(
+        make_cfg, ["trainer.max_steps=6", "checkpoint.every_n_steps=4", f"resume={ckpt}"], run_dir=tmp_path / "b"
+    )
     assert "[ssl_vision] resume:" not in capsys.readouterr().out
     warmup = 6  # SimCLR's 10 warmup epochs, capped at the run's 6 steps
     assert rec.groups[4][0]["lr"] == pytest.approx(_expected_lr(4, 6, warmup, BASE_LR * 16 / 256), rel=1e-12)
@@ -138,8 +177,11 @@ def test_changed_optimizer_name_is_refused_before_training(make_cfg, tmp_path):
     before = _last_ckpt(first).read_bytes()
     for other in ("sgd", "adamw"):
         with pytest.raises(ValueError) as err:
-            _leg(make_cfg, ["trainer.max_steps=4", f"method.optim.name={other}", f"resume={_last_ckpt(first)}"],
-                 run_dir=tmp_path / "b")
+            _leg(
+                make_cfg,
+                ["trainer.max_steps=4", f"method.optim.name={other}", f"resume={_last_ckpt(first)}"],
+                run_dir=tmp_path / "b",
+            )
         msg = str(err.value)
         assert f"method.optim.name=lars, this run asks for method.optim.name={other}" in msg
         assert "Resume with method.optim.name=lars" in msg and "resume=null" in msg
@@ -152,26 +194,41 @@ def _order(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-@pytest.mark.parametrize("steps_first, expect_second", [
-    (4, [(64, 96)]),   # 64 samples seen; the rest of the epoch is one batch of 32
-    (3, [(48, 80)]),   # 48 seen: one batch of 32 from sample 48; the last 16 (< one batch) dropped as drop_last does
-])
-def test_changed_global_batch_continues_the_epoch_at_the_first_unseen_sample(make_cfg, tmp_path, steps_first,
-                                                                             expect_second):
+@pytest.mark.parametrize(
+    "steps_first, expect_second",
+    [
+        (4, [(64, 96)]),  # 64 samples seen; the rest of the epoch is one batch of 32
+        (3, [(48, 80)]),  # 48 seen: one batch of 32 from sample 48; the last 16 (< one batch) dropped as drop_last does
+    ],
+)
+def test_changed_global_batch_continues_the_epoch_at_the_first_unseen_sample(
+    make_cfg, tmp_path, steps_first, expect_second
+):
     """Batch 16 for some steps of epoch 0, then batch 32: the resumed leg trains the epoch's remaining samples, each
     once (the old code restarted the epoch and trained the first 64 samples again), with a warning that names both
     global batches, and its schedule spans the steps the run actually takes."""
-    first, rec1 = _leg(make_cfg, ["trainer.max_epochs=1", f"trainer.max_steps={steps_first}",
-                                  f"checkpoint.every_n_steps={steps_first}"], run_dir=tmp_path / "a")
+    first, rec1 = _leg(
+        make_cfg,
+        ["trainer.max_epochs=1", f"trainer.max_steps={steps_first}", f"checkpoint.every_n_steps={steps_first}"],
+        run_dir=tmp_path / "a",
+    )
     with pytest.warns(UserWarning, match="global batch 16, 96 samples, seed 0 under global batch 32, 96 samples"):
-        second, rec2 = _leg(make_cfg, ["trainer.max_epochs=1", "data.batch_size=32", "method.optim.warmup_epochs=0",
-                                       f"resume={_last_ckpt(first)}"], run_dir=tmp_path / "b")
+        second, rec2 = _leg(
+            make_cfg,
+            [
+                "trainer.max_epochs=1",
+                "data.batch_size=32",
+                "method.optim.warmup_epochs=0",
+                f"resume={_last_ckpt(first)}",
+            ],
+            run_dir=tmp_path / "b",
+        )
     order = _order(96, seed=0, epoch=0)
-    assert rec1.indices == [order[i:i + 16] for i in range(0, 16 * steps_first, 16)]
+    assert rec1.indices == [order[i : i + 16] for i in range(0, 16 * steps_first, 16)]
     assert rec2.indices == [order[a:b] for a, b in expect_second]
     seen = [i for batch in rec1.indices + rec2.indices for i in batch]
     assert len(seen) == len(set(seen)), "no sample of the epoch is trained twice"
-    assert sorted(seen) == sorted(order[:expect_second[-1][1]]), "none is skipped before the dropped tail"
+    assert sorted(seen) == sorted(order[: expect_second[-1][1]]), "none is skipped before the dropped tail"
     assert second["steps"] == steps_first + len(expect_second)
     # one epoch = the steps taken plus the batches left; the lr at the resumed step is this schedule's (warmup 0)
     total = steps_first + len(expect_second)
@@ -182,18 +239,49 @@ def test_changed_global_batch_continues_the_epoch_at_the_first_unseen_sample(mak
 def _fit_loop_checkpoint(batches_done: int, global_batch: int, num_samples: int, seed: int = 5) -> dict:
     """The part of a Lightning checkpoint that holds the data position, saved after ``batches_done`` batches of
     epoch 1 (at on_train_batch_end: ``completed`` one behind)."""
+
     def counters(n):
         return {"ready": n, "started": n, "processed": n, "completed": n - 1}
-    return {"loops": {"fit_loop": {
-        "state_dict": {"combined_loader": [{"epoch": 1, "batches_done": batches_done, "global_batch": global_batch,
-                                            "num_samples": num_samples, "seed": seed}]},
-        "epoch_loop.batch_progress": {"total": counters(10 + batches_done), "current": counters(batches_done),
-                                      "is_last_batch": False}}}}
+
+    return {
+        "loops": {
+            "fit_loop": {
+                "state_dict": {
+                    "combined_loader": [
+                        {
+                            "epoch": 1,
+                            "batches_done": batches_done,
+                            "global_batch": global_batch,
+                            "num_samples": num_samples,
+                            "seed": seed,
+                        }
+                    ]
+                },
+                "epoch_loop.batch_progress": {
+                    "total": counters(10 + batches_done),
+                    "current": counters(batches_done),
+                    "is_last_batch": False,
+                },
+            }
+        }
+    }
 
 
 def _datamodule(batch_size: int, size: int) -> SSLDataModule:
-    dm = SSLDataModule(name="synthetic", root=None, image_size=16, in_chans=3, num_classes=4, mean=[0.5], std=[0.25],
-                       batch_size=batch_size, num_workers=0, views=[{"count": 2}], synthetic_size=size, seed=5)
+    dm = SSLDataModule(
+        name="synthetic",
+        root=None,
+        image_size=16,
+        in_chans=3,
+        num_classes=4,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=batch_size,
+        num_workers=0,
+        views=[{"count": 2}],
+        synthetic_size=size,
+        seed=5,
+    )
     dm.setup("fit")
     return dm
 
@@ -218,8 +306,11 @@ def test_changed_batch_rewrites_the_trainer_position_in_samples():
 
 def test_changed_data_size_warns_that_the_order_differs():
     ckpt = _fit_loop_checkpoint(batches_done=4, global_batch=8, num_samples=64)  # 32 samples seen
-    with pytest.warns(UserWarning, match=r"global batch 8, 64 samples, seed 5 under global batch 8, 80 samples.*not "
-                                         r"an exact continuation"):
+    with pytest.warns(
+        UserWarning,
+        match=r"global batch 8, 64 samples, seed 5 under global batch 8, 80 samples.*not "
+        r"an exact continuation",
+    ):
         pos = _datamodule(8, 80).adapt_resume_position(ckpt)
     assert (pos["epoch"], pos["samples_done"], pos["batches_done"]) == (1, 32, 4)
 
@@ -303,8 +394,11 @@ RUNS = "outputs/simclr-resnet18-synthetic"  # resume=auto's search place under m
 
 def _epochs(count: int, num_samples: int = 96, batch: int = 16, seed: int = 0) -> list[list[int]]:
     """The batches of an uninterrupted run of ``count`` epochs, written out from the epochs' orders."""
-    return [_order(num_samples, seed, e)[i:i + batch] for e in range(count)
-            for i in range(0, num_samples - batch + 1, batch)]
+    return [
+        _order(num_samples, seed, e)[i : i + batch]
+        for e in range(count)
+        for i in range(0, num_samples - batch + 1, batch)
+    ]
 
 
 def _legs(results: dict) -> list[tuple[int, int, int]]:
@@ -335,8 +429,12 @@ def test_run_stopped_inside_an_epoch_resumes_with_the_rest_of_that_epoch(make_cf
     saved = load_checkpoint(_last_ckpt(first))
     old = None
     if save == "train_end":  # what the old code wrote at train end: epoch 0 counted done
-        old = _as_written_before(_last_ckpt(first), tmp_path / "old.ckpt",
-                                 {"ready": 1, "started": 1, "processed": 1, "completed": 1}, epoch=1)
+        old = _as_written_before(
+            _last_ckpt(first),
+            tmp_path / "old.ckpt",
+            {"ready": 1, "started": 1, "processed": 1, "completed": 1},
+            epoch=1,
+        )
     second, rec2 = _leg(make_cfg, [*common, "resume=auto"], run_dir=tmp_path / RUNS / "t2")
     assert rec1.indices + rec2.indices == _epochs(2)
     assert second["steps"] == 12 and second["images_seen"] == 12 * 16
@@ -361,14 +459,19 @@ def test_checkpoints_on_an_epochs_last_batch_resumed_twice_train_the_configured_
     assert second["steps"] == 12
     saved = load_checkpoint(_last_ckpt(second))
     # what the old code's second leg wrote there: epoch counters one epoch behind
-    old = _as_written_before(_last_ckpt(second), tmp_path / "old.ckpt",
-                             {"ready": 1, "started": 1, "processed": 1, "completed": 1}, epoch=1)
+    old = _as_written_before(
+        _last_ckpt(second), tmp_path / "old.ckpt", {"ready": 1, "started": 1, "processed": 1, "completed": 1}, epoch=1
+    )
     third, rec3 = _leg(make_cfg, [*common, "resume=auto"], run_dir=tmp_path / RUNS / "t3")
     assert rec1.indices + rec2.indices + rec3.indices == _epochs(3)
     assert third["steps"] == 18 and third["images_seen"] == 18 * 16
     assert _legs(third) == [(0, 6, 96), (6, 12, 96), (12, 18, 96)]
-    assert saved["epoch"] == 1 and saved["loops"]["fit_loop"]["epoch_progress"]["current"] == \
-        {"ready": 2, "started": 2, "processed": 2, "completed": 1}, "as written at the end of epoch 1"
+    assert saved["epoch"] == 1 and saved["loops"]["fit_loop"]["epoch_progress"]["current"] == {
+        "ready": 2,
+        "started": 2,
+        "processed": 2,
+        "completed": 1,
+    }, "as written at the end of epoch 1"
     capsys.readouterr()
     again, rec4 = _leg(make_cfg, [*common, f"resume={old}"], run_dir=tmp_path / "from_old")
     assert "loop position corrected" in capsys.readouterr().out
@@ -378,21 +481,42 @@ def test_checkpoints_on_an_epochs_last_batch_resumed_twice_train_the_configured_
 def _position(epoch_counters, batch_current, is_last, loader_epoch, batches_done, stepped=10):
     c = dict(zip(("ready", "started", "processed", "completed"), epoch_counters))
     b = dict(zip(("ready", "started", "processed", "completed"), batch_current))
-    return {"epoch": c["completed"], "loops": {"fit_loop": {
-        "epoch_progress": {"total": dict(c), "current": dict(c)},
-        "epoch_loop.batch_progress": {"total": {k: v + 20 for k, v in b.items()}, "current": b,
-                                      "is_last_batch": is_last},
-        "epoch_loop.state_dict": {"_batches_that_stepped": stepped},
-        "state_dict": {"combined_loader": [{"epoch": loader_epoch, "batches_done": batches_done, "global_batch": 16,
-                                            "num_samples": 96, "seed": 0}]}}}}
+    return {
+        "epoch": c["completed"],
+        "loops": {
+            "fit_loop": {
+                "epoch_progress": {"total": dict(c), "current": dict(c)},
+                "epoch_loop.batch_progress": {
+                    "total": {k: v + 20 for k, v in b.items()},
+                    "current": b,
+                    "is_last_batch": is_last,
+                },
+                "epoch_loop.state_dict": {"_batches_that_stepped": stepped},
+                "state_dict": {
+                    "combined_loader": [
+                        {
+                            "epoch": loader_epoch,
+                            "batches_done": batches_done,
+                            "global_batch": 16,
+                            "num_samples": 96,
+                            "seed": 0,
+                        }
+                    ]
+                },
+            }
+        },
+    }
 
 
-@pytest.mark.parametrize("counters, batches, is_last", [
-    ((3, 3, 2, 2), (4, 4, 4, 3), False),   # on_train_batch_end inside epoch 2 (a periodic mid-epoch checkpoint)
-    ((3, 3, 2, 2), (4, 4, 4, 4), False),   # on_validation_end inside epoch 2 (val_check_interval < 1)
-    ((3, 3, 3, 2), (6, 6, 6, 6), True),    # on_train_epoch_end of epoch 2 (every_n_epochs)
-    ((3, 3, 3, 3), (6, 6, 6, 6), True),    # on_train_end after the whole of epoch 2
-])
+@pytest.mark.parametrize(
+    "counters, batches, is_last",
+    [
+        ((3, 3, 2, 2), (4, 4, 4, 3), False),  # on_train_batch_end inside epoch 2 (a periodic mid-epoch checkpoint)
+        ((3, 3, 2, 2), (4, 4, 4, 4), False),  # on_validation_end inside epoch 2 (val_check_interval < 1)
+        ((3, 3, 3, 2), (6, 6, 6, 6), True),  # on_train_epoch_end of epoch 2 (every_n_epochs)
+        ((3, 3, 3, 3), (6, 6, 6, 6), True),  # on_train_end after the whole of epoch 2
+    ],
+)
 def test_a_checkpoint_whose_loop_position_is_right_is_left_alone(counters, batches, is_last):
     ckpt = _position(counters, batches, is_last, loader_epoch=2, batches_done=batches[0])
     before = repr(ckpt)
@@ -404,8 +528,11 @@ def test_loop_positions_written_wrong_are_set_to_the_data_position():
     # stopped after 4 of epoch 2's 6 batches, saved as training ended: "epoch 2 done" -> inside epoch 2
     ckpt = _position((3, 3, 3, 3), (4, 4, 4, 4), False, loader_epoch=2, batches_done=4)
     assert "epoch 2 was stopped after 4 of its batches" in normalize_fit_position(ckpt)
-    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"] == {"ready": 3, "started": 3, "processed": 2,
-                                                                      "completed": 2} and ckpt["epoch"] == 2
+    assert (
+        ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
+        == {"ready": 3, "started": 3, "processed": 2, "completed": 2}
+        and ckpt["epoch"] == 2
+    )
     # on epoch 2's last batch (on_train_batch_end): as written at that epoch's end
     ckpt = _position((3, 3, 2, 2), (6, 6, 6, 5), True, loader_epoch=2, batches_done=6)
     assert "last batch of epoch 2" in normalize_fit_position(ckpt)
@@ -417,9 +544,14 @@ def test_loop_positions_written_wrong_are_set_to_the_data_position():
     # inside epoch 2 with counters one epoch behind (a leg resumed from a last-batch checkpoint)
     ckpt = _position((2, 2, 2, 2), (3, 3, 3, 2), False, loader_epoch=2, batches_done=3)
     assert normalize_fit_position(ckpt)
-    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"] == {"ready": 3, "started": 3, "processed": 2,
-                                                                      "completed": 2}
+    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"] == {
+        "ready": 3,
+        "started": 3,
+        "processed": 2,
+        "completed": 2,
+    }
     # a checkpoint without our loader position is not ours to rewrite
     other = {"loops": {"fit_loop": {"epoch_progress": {}, "state_dict": {}}}}
-    assert normalize_fit_position(other) is None and other == {"loops": {"fit_loop": {"epoch_progress": {},
-                                                                                       "state_dict": {}}}}
+    assert normalize_fit_position(other) is None and other == {
+        "loops": {"fit_loop": {"epoch_progress": {}, "state_dict": {}}}
+    }

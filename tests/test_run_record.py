@@ -27,9 +27,18 @@ from tests.conftest import CONF, FAST
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "simclr-resnet18-synthetic"
 # 64 samples / 16 per batch: 4 steps per epoch, 8 in all
-COMMON = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *FAST, "data.synthetic_size=64",
-          "data.num_workers=0", "trainer.max_epochs=2", "eval.final_eval=false", "checkpoint.every_n_steps=4",
-          "method.kwargs.proj_hidden_dim=64"]
+COMMON = [
+    "method=simclr",
+    "backbone=resnet18",
+    "backbone.width=0.125",
+    *FAST,
+    "data.synthetic_size=64",
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+    "eval.final_eval=false",
+    "checkpoint.every_n_steps=4",
+    "method.kwargs.proj_hidden_dim=64",
+]
 
 HOLD = """
 import sys, time
@@ -70,8 +79,7 @@ def test_live_run_holds_its_directory_and_a_resume_into_it_is_refused(make_cfg, 
     the lock is free again (nothing stuck)."""
     run_dir = tmp_path / "outputs" / PREFIX / "2025-01-01_00-00-00"
     last = _ckpt(run_dir / "checkpoints" / "last.ckpt", 4, time.time())
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         for resume in (str(last), "auto"):
@@ -90,8 +98,10 @@ def test_live_run_holds_its_directory_and_a_resume_into_it_is_refused(make_cfg, 
             self.out = _try_lock(Path(trainer.default_root_dir))
 
     probe = ProbeLock()
-    res = run_pretraining(make_cfg([*COMMON, "trainer.max_steps=1", "trainer.limit_val_batches=0"], tmp_path / "live"),
-                          extra_callbacks=[probe])
+    res = run_pretraining(
+        make_cfg([*COMMON, "trainer.max_steps=1", "trainer.limit_val_batches=0"], tmp_path / "live"),
+        extra_callbacks=[probe],
+    )
     assert probe.out.returncode == 3 and f"pid {os.getpid()}" in probe.out.stdout, probe.out.stdout + probe.out.stderr
     assert _try_lock(Path(res["run_dir"])).returncode == 0, "released when the run returned"
 
@@ -112,22 +122,27 @@ def test_new_run_directories_are_unique_within_one_second(tmp_path, monkeypatch)
     for _ in range(3):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose("pretrain", overrides=[f"paths.output_root={tmp_path}", "data=synthetic"],
-                          return_hydra_config=True)
+            cfg = compose(
+                "pretrain", overrides=[f"paths.output_root={tmp_path}", "data=synthetic"], return_hydra_config=True
+            )
         dirs.append((str(cfg.hydra.run.dir), str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)))
     GlobalHydra.instance().clear()
     assert all(a == b for a, b, _ in dirs), "one config resolves its run directory once"
     runs = [a for a, _, _ in dirs]
-    assert runs == [str(tmp_path / PREFIX / name) for name in
-                    ("2025-01-01_00-00-00", "2025-01-01_00-00-00-1", "2025-01-01_00-00-00-2")]
+    assert runs == [
+        str(tmp_path / PREFIX / name)
+        for name in ("2025-01-01_00-00-00", "2025-01-01_00-00-00-1", "2025-01-01_00-00-00-2")
+    ]
     assert len({s for _, _, s in dirs}) == 3 and all(Path(d).is_dir() for d in runs)
 
 
 def test_unique_dir_under_concurrent_processes(tmp_path):
     """Processes racing for one name: each gets its own directory (exclusive mkdir)."""
     code = "import sys; from ssl_vision.run_lock import unique_dir; print(unique_dir(sys.argv[1], 'fixed'))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     got = sorted(p.communicate()[0].strip() for p in procs)
     assert got == sorted(str(tmp_path / n) for n in ("fixed", "fixed-1", "fixed-2", "fixed-3"))
     assert unique_dir(str(tmp_path), "fixed") == str(tmp_path / "fixed-4")
@@ -169,7 +184,8 @@ def test_unreadable_candidate_is_skipped_with_a_note(tmp_path, capsys):
 # ------------------------------------------------------------------------------- one log, one results file per run
 def test_resumed_run_keeps_one_log_and_one_coherent_results_file(make_cfg, tmp_path):
     """Leg 1 trains 1 epoch, 4 steps (and, as a killed leg would, its log has rows past its checkpoint); leg 2 resumes
-    with resume=auto and trainer.max_epochs=2 from another Hydra directory and trains to 8; leg 3 resumes the finished run. The run directory's
+    with resume=auto and trainer.max_epochs=2 from another Hydra directory and trains to 8; leg 3 resumes the
+    finished run. The run directory's
     metrics.csv has one header and each step once; results.json counts all 8 steps' images and time; leg 3 keeps the
     numbers; each resumed leg's own directory is moved under resumes/."""
     runs = tmp_path / "outputs" / PREFIX
@@ -188,8 +204,10 @@ def test_resumed_run_keeps_one_log_and_one_coherent_results_file(make_cfg, tmp_p
     second = run_pretraining(make_cfg([*common, "resume=auto"], runs / "t2"))
     assert second["run_dir"] == first["run_dir"] and second["steps"] == 8
     assert second["images_seen"] == 8 * 16, "images of every leg"
-    assert [(leg["from_step"], leg["to_step"], leg["images_seen"]) for leg in second["legs"]] == \
-        [(0, 4, 64), (4, 8, 64)]
+    assert [(leg["from_step"], leg["to_step"], leg["images_seen"]) for leg in second["legs"]] == [
+        (0, 4, 64),
+        (4, 8, 64),
+    ]
     assert second["train_s"] == pytest.approx(sum(leg["train_s"] for leg in second["legs"]), abs=0.02)
     assert second["images_per_s"] == pytest.approx(second["images_seen"] / second["train_s"], rel=0.02)
     assert second["wall_s"] >= sum(leg["wall_s"] for leg in second["legs"]) - 0.02
@@ -259,8 +277,9 @@ def test_evaluation_time_is_not_training_time_and_wall_covers_everything(make_cf
 def test_real_slow_validation_is_in_wall_s_not_in_train_s(make_cfg, tmp_path):
     """The same with the real clock: 1 s of sleep in each of the 3 validations lands in wall_s, not in train_s."""
     costs = Costs(FakeClock(), 0.0, sleep_s=1.0)
-    res = run_pretraining(make_cfg([*COMMON, "eval.knn_at_init=true", "trainer.max_epochs=1"], tmp_path / "run"),
-                          extra_callbacks=[costs])
+    res = run_pretraining(
+        make_cfg([*COMMON, "eval.knn_at_init=true", "trainer.max_epochs=1"], tmp_path / "run"), extra_callbacks=[costs]
+    )
     assert costs.validations == 2 and res["images_seen"] == 64
     assert res["wall_s"] >= res["train_s"] + 2.0, res
 
@@ -276,7 +295,10 @@ def test_resume_from_a_directory_names_the_checkpoints_in_it(tmp_path):
     """``resume=<a run's checkpoints/ directory>`` is not "no such file": the error lists the .ckpt files there."""
     from ssl_vision.checkpoint_io import AtomicCheckpointIO
     from ssl_vision.resume import find_resume_checkpoint
+
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    AtomicCheckpointIO().save_checkpoint({"global_step": 4, "state_dict": {"w": torch.zeros(2)}}, ckpt_dir / "last.ckpt")
+    AtomicCheckpointIO().save_checkpoint(
+        {"global_step": 4, "state_dict": {"w": torch.zeros(2)}}, ckpt_dir / "last.ckpt"
+    )
     with pytest.raises(ValueError, match=r"is a directory.*last\.ckpt.*resume=auto"):
         find_resume_checkpoint(str(ckpt_dir), tmp_path, "simclr-resnet18-synthetic")

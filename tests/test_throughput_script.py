@@ -13,15 +13,39 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RATES = ("full_step", "no_aug_step", "aug_only", "bare_fwd_bwd", "backbone_passes")
-KEYS = {"method", "backbone", "data", "batch_size", "precision", "device", "steps", *RATES, "aug_share",
-        "method_overhead", "passes_overhead", "passes"}
+KEYS = {
+    "method",
+    "backbone",
+    "data",
+    "batch_size",
+    "precision",
+    "device",
+    "steps",
+    *RATES,
+    "aug_share",
+    "method_overhead",
+    "passes_overhead",
+    "passes",
+}
 
 
 def test_throughput_script_tiny_run(tmp_path):
     out_json = tmp_path / "sub" / "throughput.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "data=synthetic", "data.synthetic_size=64",
-           "data.batch_size=16", "data.num_workers=0", "backbone.width=0.125", "--steps", "2", "--warmup", "1",
-           "--json", str(out_json)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "throughput.py"),
+        "data=synthetic",
+        "data.synthetic_size=64",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "backbone.width=0.125",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out_json),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,9 +67,22 @@ def test_throughput_script_tiny_run(tmp_path):
 
 def test_throughput_script_batched_backend(tmp_path):
     """``augment.backend=batched``: raw uint8 batches become views on the device inside the timed steps."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "data=synthetic", "data.synthetic_size=64",
-           "data.batch_size=16", "data.num_workers=0", "backbone.width=0.125", "augment.backend=batched",
-           "--steps", "2", "--warmup", "1", "--rounds", "3"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "throughput.py"),
+        "data=synthetic",
+        "data.synthetic_size=64",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "backbone.width=0.125",
+        "augment.backend=batched",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "3",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,9 +141,17 @@ def test_passes_are_the_backbone_calls_each_method_defines():
     assert keys and all(p.module is st.module.objective.key_backbone for p in keys)
     assert sum(p.x.shape[0] for p in keys) == N
 
-    _, st, _, passes = _passes(VIT + ["method=mae", "augment=mae", "method.kwargs.decoder_dim=32",
-                                      "method.kwargs.decoder_depth=1", "method.kwargs.decoder_heads=2",
-                                      "method.kwargs.probe_features=full"])
+    _, st, _, passes = _passes(
+        VIT
+        + [
+            "method=mae",
+            "augment=mae",
+            "method.kwargs.decoder_dim=32",
+            "method.kwargs.decoder_depth=1",
+            "method.kwargs.decoder_heads=2",
+            "method.kwargs.probe_features=full",
+        ]
+    )
     dim = st.module.backbone.embed_dim
     assert [(p.grad, tuple(p.x.shape)) for p in passes] == [(True, (N, 1 + 4, dim)), (False, (N, 1 + 16, dim))]
     assert all(p.module is st.module.backbone.blocks for p in passes)

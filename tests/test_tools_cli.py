@@ -27,8 +27,9 @@ def _env() -> dict[str, str]:
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_help_says_what_each_tool_does_with_two_examples_and_a_missing_checkpoint_is_one_line(tmp_path):
@@ -61,13 +62,34 @@ def test_help_says_what_each_tool_does_with_two_examples_and_a_missing_checkpoin
 
 def test_tiny_pretrain_console_lightning_lines_once_no_faiss_bar_stops_at_max_steps(tmp_path):
     """4 batches per epoch (64 images / 16), trainer.max_steps=2: the bar counts to 2, not to the epoch's 4."""
-    args = [str(ROOT / "tools" / "pretrain.py"), "method=simclr", "backbone=resnet18", "backbone.width=0.125",
-            "data=synthetic", "data.synthetic_size=64", "data.batch_size=16", "data.eval_batch_size=64",
-            "trainer.max_epochs=1", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "eval.knn_k=[5]",
-            "logger=csv", "eval.final_eval=false", "eval.knn_at_init=true",  # init.ckpt: a non-empty checkpoints/
-            f"paths.output_root={tmp_path / 'outputs'}"]
-    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    args = [
+        str(ROOT / "tools" / "pretrain.py"),
+        "method=simclr",
+        "backbone=resnet18",
+        "backbone.width=0.125",
+        "data=synthetic",
+        "data.synthetic_size=64",
+        "data.batch_size=16",
+        "data.eval_batch_size=64",
+        "trainer.max_epochs=1",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "eval.knn_k=[5]",
+        "logger=csv",
+        "eval.final_eval=false",
+        "eval.knn_at_init=true",  # init.ckpt: a non-empty checkpoints/
+        f"paths.output_root={tmp_path / 'outputs'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:]
     assert out.count("GPU available") == 1, out[:3000]
@@ -93,9 +115,9 @@ def _bound_bar(**trainer):
 
 
 def test_progress_bar_total_counts_the_batches_max_steps_leaves():
-    assert _bound_bar().total_train_batches == 10                                   # no step limit: the epoch
-    assert _bound_bar(max_steps=25, global_step=20).total_train_batches == 5          # the last, partial epoch
-    assert _bound_bar(max_steps=25, global_step=0).total_train_batches == 10          # a whole epoch before it
+    assert _bound_bar().total_train_batches == 10  # no step limit: the epoch
+    assert _bound_bar(max_steps=25, global_step=20).total_train_batches == 5  # the last, partial epoch
+    assert _bound_bar(max_steps=25, global_step=0).total_train_batches == 10  # a whole epoch before it
     # 2 optimizer steps left with 3 batches accumulated per step: 6 batches
     assert _bound_bar(max_steps=12, global_step=10, accumulate_grad_batches=3).total_train_batches == 6
     assert _bound_bar(max_steps=4, global_step=4).total_train_batches == 0
@@ -183,8 +205,13 @@ def test_help_examples_compose(tmp_path):
     from ssl_vision.run_lock import register_resolvers
 
     register_resolvers()
-    configs = {"pretrain": "pretrain", "knn_eval": "knn", "linear_probe": "linear", "export": "export",
-               "embed_plot": "embed"}
+    configs = {
+        "pretrain": "pretrain",
+        "knn_eval": "knn",
+        "linear_probe": "linear",
+        "export": "export",
+        "embed_plot": "embed",
+    }
     for tool, config in configs.items():
         template = yaml.safe_load((ROOT / "conf" / "hydra" / "help" / f"{tool}.yaml").read_text())["template"]
         lines = [ln.strip() for ln in template.splitlines() if ln.strip().startswith(f"python tools/{tool}.py ")]

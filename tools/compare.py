@@ -94,23 +94,39 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="tools/compare.py", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="tools/compare.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("paths", nargs="+", help="a multirun directory, run directories, or any folder above them")
     p.add_argument("--out", help="where the table and figures go (default: the single directory given)")
     p.add_argument("--evaluate", action="store_true", help="run the offline kNN for runs that have no kNN number")
     p.add_argument("--linear", action="store_true", help="run the linear probe for runs that have no linear number")
     p.add_argument("--knn-k", type=int, help="k for offline kNN numbers (default: the run's eval.knn_k[0])")
     p.add_argument("--knn-temperature", type=float, help="T for offline kNN numbers (default: the run's)")
-    p.add_argument("--knn-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for conf/knn.yaml (repeatable)")
-    p.add_argument("--linear-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for conf/linear.yaml (repeatable)")
+    p.add_argument(
+        "--knn-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for conf/knn.yaml (repeatable)",
+    )
+    p.add_argument(
+        "--linear-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for conf/linear.yaml (repeatable)",
+    )
     args = p.parse_args(argv)
     missing = [path for path in args.paths if not Path(path).exists()]
     if missing:
-        fail(f"{', '.join(missing)} does not exist{'' if len(missing) == 1 else ' (none of these exist)'}: give a "
-             f"sweep directory (e.g. outputs/multirun/<time>), run directories, or any folder above them")
+        fail(
+            f"{', '.join(missing)} does not exist{'' if len(missing) == 1 else ' (none of these exist)'}: give a "
+            f"sweep directory (e.g. outputs/multirun/<time>), run directories, or any folder above them"
+        )
     if args.out is None:
         if len(args.paths) != 1 or not Path(args.paths[0]).is_dir():
             fail("several paths (or a file) given: say where the comparison goes with --out DIR")
@@ -121,8 +137,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
-        res = compare(args.paths, args.out, knn_runner(args.knn_override) if args.evaluate else None,
-                      linear_runner(args.linear_override) if args.linear else None, args.knn_k, args.knn_temperature)
+        res = compare(
+            args.paths,
+            args.out,
+            knn_runner(args.knn_override) if args.evaluate else None,
+            linear_runner(args.linear_override) if args.linear else None,
+            args.knn_k,
+            args.knn_temperature,
+        )
     except FileNotFoundError as exc:
         fail(str(exc))
     print(Path(res["files"]["comparison.md"]).read_text())

@@ -24,8 +24,13 @@ from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.run_record import keep_previous  # noqa: E402
 from ssl_vision.eval.embed import CLASS_NAMES, METHODS, embed_backbone, plot_embedding  # noqa: E402
 from ssl_vision.eval.features import resolve_eval_data  # noqa: E402
-from ssl_vision.eval.outputs import (exit_on_unwritable_output, output_path, publish, warn_if_unwritable,  # noqa: E402
-                                     write_result_json)
+from ssl_vision.eval.outputs import (
+    exit_on_unwritable_output,
+    output_path,
+    publish,
+    warn_if_unwritable,  # noqa: E402
+    write_result_json,
+)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -41,17 +46,43 @@ def run(cfg: DictConfig) -> dict:
     warn_if_unwritable(png, cfg.output_dir is not None)
     backbone, _, info = load_backbone(ckpt, cfg.expect_backbone, cfg.use_teacher)
     kw = info["create_kwargs"]
-    data = resolve_eval_data(info["data"], OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
-                             kw["in_chans"], kw["image_size"])
+    data = resolve_eval_data(
+        info["data"],
+        OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
+        kw["in_chans"],
+        kw["image_size"],
+    )
     title = f"{cfg.embedding}: {info['method']} {info['backbone']} ({info['weights']}), {data.name} test"
-    res = embed_backbone(backbone, data, None, cfg.num_samples, cfg.embedding, cfg.perplexity, cfg.seed,
-                         cfg.batch_size, cfg.num_workers, cfg.device, title, cfg.threads)
-    payload = {"checkpoint": str(ckpt.resolve()), "method": info["method"], "backbone": info["backbone"],
-               "weights": info["weights"], "global_step": info["global_step"], "data": data.name, "split": "test",
-               "num_points": int(len(res["labels"])), "feature_dim": res["feature_dim"], **res["params"],
-               "seed": int(cfg.seed), "png": str(png.resolve()),
-               "points": [[round(float(a), 5), round(float(b), 5)] for a, b in res["points"]],
-               "labels": [int(y) for y in res["labels"]]}
+    res = embed_backbone(
+        backbone,
+        data,
+        None,
+        cfg.num_samples,
+        cfg.embedding,
+        cfg.perplexity,
+        cfg.seed,
+        cfg.batch_size,
+        cfg.num_workers,
+        cfg.device,
+        title,
+        cfg.threads,
+    )
+    payload = {
+        "checkpoint": str(ckpt.resolve()),
+        "method": info["method"],
+        "backbone": info["backbone"],
+        "weights": info["weights"],
+        "global_step": info["global_step"],
+        "data": data.name,
+        "split": "test",
+        "num_points": int(len(res["labels"])),
+        "feature_dim": res["feature_dim"],
+        **res["params"],
+        "seed": int(cfg.seed),
+        "png": str(png.resolve()),
+        "points": [[round(float(a), 5), round(float(b), 5)] for a, b in res["points"]],
+        "labels": [int(y) for y in res["labels"]],
+    }
 
     def write() -> None:
         png.parent.mkdir(parents=True, exist_ok=True)

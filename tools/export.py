@@ -30,8 +30,10 @@ def _output_dir(cfg: DictConfig) -> str | None:
     """``output_dir``, or its older name ``out_dir``; both set to different folders is an error."""
     new, old = cfg.get("output_dir"), cfg.get("out_dir")
     if new is not None and old is not None and str(new) != str(old):
-        raise ValueError(f"output_dir={new!r} and out_dir={old!r} are both set; out_dir is the older name of "
-                         f"output_dir: set only output_dir")
+        raise ValueError(
+            f"output_dir={new!r} and out_dir={old!r} are both set; out_dir is the older name of "
+            f"output_dir: set only output_dir"
+        )
     return new if new is not None else old
 
 
@@ -41,11 +43,19 @@ def run(cfg: DictConfig) -> dict:
     ckpt = Path(cfg.checkpoint)
     model, dim, info = load_backbone(ckpt, use_teacher=cfg.use_teacher)
     target = output_path(ckpt, ".backbone.safetensors", output_dir)
-    planned = {**backbone_sidecar(model, dim, info, ckpt), "weights_path": str(target.resolve()),
-               "json_path": str(target.with_suffix(".json").resolve())}
+    planned = {
+        **backbone_sidecar(model, dim, info, ckpt),
+        "weights_path": str(target.resolve()),
+        "json_path": str(target.with_suffix(".json").resolve()),
+    }
     print(f"[ssl_vision] {planned['stock']['stock_note']}")
-    return publish(json.dumps(planned), lambda: write_backbone_files(target, model, dim, info, ckpt), target,
-                   output_dir is not None, wrote=[planned["weights_path"], planned["json_path"]])
+    return publish(
+        json.dumps(planned),
+        lambda: write_backbone_files(target, model, dim, info, ckpt),
+        target,
+        output_dir is not None,
+        wrote=[planned["weights_path"], planned["json_path"]],
+    )
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

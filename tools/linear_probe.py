@@ -31,36 +31,73 @@ from ssl_vision.eval.checkpoints import load_backbone  # noqa: E402
 from ssl_vision.eval.features import resolve_eval_data  # noqa: E402
 from ssl_vision.eval.finetune import finetune_backbone, make_finetune_spec  # noqa: E402
 from ssl_vision.eval.linear import make_probe_spec, probe_checkpoint  # noqa: E402
-from ssl_vision.eval.outputs import (OutputNotWritable, exit_on_unwritable_output, explain_write_errors,  # noqa: E402
-                                     output_path, publish, save_safetensors_atomic, warn_if_unwritable, writable,
-                                     write_result_json)
+from ssl_vision.eval.outputs import (
+    OutputNotWritable,
+    exit_on_unwritable_output,
+    explain_write_errors,  # noqa: E402
+    output_path,
+    publish,
+    save_safetensors_atomic,
+    warn_if_unwritable,
+    writable,
+    write_result_json,
+)
 
 
 def _load(cfg: DictConfig):
     ckpt = Path(cfg.checkpoint)
     backbone, _, info = load_backbone(ckpt, cfg.expect_backbone, cfg.use_teacher)
     kw = info["create_kwargs"]
-    data = resolve_eval_data(info["data"], OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
-                             kw["in_chans"], kw["image_size"])
-    head = {"checkpoint": str(ckpt.resolve()), "method": info["method"], "backbone": info["backbone"],
-            "weights": info["weights"], "global_step": info["global_step"], "data": data.name}
+    data = resolve_eval_data(
+        info["data"],
+        OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else None,
+        kw["in_chans"],
+        kw["image_size"],
+    )
+    head = {
+        "checkpoint": str(ckpt.resolve()),
+        "method": info["method"],
+        "backbone": info["backbone"],
+        "weights": info["weights"],
+        "global_step": info["global_step"],
+        "data": data.name,
+    }
     return ckpt, backbone, info, data, head
 
 
 def finetune(cfg: DictConfig) -> dict:
     if cfg.report_best_on_test or cfg.train_augment:
-        raise ValueError("report_best_on_test / train_augment are linear-probe options; fine-tuning always augments and "
-                         "reports the last epoch")
-    spec = make_finetune_spec(OmegaConf.to_container(cfg.finetuning, resolve=True), cfg.lr, cfg.epochs,
-                              cfg.batch_size, cfg.weight_decay, cfg.seed)
+        raise ValueError(
+            "report_best_on_test / train_augment are linear-probe options; fine-tuning always augments and "
+            "reports the last epoch"
+        )
+    spec = make_finetune_spec(
+        OmegaConf.to_container(cfg.finetuning, resolve=True),
+        cfg.lr,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.weight_decay,
+        cfg.seed,
+    )
     first = output_path(cfg.checkpoint, ".finetuned.backbone.safetensors", cfg.output_dir)
     if cfg.save_finetuned and not writable(first.parent):  # before hours of training whose weights would be lost
-        raise OutputNotWritable(errno.EACCES, f"cannot write the fine-tuned weights into {first.parent} (not "
-                                              f"writable for this user); set output_dir=<a writable folder>, or "
-                                              f"save_finetuned=false to keep only the printed accuracy")
+        raise OutputNotWritable(
+            errno.EACCES,
+            f"cannot write the fine-tuned weights into {first.parent} (not "
+            f"writable for this user); set output_dir=<a writable folder>, or "
+            f"save_finetuned=false to keep only the printed accuracy",
+        )
     ckpt, backbone, info, data, head = _load(cfg)
-    res, model = finetune_backbone(backbone, info["create_kwargs"], data, spec, cfg.extract_batch_size,
-                                   cfg.num_workers, cfg.device, cfg.train_subset)
+    res, model = finetune_backbone(
+        backbone,
+        info["create_kwargs"],
+        data,
+        spec,
+        cfg.extract_batch_size,
+        cfg.num_workers,
+        cfg.device,
+        cfg.train_subset,
+    )
     out = {**head, "mode": "finetune", **res}
     if cfg.save_finetuned:
         try:
@@ -81,7 +118,7 @@ def save_finetuned(ckpt: Path, model, info: dict, res: dict, output_dir: str | N
 
     if hasattr(model, "backbone"):  # finetune.Classifier: backbone + Linear head
         backbone, head = model.backbone, model.head
-    else:                           # a timm ViT with its own head slot: the backbone is the model without it
+    else:  # a timm ViT with its own head slot: the backbone is the model without it
         head = model.get_classifier()
         backbone = copy.deepcopy(model)
         backbone.reset_classifier(0)
@@ -90,21 +127,51 @@ def save_finetuned(ckpt: Path, model, info: dict, res: dict, output_dir: str | N
     head_path.parent.mkdir(parents=True, exist_ok=True)
     keep_previous(head_path)
     save_safetensors_atomic({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, head_path)
-    meta = write_backbone_files(backbone_path, backbone, info["feature_dim"], {**info, "weights": "finetuned"},
-                                ckpt, finetune={"top1": res["top1"], "epochs": res["epochs"], "steps": res["steps"],
-                                                "head": str(head_path.resolve())})
+    meta = write_backbone_files(
+        backbone_path,
+        backbone,
+        info["feature_dim"],
+        {**info, "weights": "finetuned"},
+        ckpt,
+        finetune={
+            "top1": res["top1"],
+            "epochs": res["epochs"],
+            "steps": res["steps"],
+            "head": str(head_path.resolve()),
+        },
+    )
     return {"backbone": meta["weights_path"], "json": meta["json_path"], "head": str(head_path.resolve())}
 
 
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.finetune:
         return finetune(cfg)
-    spec = make_probe_spec(cfg.protocol, OmegaConf.to_container(cfg.protocols, resolve=True), cfg.lr, cfg.epochs,
-                           cfg.batch_size, cfg.weight_decay, cfg.seed)
+    spec = make_probe_spec(
+        cfg.protocol,
+        OmegaConf.to_container(cfg.protocols, resolve=True),
+        cfg.lr,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.weight_decay,
+        cfg.seed,
+    )
     ckpt, backbone, info, data, head = _load(cfg)
-    res = probe_checkpoint(ckpt, spec, data, backbone, info, cfg.extract_batch_size, cfg.num_workers, cfg.device,
-                           cfg.train_augment, cfg.cache_features, cfg.report_best_on_test, cfg.train_subset,
-                           output_dir=cfg.output_dir, progress=cfg.get("progress", "auto"))
+    res = probe_checkpoint(
+        ckpt,
+        spec,
+        data,
+        backbone,
+        info,
+        cfg.extract_batch_size,
+        cfg.num_workers,
+        cfg.device,
+        cfg.train_augment,
+        cfg.cache_features,
+        cfg.report_best_on_test,
+        cfg.train_subset,
+        output_dir=cfg.output_dir,
+        progress=cfg.get("progress", "auto"),
+    )
     return {**head, **res}
 
 
@@ -116,11 +183,15 @@ def run(cfg: DictConfig) -> dict:
         warn_if_unwritable(out, cfg.output_dir is not None)
     results = evaluate(cfg)
     if cfg.finetune:
-        print(f"fine-tuning ({results['epochs']} epochs, {results['steps']} steps, layer_decay "
-              f"{results['layer_decay']}): top1 {results['top1']:.2f}  top5 {results['top5']:.2f}")
+        print(
+            f"fine-tuning ({results['epochs']} epochs, {results['steps']} steps, layer_decay "
+            f"{results['layer_decay']}): top1 {results['top1']:.2f}  top5 {results['top5']:.2f}"
+        )
     else:
-        print(f"linear probe {results['protocol']} (rule={results['rule']}: last epoch): top1 {results['top1']:.2f}"
-              f"  top5 {results['top5']:.2f}")
+        print(
+            f"linear probe {results['protocol']} (rule={results['rule']}: last epoch): top1 {results['top1']:.2f}"
+            f"  top5 {results['top5']:.2f}"
+        )
     if "best_on_test" in results:
         b = results["best_on_test"]
         print(f"  best on TEST (selected on the test split, optimistic): top1 {b['top1']:.2f} at epoch {b['epoch']}")

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-os.environ.setdefault("WANDB_MODE", "offline")                   # never wait on a login
+os.environ.setdefault("WANDB_MODE", "offline")  # never wait on a login
 
 from ssl_vision.config_schema import register as register_config_schema  # noqa: E402  (no torch either)
 from ssl_vision.run_lock import register_resolvers  # noqa: E402  (stdlib + omegaconf only: no torch here)
@@ -29,6 +29,7 @@ register_config_schema()  # the typed schema conf/method, augment and backbone f
 def main(cfg: DictConfig) -> float | None:
     # imported here, not at the top: `--cfg job`, `--help` and a config error answer without loading torch
     from ssl_vision.launch import run_pretraining
+
     results = run_pretraining(cfg)
     if results.pop("is_global_zero"):  # one JSON line per run, not one per process
         print(json.dumps(results), flush=True)

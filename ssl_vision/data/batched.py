@@ -63,16 +63,45 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# loader-side and op names re-exported: ``from ssl_vision.data.batched import RawImages, collate_raw, ...`` keeps working
-from ssl_vision.data.raw_batch import (ENCODED_KEY, RAW_KEY, RawImages, collate_raw,  # noqa: F401
-                                       is_raw_batch, load_side)
+# loader-side and op names re-exported: ``from ssl_vision.data.batched import RawImages, collate_raw, ...`` keeps
+# working
+from ssl_vision.data.raw_batch import (
+    ENCODED_KEY,
+    RAW_KEY,
+    RawImages,
+    collate_raw,  # noqa: F401
+    is_raw_batch,
+    load_side,
+)
 from ssl_vision.data.sampling import sample_seed
-from ssl_vision.data.tensor_ops import (_JITTER_OPS, _gray, _normalise, _put, _rows, _runs, _sample_crops, _take,
-                                        crop_coords, gaussian_blur, resized_crop, sample_crop_boxes)
+from ssl_vision.data.tensor_ops import (
+    _JITTER_OPS,
+    _gray,
+    _normalise,
+    _put,
+    _rows,
+    _runs,
+    _sample_crops,
+    _take,
+    crop_coords,
+    gaussian_blur,
+    resized_crop,
+    sample_crop_boxes,
+)
 from ssl_vision.data.views import BLUR_SIGMA, ViewSpec, _mode, _stats, blur_kernel_size, crop_size, view_specs
 
-__all__ = ["BatchedViews", "RAW_KEY", "ENCODED_KEY", "RawImages", "collate_raw", "is_raw_batch", "load_side",
-           "sample_crop_boxes", "resized_crop", "gaussian_blur"]
+__all__ = [
+    "BatchedViews",
+    "RAW_KEY",
+    "ENCODED_KEY",
+    "RawImages",
+    "collate_raw",
+    "is_raw_batch",
+    "load_side",
+    "sample_crop_boxes",
+    "resized_crop",
+    "gaussian_blur",
+]
 
 # Uniforms per view: [0, 10) areas, [10, 20) log aspect ratios, 20 top, 21 left (the columns sample_crop_boxes
 # reads), 22 flip, 23 jitter on/off, [24, 28) jitter factors (b, c, s, h), [28, 32) keys whose argsort is the jitter
@@ -102,8 +131,12 @@ class _ViewFamily:
         if in_chans == 1:
             s, h = 0.0, 0.0
         # ColorJitter's ranges; an op of strength 0 is None there (never applied)
-        self.ranges = [(max(0.0, 1 - b), 1 + b) if b else None, (max(0.0, 1 - c), 1 + c) if c else None,
-                       (max(0.0, 1 - s), 1 + s) if s else None, (-h, h) if h else None]
+        self.ranges = [
+            (max(0.0, 1 - b), 1 + b) if b else None,
+            (max(0.0, 1 - c), 1 + c) if c else None,
+            (max(0.0, 1 - s), 1 + s) if s else None,
+            (-h, h) if h else None,
+        ]
         self.jitter_on = any(r is not None for r in self.ranges) and spec.jitter_p > 0
         self.gray_on = spec.gray_p > 0 and in_chans == 3
 
@@ -117,8 +150,15 @@ class _ViewFamily:
             out.append((top, left, h, w, flip, *crop_coords(top, left, h, w, self.side, big_h, big_w, flip)))
         return out
 
-    def __call__(self, images: Tensor, boxes: list[tuple[Tensor, ...]], u: Tensor, scale: Tensor, shift: Tensor,
-                 out: list[Tensor]) -> None:
+    def __call__(
+        self,
+        images: Tensor,
+        boxes: list[tuple[Tensor, ...]],
+        u: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        out: list[Tensor],
+    ) -> None:
         """images (B, C, H, W) floats in [0, 1], their ``boxes`` (see :meth:`boxes`) and u (count, B, 36) on the CPU
         -> the ``count`` views (B, C, S, S), normalised as ``view * scale + shift``, written into ``out``."""
         spec, count, batch = self.spec, u.shape[0], images.shape[0]
@@ -151,8 +191,9 @@ class _ViewFamily:
           slice, and one gather per view un-sorts. Same random numbers, crops and formulas: the two give the same
           views (the test compares them).
         """
-        return self.strategy == "grouped" or (self.strategy == "auto" and device.type == "cpu"
-                                              and self.side >= GROUPED_MIN_SIDE)
+        return self.strategy == "grouped" or (
+            self.strategy == "auto" and device.type == "cpu" and self.side >= GROUPED_MIN_SIDE
+        )
 
     def _jitter_factors(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(N, 4) factors (ColorJitter's ranges; 0 where an op is disabled) and (N, 4) op orders, on the CPU."""
@@ -160,10 +201,9 @@ class _ViewFamily:
         for k, r in enumerate(self.ranges):
             if r is not None:
                 factors[:, k] = r[0] + u[:, _FAC + k] * (r[1] - r[0])
-        return factors, u[:, _ORD:_ORD + 4].argsort(dim=1)  # argsort of iid uniforms: a uniform random permutation
+        return factors, u[:, _ORD : _ORD + 4].argsort(dim=1)  # argsort of iid uniforms: a uniform random permutation
 
-    def _grouped(self, images: Tensor, boxes: list, u: Tensor, scale: Tensor, shift: Tensor,
-                 out: list[Tensor]) -> None:
+    def _grouped(self, images: Tensor, boxes: list, u: Tensor, scale: Tensor, shift: Tensor, out: list[Tensor]) -> None:
         spec, count, n = self.spec, len(boxes), u.shape[0]
         batch, dev, side = n // count, images.device, self.side
         enabled = [k for k, r in enumerate(self.ranges) if r is not None]
@@ -174,16 +214,22 @@ class _ViewFamily:
         # the order of the enabled ops only (a disabled op is skipped wherever it falls), as one base-4 number
         rank = torch.full((n, 4), 4, dtype=torch.long).scatter_(1, order, torch.arange(4).expand(n, 4))
         perm = rank[:, enabled].argsort(dim=1)
-        code = ((perm * (4 ** torch.arange(perm.shape[1] - 1, -1, -1))).sum(1) if enabled
-                else torch.zeros(n, dtype=torch.long))
+        code = (
+            (perm * (4 ** torch.arange(perm.shape[1] - 1, -1, -1))).sum(1)
+            if enabled
+            else torch.zeros(n, dtype=torch.long)
+        )
         # sort key: gray rows last, then blur rows, then jitter off (0) before each op order (1 + code < _BLUR_KEY)
         key = gray.long() * _GRAY_KEY + blur.long() * _BLUR_KEY + jit.long() * (1 + code)
         rows = torch.argsort(key, stable=True)  # sorted position -> row (view-major: row = view * batch + sample)
         where = torch.empty_like(rows).scatter_(0, rows, torch.arange(n))  # row -> sorted position
         x = torch.empty((n, images.shape[1], side, side), dtype=images.dtype, device=dev)
         for v, box in enumerate(boxes):  # each view's crops straight into their sorted rows
-            _put(x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True),
-                 _sample_crops(images, box, side, spec.interpolation))
+            _put(
+                x,
+                where[v * batch : (v + 1) * batch].to(dev, non_blocking=True),
+                _sample_crops(images, box, side, spec.interpolation),
+            )
         key, u, factors, perm = key[rows], u[rows], factors[rows], perm[rows]
         bounds = torch.cat([torch.tensor([0]), (key[1:] != key[:-1]).nonzero()[:, 0] + 1, torch.tensor([n])]).tolist()
         spans = [(a, b, int(key[a])) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -200,7 +246,7 @@ class _ViewFamily:
                 f = factors[a:b].to(dev, non_blocking=True)
                 for c in range(a, b, step):
                     for op in ops:
-                        _JITTER_OPS[op](x[c:min(b, c + step)], f[c - a:c - a + step, op])
+                        _JITTER_OPS[op](x[c : min(b, c + step)], f[c - a : c - a + step, op])
 
         def grayscale() -> None:
             if (a := next((a for a, _, k in spans if k >= _GRAY_KEY), n)) < n:  # gray rows: one slice at the end
@@ -217,7 +263,7 @@ class _ViewFamily:
             x[a:b].copy_(gaussian_blur(x[a:b], self.kernel, sigma))
         x = self._solarize(x, u)
         for v, o in enumerate(out):  # un-sorted, normalised
-            _normalise(o, x, where[v * batch:(v + 1) * batch].to(dev, non_blocking=True), scale, shift)
+            _normalise(o, x, where[v * batch : (v + 1) * batch].to(dev, non_blocking=True), scale, shift)
 
     def _solarize(self, x: Tensor, u: Tensor) -> Tensor:
         if self.spec.solarize_p > 0 and (rows := _rows(u[:, _SOL] < self.spec.solarize_p, x.device)) is not None:
@@ -270,9 +316,17 @@ class BatchedViews:
     on the batch of :func:`collate_raw` after it has been moved to the device; the views are float32 on that device.
     """
 
-    def __init__(self, specs: Sequence[ViewSpec | Mapping[str, Any]], image_size: int, in_chans: int,
-                 mean: Sequence[float], std: Sequence[float], seed: int = 0, strategy: str = "auto",
-                 chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ViewSpec | Mapping[str, Any]],
+        image_size: int,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int = 0,
+        strategy: str = "auto",
+        chunk: int | None = None,
+    ) -> None:
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be a positive number of samples or None (automatic), got {chunk}")
         if not specs:
@@ -301,8 +355,10 @@ class BatchedViews:
     def __call__(self, batch: Mapping[str, Any]) -> tuple[list[Tensor], Tensor, Tensor]:
         images = batch[RAW_KEY]
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.in_chans:
-            raise ValueError(f"BatchedViews expects uint8 (B, {self.in_chans}, H, W) images, got "
-                             f"{images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"BatchedViews expects uint8 (B, {self.in_chans}, H, W) images, got "
+                f"{images.dtype} {tuple(images.shape)}"
+            )
         sizes = torch.tensor(batch["sizes"], dtype=torch.long).reshape(-1, 2)
         u = self.uniforms(batch["keys"])
         dev, n = images.device, images.shape[0]
@@ -310,16 +366,26 @@ class BatchedViews:
         scale = (1.0 / self.std).to(dev, non_blocking=True)
         shift = (-self.mean / self.std).to(dev, non_blocking=True)
         step = self.chunk_size(images) if dev.type == "cpu" else n
-        views = [torch.empty((n, self.in_chans, f.side, f.side), device=dev) for f, c in
-                 zip(self.families, self.counts) for _ in range(c)]
+        views = [
+            torch.empty((n, self.in_chans, f.side, f.side), device=dev)
+            for f, c in zip(self.families, self.counts)
+            for _ in range(c)
+        ]
         starts = [sum(self.counts[:i]) for i in range(len(self.counts))]
-        boxes = [f.boxes(u[a:a + c], sizes, *images.shape[-2:]) for f, c, a in zip(self.families, self.counts, starts)]
+        boxes = [
+            f.boxes(u[a : a + c], sizes, *images.shape[-2:]) for f, c, a in zip(self.families, self.counts, starts)
+        ]
         for a in range(0, n, step):
-            x = images[a:a + step].float().div_(255.0)
+            x = images[a : a + step].float().div_(255.0)
             for family, count, start, fam_boxes in zip(self.families, self.counts, starts, boxes):
-                family(x, [tuple(t[a:a + step] for t in box) for box in fam_boxes],
-                       u[start:start + count, a:a + step], scale, shift,
-                       [v[a:a + step] for v in views[start:start + count]])
+                family(
+                    x,
+                    [tuple(t[a : a + step] for t in box) for box in fam_boxes],
+                    u[start : start + count, a : a + step],
+                    scale,
+                    shift,
+                    [v[a : a + step] for v in views[start : start + count]],
+                )
         return views, batch["labels"], batch["indices"]
 
     def chunk_size(self, images: Tensor) -> int:
@@ -329,7 +395,7 @@ class BatchedViews:
         be reused, which at batch 64 of multi-crop is ~25 % faster than one pass over the batch."""
         if self.chunk is not None:
             return self.chunk
-        floats = sum(c * self.in_chans * f.side ** 2 for f, c in zip(self.families, self.counts))
+        floats = sum(c * self.in_chans * f.side**2 for f, c in zip(self.families, self.counts))
         return max(1, (1 << 22) // floats)
 
     def __repr__(self) -> str:

@@ -11,8 +11,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_vision.data.batched import BatchedViews
-from ssl_vision.data.datasets import (BAD_IMAGE_POLICIES, IndexedDataset, build_dataset, folder_eval_root_sets,
-                                      take_subset)
+from ssl_vision.data.datasets import (
+    BAD_IMAGE_POLICIES,
+    IndexedDataset,
+    build_dataset,
+    folder_eval_root_sets,
+    take_subset,
+)
 from ssl_vision.data.encoded import DECODE_MODES, DeviceDecodedViews, EncodedImages, collate_encoded
 from ssl_vision.data.raw_batch import RawImages, collate_raw, is_raw_batch, load_side
 from ssl_vision.data.sampling import GlobalBatchSampler, SeededViews
@@ -126,11 +131,15 @@ class SSLDataModule(L.LightningDataModule):
         if decode not in DECODE_MODES:
             raise ValueError(f"data.decode={decode!r}; valid: {', '.join(DECODE_MODES)}")
         if decode == "device" and name not in ("imagefolder", "folder"):
-            raise ValueError(f"data.decode=device decodes JPEG files of an ImageFolder (data=imagefolder, "
-                             f"data=imagenet or data=folder); data {name!r} needs data.decode=host")
+            raise ValueError(
+                f"data.decode=device decodes JPEG files of an ImageFolder (data=imagefolder, "
+                f"data=imagenet or data=folder); data {name!r} needs data.decode=host"
+            )
         if eval_root is not None and name != "folder":
-            raise ValueError(f"data.eval_root is the labelled evaluation set of data=folder; data {name!r} "
-                             f"evaluates on its own test split: remove data.eval_root")
+            raise ValueError(
+                f"data.eval_root is the labelled evaluation set of data=folder; data {name!r} "
+                f"evaluates on its own test split: remove data.eval_root"
+            )
         self.eval_root = eval_root  # data=folder: labelled train/ and val/ class folders for kNN and the probe
         self.decode = decode  # host: PIL in the loader workers; device: JPEG bytes to the device (.encoded)
         self.name, self.root, self.download = name, root, download
@@ -164,11 +173,15 @@ class SSLDataModule(L.LightningDataModule):
             raise ValueError(f"augment.backend must be 'per_sample' or 'batched', got {backend!r}")
         self._check_decode(backend)
         self.backend = backend
-        self.batch_views = None if backend == "per_sample" else BatchedViews(
-            self.views, self.image_size, self.in_chans, self.mean, self.std, self.seed)
+        self.batch_views = (
+            None
+            if backend == "per_sample"
+            else BatchedViews(self.views, self.image_size, self.in_chans, self.mean, self.std, self.seed)
+        )
         if self.decode == "device":  # JPEG bytes are decoded where the views are made (see .encoded)
-            self.batch_views = DeviceDecodedViews(self.batch_views, self.in_chans, load_side(self.image_size),
-                                                  self.on_bad_image)
+            self.batch_views = DeviceDecodedViews(
+                self.batch_views, self.in_chans, load_side(self.image_size), self.on_bad_image
+            )
         return self
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -177,8 +190,11 @@ class SSLDataModule(L.LightningDataModule):
         self.labeled_on_host = None
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            labels = batch.get("labels") if isinstance(batch, Mapping) else (
-                batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None)
+            labels = (
+                batch.get("labels")
+                if isinstance(batch, Mapping)
+                else (batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None)
+            )
             if torch.is_tensor(labels) and labels.device.type == "cpu":
                 self.labeled_on_host = int((labels >= 0).sum())
         return batch
@@ -189,15 +205,19 @@ class SSLDataModule(L.LightningDataModule):
         if not is_raw_batch(batch):
             return batch
         if self.batch_views is None:
-            raise RuntimeError(f"a raw-image train batch reached the model but SSLDataModule has augment.backend="
-                               f"{self.backend!r}; build it with .with_backend('batched')")
+            raise RuntimeError(
+                f"a raw-image train batch reached the model but SSLDataModule has augment.backend="
+                f"{self.backend!r}; build it with .with_backend('batched')"
+            )
         return self.batch_views(batch)
 
     def _check_decode(self, backend: str) -> None:
         if self.decode == "device" and backend != "batched":
-            raise ValueError(f"data.decode=device needs augment.backend=batched (the images are decoded on the "
-                             f"model's device and the views made there), got augment.backend={backend}; set "
-                             f"augment.backend=batched, or data.decode=host to decode with PIL in the loader workers")
+            raise ValueError(
+                f"data.decode=device needs augment.backend=batched (the images are decoded on the "
+                f"model's device and the views made there), got augment.backend={backend}; set "
+                f"augment.backend=batched, or data.decode=host to decode with PIL in the loader workers"
+            )
 
     def _build(self, split: str, stl_unlabeled: bool = False) -> Dataset:
         return build_dataset(
@@ -228,8 +248,9 @@ class SSLDataModule(L.LightningDataModule):
         train = self._build("train", self.stl_unlabeled)
         self.train_dataset = take_subset(train, self.train_subset, self.seed)
         if self.name == "folder":  # unlabeled images: kNN bank and test set only from a labelled data.eval_root
-            evaluation = folder_eval_root_sets(self.eval_root, self.in_chans, self.num_classes, self.train_dir,
-                                               self.val_dir, self.on_bad_image)
+            evaluation = folder_eval_root_sets(
+                self.eval_root, self.in_chans, self.num_classes, self.train_dir, self.val_dir, self.on_bad_image
+            )
             if evaluation is None:
                 return
             labeled_train, self.test_dataset = evaluation
@@ -243,10 +264,12 @@ class SSLDataModule(L.LightningDataModule):
     def eval_skipped(self) -> str | None:
         """Why there is no kNN / probe evaluation (``data=folder`` without ``data.eval_root``), or None."""
         if self.name == "folder" and self.eval_root is None:
-            return ("data=folder holds unlabeled images and no labelled evaluation set was given: kNN and the "
-                    "linear probe need one; set data.eval_root=<folder with train/ and val/ class sub-folders> "
-                    "(and data.num_classes), or evaluate a checkpoint later with tools/knn_eval.py data=imagefolder "
-                    "data.root=<labelled folder> data.num_classes=<N>")
+            return (
+                "data=folder holds unlabeled images and no labelled evaluation set was given: kNN and the "
+                "linear probe need one; set data.eval_root=<folder with train/ and val/ class sub-folders> "
+                "(and data.num_classes), or evaluate a checkpoint later with tools/knn_eval.py data=imagefolder "
+                "data.root=<labelled folder> data.num_classes=<N>"
+            )
         return None
 
     @property
@@ -296,9 +319,17 @@ class SSLDataModule(L.LightningDataModule):
         else:
             dataset, collate = SeededViews(train, self.train_transform, seed=self.seed), None
         # ResumableLoader: its position in the epoch goes into checkpoints, so a mid-epoch resume continues exactly.
-        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                               collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               persistent_workers=self.persistent_workers, batches_done=self._train_batches_done)
+        return ResumableLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            batches_done=self._train_batches_done,
+        )
 
     def _train_sampler(self) -> GlobalBatchSampler:
         return GlobalBatchSampler(len(self._require(self.train_dataset)), self.batch_size, seed=self.seed, shuffle=True)
@@ -329,8 +360,11 @@ class SSLDataModule(L.LightningDataModule):
         self._resume_at = (pos["epoch"], pos["samples_done"])
         old_batches = int(states[0]["batches_done"])
         new_batches = pos["batches_done"] if pos["epoch"] == int(states[0]["epoch"]) else sampler.batches_per_epoch()
-        states[0] = sampler.state_dict(0) | {"epoch": pos["epoch"], "batches_done": pos["batches_done"],
-                                             "samples_done": pos["samples_done"]}
+        states[0] = sampler.state_dict(0) | {
+            "epoch": pos["epoch"],
+            "batches_done": pos["batches_done"],
+            "samples_done": pos["samples_done"],
+        }
         progress = fit.get("epoch_loop.batch_progress") or {}
         for counters in (progress.get("current") or {}, progress.get("total") or {}):
             for key in counters:  # ready / started / processed / completed keep their offsets from one another
@@ -348,7 +382,8 @@ class SSLDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last. No
-        loaders (Lightning then skips validation) when the data has no labelled evaluation set (:attr:`eval_skipped`)."""
+        loaders (Lightning then skips validation) when the data has no labelled evaluation set
+        (:attr:`eval_skipped`)."""
         if self.eval_skipped is not None:
             return []
         loaders = []

@@ -215,14 +215,25 @@ class CheckedImageFolder(ImageFolder):
                 path = self.samples[j][0]
                 if path not in self.bad_files:
                     self.bad_files[path] = str(err)
-                    warnings.warn(f"data.on_bad_image=skip: skipped unreadable image {path!r} (sample {j}), using "
-                                  f"the next readable one; {len(self.bad_files)} bad file(s) so far in this "
-                                  f"process. {err.__cause__}", stacklevel=2)
+                    warnings.warn(
+                        f"data.on_bad_image=skip: skipped unreadable image {path!r} (sample {j}), using "
+                        f"the next readable one; {len(self.bad_files)} bad file(s) so far in this "
+                        f"process. {err.__cause__}",
+                        stacklevel=2,
+                    )
         raise BadImageError(f"imagefolder {self.root!r}: none of its {n} images can be read")
 
 
-def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int, train_dir: str, val_dir: str,
-                  on_bad_image: str = "error", key: str = "data.root"):
+def _image_folder(
+    root: str | None,
+    split: str,
+    in_chans: int,
+    num_classes: int,
+    train_dir: str,
+    val_dir: str,
+    on_bad_image: str = "error",
+    key: str = "data.root",
+):
     if root is None:
         raise ValueError(f"imagefolder needs {key}=... (a folder with train/ and val/ class sub-folders)")
     folder = os.path.join(root, train_dir if split == "train" else val_dir)
@@ -239,7 +250,9 @@ def _image_folder(root: str | None, split: str, in_chans: int, num_classes: int,
             f"in it ({folder}/<class>/<name>.jpg), or point {key}=... at such a folder."
         ) from err
     if len(ds.classes) != num_classes:
-        raise ValueError(f"imagefolder: {folder!r} has {len(ds.classes)} class folders but data.num_classes={num_classes}")
+        raise ValueError(
+            f"imagefolder: {folder!r} has {len(ds.classes)} class folders but data.num_classes={num_classes}"
+        )
     return ds
 
 
@@ -256,11 +269,15 @@ def list_image_files(root: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) ->
     A missing ``root``, a file given as ``root`` and a folder without any image file are errors that name the folder
     and the accepted extensions."""
     if not os.path.exists(root):
-        raise FileNotFoundError(f"data=folder: data.root={root!r} does not exist. Fix: set data.root=... to a folder "
-                                f"of images (any layout, sub-folders included; {', '.join(extensions)})")
+        raise FileNotFoundError(
+            f"data=folder: data.root={root!r} does not exist. Fix: set data.root=... to a folder "
+            f"of images (any layout, sub-folders included; {', '.join(extensions)})"
+        )
     if not os.path.isdir(root):
-        raise NotADirectoryError(f"data=folder: data.root={root!r} is a file, not a folder. Fix: set data.root=... "
-                                 f"to the folder that holds the images")
+        raise NotADirectoryError(
+            f"data=folder: data.root={root!r} is a file, not a folder. Fix: set data.root=... "
+            f"to the folder that holds the images"
+        )
     files, skipped = [], 0
     for directory, subdirs, names in os.walk(root, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -275,7 +292,8 @@ def list_image_files(root: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) ->
         raise FileNotFoundError(
             f"data=folder: no image files under {os.path.abspath(root)!r} (searched its sub-folders too; "
             f"{skipped} other file(s) found). Accepted extensions: {', '.join(extensions)} (any case). Fix: point "
-            f"data.root=... at the folder that holds the images")
+            f"data.root=... at the folder that holds the images"
+        )
     return sorted(files)
 
 
@@ -293,19 +311,33 @@ class UnlabeledImageFolder(CheckedImageFolder):
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return [], {}
 
-    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
-                     allow_empty: bool = False) -> list[tuple[str, int]]:
+    def make_dataset(
+        self,
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions=None,
+        is_valid_file=None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
         return [(path, UNLABELED) for path in list_image_files(str(directory))]
 
 
-def folder_eval_root_sets(eval_root: str | None, in_chans: int, num_classes: int, train_dir: str = "train",
-                          val_dir: str = "val", on_bad_image: str = "error") -> tuple[Dataset, Dataset] | None:
+def folder_eval_root_sets(
+    eval_root: str | None,
+    in_chans: int,
+    num_classes: int,
+    train_dir: str = "train",
+    val_dir: str = "val",
+    on_bad_image: str = "error",
+) -> tuple[Dataset, Dataset] | None:
     """The labelled kNN bank and test set of ``data=folder``: ImageFolders ``eval_root/train_dir`` and
     ``eval_root/val_dir`` (one sub-folder per class), or None without ``eval_root`` (no labelled evaluation)."""
     if eval_root is None:
         return None
-    return tuple(_image_folder(eval_root, split, in_chans, num_classes, train_dir, val_dir, on_bad_image,
-                               key="data.eval_root") for split in ("train", "test"))
+    return tuple(
+        _image_folder(eval_root, split, in_chans, num_classes, train_dir, val_dir, on_bad_image, key="data.eval_root")
+        for split in ("train", "test")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- synthetic
@@ -327,15 +359,17 @@ class SyntheticDataset(Dataset):
     sum never leaves [0, 255] (no clipping pass per image). Channels are made as planes and merged by PIL.
     """
 
-    NOISE_STD = 60.0      # grey levels (before the clip)
-    NOISE_CLIP = 50       # the noise is clipped to +-this, the tinted stripes to [this, 255 - this]
-    NOISE_TILES = 16      # tiles in the noise bank (each image_size + margin square)
+    NOISE_STD = 60.0  # grey levels (before the clip)
+    NOISE_CLIP = 50  # the noise is clipped to +-this, the tinted stripes to [this, 255 - this]
+    NOISE_TILES = 16  # tiles in the noise bank (each image_size + margin square)
 
     def __init__(self, size: int, image_size: int, in_chans: int, num_classes: int, seed: int) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"synthetic: in_chans must be 1 or 3, got {in_chans}")
         if size < 1 or num_classes < 1 or image_size < 1:
-            raise ValueError(f"synthetic: size, num_classes, image_size must be >= 1, got {size}, {num_classes}, {image_size}")
+            raise ValueError(
+                f"synthetic: size, num_classes, image_size must be >= 1, got {size}, {num_classes}, {image_size}"
+            )
         self.image_size, self.in_chans, self.num_classes, self.seed = image_size, in_chans, num_classes, seed
         rng = np.random.default_rng(seed)
         labels = np.arange(size) % num_classes  # balanced: every class present when size >= num_classes
@@ -350,8 +384,9 @@ class SyntheticDataset(Dataset):
         self._tile = rng.integers(0, self.NOISE_TILES, size)
         self._offset = rng.integers(0, margin, (size, 2))
         r = self.NOISE_CLIP
-        noise = np.random.default_rng((seed, 1)).normal(0.0, self.NOISE_STD, (self.NOISE_TILES, in_chans,
-                                                                                image_size + margin, image_size + margin))
+        noise = np.random.default_rng((seed, 1)).normal(
+            0.0, self.NOISE_STD, (self.NOISE_TILES, in_chans, image_size + margin, image_size + margin)
+        )
         self._noise = (np.clip(np.rint(noise), -r, r) + r).astype(np.uint8)  # stored shifted by +r: [0, 2r]
         self._coords = 2 * np.pi * np.arange(image_size) / image_size
 
@@ -368,7 +403,7 @@ class SyntheticDataset(Dataset):
         # over a whole contiguous image row either way
         profile = profile[:, None, :] if (label // 4) % 2 == 0 else profile[:, :, None]
         dy, dx = self._offset[index]
-        return np.add(self._noise[self._tile[index], :, dy:dy + s, dx:dx + s], profile)
+        return np.add(self._noise[self._tile[index], :, dy : dy + s, dx : dx + s], profile)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         planes = self.image_array(index)
@@ -423,7 +458,8 @@ def build_dataset(
                 f"data=folder images carry no labels, so there is no {split!r} split to evaluate on. Fix: give a "
                 f"labelled set with data.eval_root=<folder with {train_dir}/ and {val_dir}/ class sub-folders> when "
                 f"pretraining, or evaluate a checkpoint with data=imagefolder data.root=<that folder> "
-                f"data.num_classes=<its class count>")
+                f"data.num_classes=<its class count>"
+            )
         if root is None:
             raise ValueError("data=folder needs data.root=<a folder of images> (flat or nested, no labels needed)")
         return UnlabeledImageFolder(root, "L" if in_chans == 1 else "RGB", on_bad_image)

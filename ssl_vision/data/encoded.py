@@ -49,8 +49,17 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from ssl_vision.data.batched import ENCODED_KEY, RAW_KEY, BatchedViews
 from ssl_vision.data.datasets import BAD_IMAGE_POLICIES, BadImageError
 
-__all__ = ["DECODE_MODES", "EncodedImages", "EncodedFiles", "collate_encoded", "DeviceDecodedViews", "jpeg_header",
-           "image_files", "decode_jpegs", "fit_and_pad"]
+__all__ = [
+    "DECODE_MODES",
+    "EncodedImages",
+    "EncodedFiles",
+    "collate_encoded",
+    "DeviceDecodedViews",
+    "jpeg_header",
+    "image_files",
+    "decode_jpegs",
+    "fit_and_pad",
+]
 
 #: ``data.decode``: ``host`` (PIL in the loader workers) or ``device`` (this module)
 DECODE_MODES = ("host", "device")
@@ -83,9 +92,9 @@ def jpeg_header(data: bytes | memoryview) -> tuple[int, int, int] | None:
         if marker in _SOF:
             if i + 10 > n:
                 return None
-            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            height, width = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
             return height, width, int(data[i + 9])
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
 
 
@@ -96,8 +105,10 @@ def image_files(ds: Dataset) -> list[tuple[str, int]]:
         return [inner[int(i)] for i in ds.indices]
     if isinstance(ds, ImageFolder):
         return [(str(p), int(c)) for p, c in ds.samples]
-    raise ValueError(f"data.decode=device reads image files and needs an ImageFolder data set (data=imagefolder or "
-                     f"data=imagenet), got {type(ds).__name__}; use data.decode=host for this data set")
+    raise ValueError(
+        f"data.decode=device reads image files and needs an ImageFolder data set (data=imagefolder or "
+        f"data=imagenet), got {type(ds).__name__}; use data.decode=host for this data set"
+    )
 
 
 def _not_jpeg(data: bytes) -> str | None:
@@ -116,7 +127,8 @@ def _bad_image(path: str, reason: str) -> BadImageError:
     return BadImageError(
         f"cannot read image {path!r} ({size} bytes) with data.decode=device: {reason}. Fix or remove the file, set "
         f"data.decode=host (PIL reads any image format), or set data.on_bad_image=skip to replace unreadable images "
-        f"by the next readable one (with a warning)")
+        f"by the next readable one (with a warning)"
+    )
 
 
 class EncodedImages(Dataset):
@@ -157,12 +169,20 @@ class EncodedImages(Dataset):
                 break
             self.reject(pos, reason)
         else:
-            raise BadImageError(f"imagefolder: none of its {n} images can be read as JPEG (data.decode=device); "
-                                f"use data.decode=host for other formats")
+            raise BadImageError(
+                f"imagefolder: none of its {n} images can be read as JPEG (data.decode=device); "
+                f"use data.decode=host for other formats"
+            )
         comps = jpeg_header(data)[2]  # type: ignore[index]
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return {"data": tensor, "label": self.files[pos][1], "index": index, "epoch": int(epoch), "source": pos,
-                "components": comps}
+        return {
+            "data": tensor,
+            "label": self.files[pos][1],
+            "index": index,
+            "epoch": int(epoch),
+            "source": pos,
+            "components": comps,
+        }
 
     def reject(self, pos: int, reason: str) -> None:
         """A file that cannot be read: :class:`BadImageError` (``error``) or a warning, once per file (``skip``)."""
@@ -171,9 +191,11 @@ class EncodedImages(Dataset):
             raise _bad_image(path, reason)
         if path not in self.bad_files:
             self.bad_files[path] = reason
-            warnings.warn(f"data.on_bad_image=skip: skipped unreadable image {path!r} (sample {pos}), using the next "
-                          f"readable one; {len(self.bad_files)} bad file(s) so far in this process. {reason}",
-                          stacklevel=2)
+            warnings.warn(
+                f"data.on_bad_image=skip: skipped unreadable image {path!r} (sample {pos}), using the next "
+                f"readable one; {len(self.bad_files)} bad file(s) so far in this process. {reason}",
+                stacklevel=2,
+            )
 
     def replacement(self, pos: int, mode: ImageReadMode) -> tuple[Tensor, int, int]:
         """The next file after ``pos`` (cyclically) that decodes: ``(image on the CPU, label, its position)``."""
@@ -183,13 +205,18 @@ class EncodedImages(Dataset):
             data, reason = self.read(j)
             if reason is None:
                 try:
-                    return decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], mode, "cpu")[0], \
-                        self.files[j][1], j
+                    return (
+                        decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], mode, "cpu")[0],
+                        self.files[j][1],
+                        j,
+                    )
                 except RuntimeError as err:
                     reason = f"JPEG decoding failed: {err}"
             self.reject(j, reason)
-        raise BadImageError(f"imagefolder: none of its {n} images can be decoded as JPEG (data.decode=device); use "
-                            f"data.decode=host for other formats")
+        raise BadImageError(
+            f"imagefolder: none of its {n} images can be decoded as JPEG (data.decode=device); use "
+            f"data.decode=host for other formats"
+        )
 
 
 class EncodedFiles:
@@ -206,11 +233,14 @@ class EncodedFiles:
 
 def collate_encoded(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``{ENCODED_KEY: EncodedFiles, "labels": (B,), "indices": (B,), "keys": [(index, epoch), ...]}``."""
-    return {ENCODED_KEY: EncodedFiles([it["data"] for it in items], [int(it["source"]) for it in items],
-                                      [int(it["components"]) for it in items]),
-            "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
-            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-            "keys": [(int(it["index"]), int(it["epoch"])) for it in items]}
+    return {
+        ENCODED_KEY: EncodedFiles(
+            [it["data"] for it in items], [int(it["source"]) for it in items], [int(it["components"]) for it in items]
+        ),
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "keys": [(int(it["index"]), int(it["epoch"])) for it in items],
+    }
 
 
 def decode_jpegs(data: list[Tensor], mode: ImageReadMode, device: str | torch.device) -> list[Tensor]:
@@ -235,13 +265,16 @@ def fit_and_pad(images: Sequence[Tensor], max_short: int) -> tuple[Tensor, list[
     out = torch.empty((len(images), images[0].shape[0], big_h, big_w), dtype=torch.uint8, device=images[0].device)
     for i, (img, (h, w)) in enumerate(zip(images, sizes)):
         if (h, w) != tuple(img.shape[-2:]):
-            img = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False,
-                                antialias=True)[0].round_().clamp_(0, 255)
+            img = (
+                F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+                .round_()
+                .clamp_(0, 255)
+            )
         out[i, :, :h, :w] = img
         if w < big_w:
-            out[i, :, :h, w:] = out[i, :, :h, w - 1:w]
+            out[i, :, :h, w:] = out[i, :, :h, w - 1 : w]
         if h < big_h:
-            out[i, :, h:, :] = out[i, :, h - 1:h, :]
+            out[i, :, h:, :] = out[i, :, h - 1 : h, :]
     return out, sizes
 
 
@@ -295,8 +328,10 @@ class DeviceDecodedViews:
         images, failed = self.decode(files, device)
         if failed:
             if self.source is None:
-                raise RuntimeError("DeviceDecodedViews.source (the train set's EncodedImages) is not set: the "
-                                   "SSLDataModule sets it when it makes the train loader")
+                raise RuntimeError(
+                    "DeviceDecodedViews.source (the train set's EncodedImages) is not set: the "
+                    "SSLDataModule sets it when it makes the train loader"
+                )
             labels = labels.clone()
             for i, reason in sorted(failed.items()):
                 self.source.reject(files.sources[i], reason)  # raises with on_bad_image=error
@@ -304,8 +339,9 @@ class DeviceDecodedViews:
                 images[i] = img.to(device)
                 labels[i] = label
         raw, sizes = fit_and_pad(images, self.max_short)  # type: ignore[arg-type]
-        return self.views({RAW_KEY: raw, "sizes": sizes, "labels": labels, "indices": batch["indices"],
-                           "keys": batch["keys"]})
+        return self.views(
+            {RAW_KEY: raw, "sizes": sizes, "labels": labels, "indices": batch["indices"], "keys": batch["keys"]}
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(decode=device, max_short={self.max_short}, {self.views!r})"

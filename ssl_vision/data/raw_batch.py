@@ -76,10 +76,13 @@ def collate_raw(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if ph or pw:
             img = F.pad(img[None].float(), (0, pw, 0, ph), mode="replicate")[0].to(torch.uint8)
         images.append(img)
-    return {RAW_KEY: torch.stack(images), "sizes": sizes,
-            "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
-            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-            "keys": [(it["index"], it["epoch"]) for it in items]}
+    return {
+        RAW_KEY: torch.stack(images),
+        "sizes": sizes,
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "keys": [(it["index"], it["epoch"]) for it in items],
+    }
 
 
 def is_raw_batch(batch: Any) -> bool:

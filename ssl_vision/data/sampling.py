@@ -63,7 +63,7 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         skip, self._skip = self._skip, 0
         full = (self.num_samples - skip) // big_b  # whole global batches left from ``skip`` (the rest is dropped)
         self._pass = (self.epoch, skip, self.batches_before(skip))
-        mine = order[skip:skip + full * big_b].view(-1, big_b)[:, r * n:(r + 1) * n].reshape(-1)
+        mine = order[skip : skip + full * big_b].view(-1, big_b)[:, r * n : (r + 1) * n].reshape(-1)
         return iter([(int(i), self.epoch) for i in mine])
 
     def batches_before(self, samples_done: int) -> int:
@@ -97,9 +97,14 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
     def state_dict(self, batches_done: int) -> dict[str, Any]:
         """The position to resume from: ``batches_done`` global batches of epoch ``epoch`` were trained on, that is
         the first ``samples_done`` samples of the epoch's order."""
-        return {"epoch": int(self.epoch), "batches_done": int(batches_done),
-                "samples_done": int(self.samples_done(batches_done)), "global_batch": self._global_batch(),
-                "num_samples": int(self.num_samples), "seed": int(self.seed)}
+        return {
+            "epoch": int(self.epoch),
+            "batches_done": int(batches_done),
+            "samples_done": int(self.samples_done(batches_done)),
+            "global_batch": self._global_batch(),
+            "num_samples": int(self.num_samples),
+            "seed": int(self.seed),
+        }
 
     def resume_position(self, state: dict[str, Any]) -> dict[str, Any]:
         """Where a position saved as ``state`` lands under this sampler (no side effects).
@@ -121,23 +126,37 @@ class GlobalBatchSampler(Sampler[tuple[int, int]]):
         changed = (old_batch, old_n, old_seed) != (big_b, self.num_samples, self.seed)
         message = None
         if changed:
-            head = (f"resuming a data position saved with global batch {old_batch}, {old_n} samples, seed {old_seed} "
-                    f"under global batch {big_b}, {self.num_samples} samples, seed {self.seed}: ")
+            head = (
+                f"resuming a data position saved with global batch {old_batch}, {old_n} samples, seed {old_seed} "
+                f"under global batch {big_b}, {self.num_samples} samples, seed {self.seed}: "
+            )
             if (old_n, old_seed) == (self.num_samples, self.seed):
                 left = (self.num_samples - samples) % big_b
-                message = head + (f"not an exact continuation (the batches differ), but epoch {epoch} continues at "
-                                  f"sample {samples} of the same order, so each remaining sample of the epoch is "
-                                  f"trained once" +
-                                  (f" (its last {left} samples, less than one global batch, are dropped as at every "
-                                   f"epoch's end)" if left and self.num_samples - samples >= big_b else ""))
+                message = head + (
+                    f"not an exact continuation (the batches differ), but epoch {epoch} continues at "
+                    f"sample {samples} of the same order, so each remaining sample of the epoch is "
+                    f"trained once"
+                    + (
+                        f" (its last {left} samples, less than one global batch, are dropped as at every epoch's end)"
+                        if left and self.num_samples - samples >= big_b
+                        else ""
+                    )
+                )
             else:
-                message = head + (f"the epoch's order differs from the interrupted run's, so the resumed run is not "
-                                  f"an exact continuation (epoch {epoch} continues after {samples} samples; some of "
-                                  f"its samples may be seen twice or not at all)")
+                message = head + (
+                    f"the epoch's order differs from the interrupted run's, so the resumed run is not "
+                    f"an exact continuation (epoch {epoch} continues after {samples} samples; some of "
+                    f"its samples may be seen twice or not at all)"
+                )
         if self.num_samples - samples < big_b:
             epoch, samples = epoch + 1, 0
-        return {"epoch": epoch, "samples_done": samples, "batches_done": self.batches_before(samples),
-                "changed": changed, "message": message}
+        return {
+            "epoch": epoch,
+            "samples_done": samples,
+            "batches_done": self.batches_before(samples),
+            "changed": changed,
+            "message": message,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` left off: the next pass yields epoch ``state["epoch"]`` from its first unseen

@@ -25,8 +25,9 @@ _ROW_LOOP_FLOATS = 1 << 14  # CPU rows this large are scattered / read one by on
 
 
 # ------------------------------------------------------------------------------------------------------ crops
-def sample_crop_boxes(u: Tensor, heights: Tensor, widths: Tensor, scale: Sequence[float],
-                      ratio: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sample_crop_boxes(
+    u: Tensor, heights: Tensor, widths: Tensor, scale: Sequence[float], ratio: Sequence[float]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """torchvision ``RandomResizedCrop.get_params`` for a batch, from uniforms instead of torch's global RNG.
 
     ``u``: (B, 22) uniforms in [0, 1) (10 areas, 10 log ratios, top, left); ``heights``, ``widths``: (B,) image
@@ -35,9 +36,9 @@ def sample_crop_boxes(u: Tensor, heights: Tensor, widths: Tensor, scale: Sequenc
     """
     u = u.double()
     big_h, big_w = heights.double(), widths.double()
-    area = (big_h * big_w)[:, None] * (scale[0] + u[:, _AREA:_AREA + TRIES] * (scale[1] - scale[0]))
+    area = (big_h * big_w)[:, None] * (scale[0] + u[:, _AREA : _AREA + TRIES] * (scale[1] - scale[0]))
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + u[:, _LOGR:_LOGR + TRIES] * (hi - lo))
+    aspect = torch.exp(lo + u[:, _LOGR : _LOGR + TRIES] * (hi - lo))
     w = torch.round(torch.sqrt(area * aspect))  # torch.round is half-to-even, like Python's round
     h = torch.round(torch.sqrt(area / aspect))
     fits = (w > 0) & (w <= big_w[:, None]) & (h > 0) & (h <= big_h[:, None])
@@ -50,15 +51,29 @@ def sample_crop_boxes(u: Tensor, heights: Tensor, widths: Tensor, scale: Sequenc
     w = torch.where(found, w.gather(1, first)[:, 0], fb_w)
     h = torch.where(found, h.gather(1, first)[:, 0], fb_h)
     # randint(0, n) as floor(u * n), clipped for the float rounding of u close to 1
-    top = torch.where(found, torch.minimum(torch.floor(u[:, _TOP] * (big_h - h + 1)), big_h - h),
-                      torch.div(big_h - h, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.minimum(torch.floor(u[:, _LEFT] * (big_w - w + 1)), big_w - w),
-                       torch.div(big_w - w, 2, rounding_mode="floor"))
+    top = torch.where(
+        found,
+        torch.minimum(torch.floor(u[:, _TOP] * (big_h - h + 1)), big_h - h),
+        torch.div(big_h - h, 2, rounding_mode="floor"),
+    )
+    left = torch.where(
+        found,
+        torch.minimum(torch.floor(u[:, _LEFT] * (big_w - w + 1)), big_w - w),
+        torch.div(big_w - w, 2, rounding_mode="floor"),
+    )
     return top.long(), left.long(), h.long(), w.long()
 
 
-def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, size: int,
-                 interpolation: str = "bilinear", flip: Tensor | None = None) -> Tensor:
+def resized_crop(
+    images: Tensor,
+    top: Tensor,
+    left: Tensor,
+    h: Tensor,
+    w: Tensor,
+    size: int,
+    interpolation: str = "bilinear",
+    flip: Tensor | None = None,
+) -> Tensor:
     """(B, C, H, W) float, per-sample boxes (B,) -> (B, C, size, size): each box resized, optionally flipped.
 
     The sampling points are those of ``F.interpolate(crop, align_corners=False)`` -- pixel centres, clamped to the
@@ -71,8 +86,9 @@ def resized_crop(images: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor
     return _sample_crops(images, (top, left, h, w, flip, xs, ys), size, interpolation)
 
 
-def crop_coords(top: Tensor, left: Tensor, h: Tensor, w: Tensor, size: int, big_h: int, big_w: int,
-                flip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def crop_coords(
+    top: Tensor, left: Tensor, h: Tensor, w: Tensor, size: int, big_h: int, big_w: int, flip: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The (B, size) x and y sampling coordinates of :func:`resized_crop` (``grid_sample``'s normalised ones,
     ``align_corners=False``; the flip folded into x), float32 on the CPU."""
     steps = torch.arange(size, dtype=torch.float64) + 0.5

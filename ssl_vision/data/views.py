@@ -16,8 +16,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.config_schema import (INTERPOLATION_NAMES, ViewSpec,  # the schema of augment.views.<name>
-                                      view_specs)
+from ssl_vision.config_schema import (
+    INTERPOLATION_NAMES,
+    ViewSpec,  # the schema of augment.views.<name>
+    view_specs,
+)
 
 INTERPOLATIONS = {name: InterpolationMode(name) for name in INTERPOLATION_NAMES}  # nearest, bilinear, bicubic
 BLUR_SIGMA = (0.1, 2.0)  # SimCLR / MoCo v2 / BYOL / DINO all draw sigma uniformly from [0.1, 2.0]
@@ -184,8 +187,10 @@ def build_multiview(
     sizes = [crop_size(s, image_size) for s in parsed]
     if any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
         got = ", ".join(f"{n}: {s} px" for n, s in zip(names, sizes))
-        raise ValueError(f"augment.views must be ordered large -> small crops (the leading views of the first size are "
-                         f"the global crops), got {got} at image size {image_size}")
+        raise ValueError(
+            f"augment.views must be ordered large -> small crops (the leading views of the first size are "
+            f"the global crops), got {got} at image size {image_size}"
+        )
     transforms = []
     for spec in parsed:
         transform = build_view_transform(spec, image_size, in_chans, mean, std)

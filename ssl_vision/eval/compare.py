@@ -52,18 +52,47 @@ from omegaconf import OmegaConf
 
 from ssl_vision.eval.checkpoints import beside
 
-__all__ = ["COLUMNS", "Run", "FailedRun", "find_runs", "find_failed", "load_run", "read_metrics", "build_rows",
-           "failed_rows", "format_cell", "render_markdown", "render_csv", "run_labels", "accuracy_series",
-           "curve_panels", "accuracy_figure", "curves_figure", "plot_accuracy", "plot_curves", "compare"]
+__all__ = [
+    "COLUMNS",
+    "Run",
+    "FailedRun",
+    "find_runs",
+    "find_failed",
+    "load_run",
+    "read_metrics",
+    "build_rows",
+    "failed_rows",
+    "format_cell",
+    "render_markdown",
+    "render_csv",
+    "run_labels",
+    "accuracy_series",
+    "curve_panels",
+    "accuracy_figure",
+    "curves_figure",
+    "plot_accuracy",
+    "plot_curves",
+    "compare",
+]
 
 #: (header, row key, Markdown format) of the table, in order
 COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("label", "label", "s"), ("status", "status", "s"),
-    ("method", "method", "s"), ("backbone", "backbone", "s"), ("data", "data", "s"), ("epochs", "epochs", "d"),
-    ("steps", "steps", "d"), ("images/s", "images_per_s", ".1f"), ("wall s", "wall_s", ".1f"),
-    ("kNN top-1", "knn_top1", ".2f"), ("kNN init", "knn_top1_init", ".2f"), ("kNN protocol", "knn_protocol", "s"),
-    ("linear top-1", "linear_top1", ".2f"), ("linear protocol", "linear_protocol", "s"),
-    ("online probe top-1", "probe_top1", ".2f"), ("run dir", "run_dir", "s"),
+    ("label", "label", "s"),
+    ("status", "status", "s"),
+    ("method", "method", "s"),
+    ("backbone", "backbone", "s"),
+    ("data", "data", "s"),
+    ("epochs", "epochs", "d"),
+    ("steps", "steps", "d"),
+    ("images/s", "images_per_s", ".1f"),
+    ("wall s", "wall_s", ".1f"),
+    ("kNN top-1", "knn_top1", ".2f"),
+    ("kNN init", "knn_top1_init", ".2f"),
+    ("kNN protocol", "knn_protocol", "s"),
+    ("linear top-1", "linear_top1", ".2f"),
+    ("linear protocol", "linear_protocol", "s"),
+    ("online probe top-1", "probe_top1", ".2f"),
+    ("run dir", "run_dir", "s"),
 )
 #: config keys that never tell two recipes apart (where the run went, how it was started)
 _LABEL_IGNORE = ("hydra", "paths", "resume")
@@ -133,8 +162,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     found: set[Path] = set()
     for p in map(Path, paths):
         if not p.exists():
-            raise FileNotFoundError(f"{p} does not exist (give a sweep directory such as outputs/multirun/<time>, "
-                                    f"run directories, or any folder above them)")
+            raise FileNotFoundError(
+                f"{p} does not exist (give a sweep directory such as outputs/multirun/<time>, "
+                f"run directories, or any folder above them)"
+            )
         if p.is_file():
             p = p.parent
         found.update(r.parent.resolve() for r in p.rglob("results.json"))
@@ -187,21 +218,28 @@ def find_failed(paths: Iterable[str | Path], run_dirs: Iterable[Path] = ()) -> l
             if (job / "results.json").exists() or any(job == d or d in job.parents for d in run_dirs):
                 continue
             if _lock_held(job):
-                out[job] = FailedRun(job, "running", "no results.json yet: its run holds .lock (still running)",
-                                     _load_config(job))
+                out[job] = FailedRun(
+                    job, "running", "no results.json yet: its run holds .lock (still running)", _load_config(job)
+                )
             else:
-                out[job] = FailedRun(job, "failed", "no results.json: the job failed or was stopped before the end "
-                                                    "(see its log)", _load_config(job))
+                out[job] = FailedRun(
+                    job,
+                    "failed",
+                    "no results.json: the job failed or was stopped before the end (see its log)",
+                    _load_config(job),
+                )
     for d in run_dirs:
         try:
             results = json.loads((d / "results.json").read_text())
         except (OSError, ValueError) as exc:
-            out[d] = FailedRun(d, "failed", f"results.json cannot be read ({type(exc).__name__}: {exc})",
-                               _load_config(d))
+            out[d] = FailedRun(
+                d, "failed", f"results.json cannot be read ({type(exc).__name__}: {exc})", _load_config(d)
+            )
             continue
         if not isinstance(results, dict):
-            out[d] = FailedRun(d, "failed", f"results.json holds a {type(results).__name__}, not an object",
-                               _load_config(d))
+            out[d] = FailedRun(
+                d, "failed", f"results.json holds a {type(results).__name__}, not an object", _load_config(d)
+            )
         elif results.get("error"):
             out[d] = FailedRun(d, "failed", f"error: {results['error']}", _load_config(d))
     return sorted(out.values(), key=lambda f: _natural(f.run_dir))
@@ -310,8 +348,12 @@ def _linear_from(payload: dict | None, data: str | None):
     return float(payload["top1"]), f"linear probe {payload.get('protocol')}, {spec.get('epochs')} epochs"
 
 
-def _offline(run: Run, evaluate_knn: KnnRunner | None, evaluate_linear: LinearRunner | None,
-             knn_protocol: tuple[int | None, float | None]) -> tuple[dict, list[str]]:
+def _offline(
+    run: Run,
+    evaluate_knn: KnnRunner | None,
+    evaluate_linear: LinearRunner | None,
+    knn_protocol: tuple[int | None, float | None],
+) -> tuple[dict, list[str]]:
     """Fill the kNN (if the run has none) and the linear top-1 from the files beside the checkpoint, running
     the evaluations first where asked for and still missing. Returns (values, notes)."""
     values, notes, data = {}, [], run.results.get("data")
@@ -343,9 +385,14 @@ def _offline(run: Run, evaluate_knn: KnnRunner | None, evaluate_linear: LinearRu
 
 
 # ----------------------------------------------------------------------------------------------------- table
-def build_rows(runs: Sequence[Run], out_dir: Path, evaluate_knn: KnnRunner | None = None,
-               evaluate_linear: LinearRunner | None = None, knn_k: int | None = None,
-               knn_temperature: float | None = None) -> tuple[list[dict], dict[str, list[str]]]:
+def build_rows(
+    runs: Sequence[Run],
+    out_dir: Path,
+    evaluate_knn: KnnRunner | None = None,
+    evaluate_linear: LinearRunner | None = None,
+    knn_k: int | None = None,
+    knn_temperature: float | None = None,
+) -> tuple[list[dict], dict[str, list[str]]]:
     """One row per run (keys of :data:`COLUMNS`, ``None`` where missing) and ``{run dir: notes}``.
 
     ``run_dir`` is relative to ``out_dir`` (so the Markdown's links work from there). ``knn_k`` /
@@ -354,14 +401,27 @@ def build_rows(runs: Sequence[Run], out_dir: Path, evaluate_knn: KnnRunner | Non
     rows, notes = [], {}
     for run in runs:
         r = run.results
-        row = {key: r.get(key) for key in ("method", "backbone", "data", "steps", "images_per_s", "wall_s",
-                                           "knn_top1", "knn_top1_init", "probe_top1")}
+        row = {
+            key: r.get(key)
+            for key in (
+                "method",
+                "backbone",
+                "data",
+                "steps",
+                "images_per_s",
+                "wall_s",
+                "knn_top1",
+                "knn_top1_init",
+                "probe_top1",
+            )
+        }
         row["status"] = "ok"
         row["epochs"] = read_metrics(run.metrics_csv)["epochs"]
         row["run_dir"] = os.path.relpath(run.run_dir, out_dir)
         run_k, run_t = run.knn_protocol
-        row["knn_protocol"] = (knn_protocol_label(run_k, run_t, run.knn_bank, "online")
-                               if row["knn_top1"] is not None else None)
+        row["knn_protocol"] = (
+            knn_protocol_label(run_k, run_t, run.knn_bank, "online") if row["knn_top1"] is not None else None
+        )
         protocol = (knn_k if knn_k is not None else run_k, knn_temperature if knn_temperature is not None else run_t)
         filled, run_notes = _offline(run, evaluate_knn, evaluate_linear, protocol)
         row.update({k: v for k, v in filled.items() if v is not None})
@@ -387,8 +447,13 @@ def failed_rows(failed: Sequence[FailedRun], out_dir: Path) -> tuple[list[dict],
             return node.get("name") if isinstance(node, dict) else None
 
         row = {key: None for _, key, _ in COLUMNS}
-        row.update(method=name("method"), backbone=name("backbone"), data=name("data"), status=f.status,
-                   run_dir=os.path.relpath(f.run_dir, out_dir))
+        row.update(
+            method=name("method"),
+            backbone=name("backbone"),
+            data=name("data"),
+            status=f.status,
+            run_dir=os.path.relpath(f.run_dir, out_dir),
+        )
         rows.append(row)
         notes[row["run_dir"]] = [f"{f.status}: {f.reason}"]
     return rows, notes
@@ -405,18 +470,27 @@ def format_cell(value: Any, fmt: str) -> str:
     return format(float(value), fmt)
 
 
-def render_markdown(rows: Sequence[dict], notes: dict[str, list[str]], sources: Sequence[str],
-                    figures: Sequence[str] = ("accuracy.png", "curves.png")) -> str:
+def render_markdown(
+    rows: Sequence[dict],
+    notes: dict[str, list[str]],
+    sources: Sequence[str],
+    figures: Sequence[str] = ("accuracy.png", "curves.png"),
+) -> str:
     head = [c[0] for c in COLUMNS]
     unfinished = {st: sum(r.get("status") == st for r in rows) for st in ("failed", "running")}
     extra = ", ".join(f"{n} {st}" for st, n in unfinished.items() if n)
-    lines = [f"# Comparison of {len(rows)} run{'s' * (len(rows) != 1)}" + (f" ({extra})" if extra else ""), "",
-             f"From {', '.join(f'`{s}`' for s in sources)}. kNN top-1: the run's last online kNN (its own k, T) "
-             f"unless noted, measured as the kNN protocol column says; kNN init: the same kNN at random init; "
-             f"linear top-1: tools/linear_probe.py; online probe: the linear head trained during pretraining on "
-             f"detached features; `{MISSING}`: not available; status `failed` / `running`: a job without "
-             f"results (why: under the table).", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        f"# Comparison of {len(rows)} run{'s' * (len(rows) != 1)}" + (f" ({extra})" if extra else ""),
+        "",
+        f"From {', '.join(f'`{s}`' for s in sources)}. kNN top-1: the run's last online kNN (its own k, T) "
+        f"unless noted, measured as the kNN protocol column says; kNN init: the same kNN at random init; "
+        f"linear top-1: tools/linear_probe.py; online probe: the linear head trained during pretraining on "
+        f"detached features; `{MISSING}`: not available; status `failed` / `running`: a job without "
+        f"results (why: under the table).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(format_cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |")
     if notes:
@@ -450,8 +524,9 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def run_labels(rows: Sequence[dict], configs: Sequence[dict[str, Any] | None], run_dirs: Sequence[str | Path],
-               max_keys: int = 2) -> list[str]:
+def run_labels(
+    rows: Sequence[dict], configs: Sequence[dict[str, Any] | None], run_dirs: Sequence[str | Path], max_keys: int = 2
+) -> list[str]:
     """One label per run that tells it from every other run in the comparison.
 
     ``method/backbone``, plus ``/data`` when the runs' data sets differ. Runs that share that base are told apart by
@@ -461,8 +536,10 @@ def run_labels(rows: Sequence[dict], configs: Sequence[dict[str, Any] | None], r
     """
     several_data = len({r.get("data") for r in rows}) > 1
     base = [f"{r.get('method')}/{r.get('backbone')}" + (f"/{r.get('data')}" if several_data else "") for r in rows]
-    flat = [None if c is None else {k: v for k, v in _flatten(c).items() if k.split(".")[0] not in _LABEL_IGNORE}
-            for c in configs]
+    flat = [
+        None if c is None else {k: v for k, v in _flatten(c).items() if k.split(".")[0] not in _LABEL_IGNORE}
+        for c in configs
+    ]
     labels = list(base)
     for b in set(base):
         idx = [i for i, x in enumerate(base) if x == b]
@@ -493,8 +570,11 @@ def _save(fig, path: Path) -> None:
 
 
 #: (metric name, value key, protocol key) of the accuracy figure's bar groups
-ACCURACY_METRICS = (("kNN", "knn_top1", "knn_protocol"), ("linear", "linear_top1", "linear_protocol"),
-                    ("online probe", "probe_top1", None))
+ACCURACY_METRICS = (
+    ("kNN", "knn_top1", "knn_protocol"),
+    ("linear", "linear_top1", "linear_protocol"),
+    ("online probe", "probe_top1", None),
+)
 
 
 def accuracy_series(rows: Sequence[dict]) -> list[dict]:
@@ -508,10 +588,18 @@ def accuracy_series(rows: Sequence[dict]) -> list[dict]:
             if r.get(key) is not None and (r.get(pkey) if pkey else None) not in protocols:
                 protocols.append(r.get(pkey) if pkey else None)
         for proto in protocols:
-            values = [r.get(key) if r.get(key) is not None and (r.get(pkey) if pkey else None) == proto else None
-                      for r in rows]
-            series.append({"name": metric if proto is None else f"{metric} ({proto})", "metric": metric,
-                           "protocol": proto, "values": values})
+            values = [
+                r.get(key) if r.get(key) is not None and (r.get(pkey) if pkey else None) == proto else None
+                for r in rows
+            ]
+            series.append(
+                {
+                    "name": metric if proto is None else f"{metric} ({proto})",
+                    "metric": metric,
+                    "protocol": proto,
+                    "values": values,
+                }
+            )
     return series
 
 
@@ -546,12 +634,26 @@ def accuracy_figure(rows: Sequence[dict], labels: Sequence[str] | None = None):
         has_any = any(s["values"][i] is not None for s in series)
         if not has_any:
             failed = r.get("status") not in (None, "ok")
-            ax.text(i, 1, r.get("status") if failed else MISSING, ha="center", va="bottom", fontsize=8,
-                    color="C3" if failed else "0.3", rotation=90 if failed else 0)
+            ax.text(
+                i,
+                1,
+                r.get("status") if failed else MISSING,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="C3" if failed else "0.3",
+                rotation=90 if failed else 0,
+            )
         init = r.get("knn_top1_init")
         if init is not None:
-            ax.hlines(init, i - 0.42, i + 0.42, colors="black", linewidth=2,
-                      label=None if init_drawn else "kNN at random init (the run's online k, T)")
+            ax.hlines(
+                init,
+                i - 0.42,
+                i + 0.42,
+                colors="black",
+                linewidth=2,
+                label=None if init_drawn else "kNN at random init (the run's online k, T)",
+            )
             ax.text(i + 0.43, init, f"{init:.1f}", ha="left", va="center", fontsize=6)
             init_drawn = True
     ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
@@ -567,8 +669,12 @@ def accuracy_figure(rows: Sequence[dict], labels: Sequence[str] | None = None):
     return fig, series
 
 
-def curve_panels(curves: Sequence[tuple[str, dict]], methods: Sequence[str | None],
-                 images_per_step: Sequence[float | None], knn_protocols: Sequence[str | None]) -> dict[str, Any]:
+def curve_panels(
+    curves: Sequence[tuple[str, dict]],
+    methods: Sequence[str | None],
+    images_per_step: Sequence[float | None],
+    knn_protocols: Sequence[str | None],
+) -> dict[str, Any]:
     """What ``curves.png`` draws: ``{"x": "step" | "images seen", "panels": [{"title", "kind", "lines": [(label,
     xs, ys)]}]}``: one ``loss`` panel per objective (their losses are on different scales) and one ``knn`` panel
     per kNN protocol. x is the optimizer step when every run takes the same number of images per step (or it is
@@ -583,8 +689,10 @@ def curve_panels(curves: Sequence[tuple[str, dict]], methods: Sequence[str | Non
             left_out.append(label)
             continue
         scale = ips if by_images else 1
-        for kind, key, title in (("loss", "loss", f"train loss: {method}"),
-                                 ("knn", "knn", f"online kNN ({proto or 'k, T unknown'})")):
+        for kind, key, title in (
+            ("loss", "loss", f"train loss: {method}"),
+            ("knn", "knn", f"online kNN ({proto or 'k, T unknown'})"),
+        ):
             if not m.get(key):
                 continue
             panel = panels.setdefault((kind, title), {"title": title, "kind": kind, "lines": []})
@@ -634,9 +742,14 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def compare(paths: Sequence[str | Path], out_dir: str | Path, evaluate_knn: KnnRunner | None = None,
-            evaluate_linear: LinearRunner | None = None, knn_k: int | None = None,
-            knn_temperature: float | None = None) -> dict[str, Any]:
+def compare(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    evaluate_knn: KnnRunner | None = None,
+    evaluate_linear: LinearRunner | None = None,
+    knn_k: int | None = None,
+    knn_temperature: float | None = None,
+) -> dict[str, Any]:
     """Find the runs under ``paths``, write ``comparison.md``, ``comparison.csv``, ``accuracy.png`` and
     ``curves.png`` into ``out_dir``; returns ``{"rows", "notes", "curves", "series", "panels", "files"}``
     (curves: ``[(label, {"loss": [(step, v)], "knn": [(step, v)], "epochs"})]`` of the runs with results;
@@ -654,19 +767,32 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path, evaluate_knn: KnnR
     runs = [load_run(d) for d in run_dirs]
     rows, notes = build_rows(runs, out_dir.resolve(), evaluate_knn, evaluate_linear, knn_k, knn_temperature)
     frows, fnotes = failed_rows(failed, out_dir.resolve())
-    entries = sorted([(r.run_dir, row, r.config) for r, row in zip(runs, rows)] +
-                     [(f.run_dir, row, f.config) for f, row in zip(failed, frows)], key=lambda e: _natural(e[0]))
+    entries = sorted(
+        [(r.run_dir, row, r.config) for r, row in zip(runs, rows)]
+        + [(f.run_dir, row, f.config) for f, row in zip(failed, frows)],
+        key=lambda e: _natural(e[0]),
+    )
     all_rows = [row for _, row, _ in entries]
     for row, label in zip(all_rows, run_labels(all_rows, [c for _, _, c in entries], [d for d, _, _ in entries])):
         row["label"] = label
     notes = {**notes, **fnotes}
     curves = [(row["label"], read_metrics(r.metrics_csv)) for row, r in zip(rows, runs)]
-    panels = curve_panels(curves, [r.results.get("method") for r in runs], [r.images_per_step for r in runs],
-                          [knn_protocol_label(*r.knn_protocol, r.knn_bank, "online") for r in runs])
+    panels = curve_panels(
+        curves,
+        [r.results.get("method") for r in runs],
+        [r.images_per_step for r in runs],
+        [knn_protocol_label(*r.knn_protocol, r.knn_bank, "online") for r in runs],
+    )
     files = {name: out_dir / name for name in ("comparison.md", "comparison.csv", "accuracy.png", "curves.png")}
     _write_text(files["comparison.md"], render_markdown(all_rows, notes, [str(p) for p in paths]))
     _write_text(files["comparison.csv"], render_csv(all_rows))
     series = plot_accuracy(all_rows, files["accuracy.png"], [r["label"] for r in all_rows])
     plot_curves(panels, files["curves.png"])
-    return {"rows": all_rows, "notes": notes, "curves": curves, "series": series, "panels": panels,
-            "files": {k: str(v) for k, v in files.items()}}
+    return {
+        "rows": all_rows,
+        "notes": notes,
+        "curves": curves,
+        "series": series,
+        "panels": panels,
+        "files": {k: str(v) for k, v in files.items()},
+    }

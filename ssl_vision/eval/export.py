@@ -52,17 +52,28 @@ def _resnet_stock(kw: dict[str, Any]) -> dict[str, Any]:
     default_width = (channels is None and float(kw.get("width", 1.0)) == 1.0) or list(channels or []) == _STOCK_WIDTHS
     why = []
     if small:
-        why.append(f"small-image stem (3x3 stride-1 conv, no max-pool; image_size {kw['image_size']} <= "
-                   f"{SMALL_STEM_MAX_SIZE} or small_stem=true)")
+        why.append(
+            f"small-image stem (3x3 stride-1 conv, no max-pool; image_size {kw['image_size']} <= "
+            f"{SMALL_STEM_MAX_SIZE} or small_stem=true)"
+        )
     if not default_width:
         why.append(f"scaled stage widths (width={kw.get('width')}, channels={channels})")
     if kw["in_chans"] != 3:
         why.append(f"in_chans={kw['in_chans']}")
-    note = ("loads into torchvision.models.{0}() with fc=Identity, strict=True".format(name) if not why else
-            "does NOT load into torchvision.models.{0}(): {1}; build it with create_backbone(**create_kwargs) "
-            "(same construction) instead".format(name, "; ".join(why)))
-    return {"library": "torchvision", "model": name, "kwargs": {}, "replace": {"fc": "torch.nn.Identity()"},
-            "loads_into_stock": not why, "stock_note": note}
+    note = (
+        "loads into torchvision.models.{0}() with fc=Identity, strict=True".format(name)
+        if not why
+        else "does NOT load into torchvision.models.{0}(): {1}; build it with create_backbone(**create_kwargs) "
+        "(same construction) instead".format(name, "; ".join(why))
+    )
+    return {
+        "library": "torchvision",
+        "model": name,
+        "kwargs": {},
+        "replace": {"fc": "torch.nn.Identity()"},
+        "loads_into_stock": not why,
+        "stock_note": note,
+    }
 
 
 def _timm_stock(kw: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -71,9 +82,14 @@ def _timm_stock(kw: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None:  # a ViT: image and patch size were adapted to the data
         kwargs.update(img_size=kw["image_size"], patch_size=int(patch[0]), dynamic_img_size=True)
-    return {"library": "timm", "model": timm_name, "kwargs": kwargs, "replace": {},
-            "loads_into_stock": True,
-            "stock_note": f"loads into timm.create_model({timm_name!r}, **stock.kwargs), strict=True"}
+    return {
+        "library": "timm",
+        "model": timm_name,
+        "kwargs": kwargs,
+        "replace": {},
+        "loads_into_stock": True,
+        "stock_note": f"loads into timm.create_model({timm_name!r}, **stock.kwargs), strict=True",
+    }
 
 
 def stock_model(create_kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -83,8 +99,9 @@ def stock_model(create_kwargs: dict[str, Any], model: nn.Module) -> dict[str, An
     return _timm_stock(create_kwargs, model)
 
 
-def export_backbone(checkpoint: str | Path, output_dir: str | Path | None = None,
-                    use_teacher: bool = False) -> dict[str, Any]:
+def export_backbone(
+    checkpoint: str | Path, output_dir: str | Path | None = None, use_teacher: bool = False
+) -> dict[str, Any]:
     """Write ``<stem>.backbone.safetensors`` and ``<stem>.backbone.json`` for a training checkpoint.
 
     Args:
@@ -103,18 +120,30 @@ def export_backbone(checkpoint: str | Path, output_dir: str | Path | None = None
         return write_backbone_files(target, model, dim, info, checkpoint)
 
 
-def backbone_sidecar(model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path,
-                     **extra: Any) -> dict[str, Any]:
+def backbone_sidecar(
+    model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path, **extra: Any
+) -> dict[str, Any]:
     """The export's JSON sidecar (see the module docstring) for ``model``; ``extra`` is added to it."""
-    return {"format": EXPORT_FORMAT, "backbone": info["backbone"], "create_kwargs": info["create_kwargs"],
-            "feature_dim": dim, "method": info["method"], "weights": info["weights"],
-            "weights_prefix": info["weights_prefix"], "stock": stock_model(info["create_kwargs"], model),
-            "data": info["data"], "source_checkpoint": str(Path(checkpoint).resolve()),
-            "global_step": info["global_step"], "epoch": info["epoch"], **extra}
+    return {
+        "format": EXPORT_FORMAT,
+        "backbone": info["backbone"],
+        "create_kwargs": info["create_kwargs"],
+        "feature_dim": dim,
+        "method": info["method"],
+        "weights": info["weights"],
+        "weights_prefix": info["weights_prefix"],
+        "stock": stock_model(info["create_kwargs"], model),
+        "data": info["data"],
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "global_step": info["global_step"],
+        "epoch": info["epoch"],
+        **extra,
+    }
 
 
-def write_backbone_files(target: Path, model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path,
-                         **extra: Any) -> dict[str, Any]:
+def write_backbone_files(
+    target: Path, model: nn.Module, dim: int, info: dict[str, Any], checkpoint: Path, **extra: Any
+) -> dict[str, Any]:
     """``target`` (safetensors, the backbone's state_dict) and its ``.json`` sidecar in the export format, which
     :func:`~ssl_vision.eval.checkpoints.load_backbone` and every evaluation tool read. ``extra`` goes into the
     sidecar. Existing files are kept under a stamped name; both are written to temporary names and renamed, with

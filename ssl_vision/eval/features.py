@@ -33,8 +33,17 @@ from ssl_vision.data.sampling import SeededViews
 from ssl_vision.eval.outputs import OPTION
 from ssl_vision.progress import progress as progress_bar
 
-__all__ = ["EvalData", "resolve_eval_data", "build_eval_splits", "build_eval_loaders", "augmented_loader",
-           "extract_features", "cached_features", "file_sha256", "resolve_device"]
+__all__ = [
+    "EvalData",
+    "resolve_eval_data",
+    "build_eval_splits",
+    "build_eval_loaders",
+    "augmented_loader",
+    "extract_features",
+    "cached_features",
+    "file_sha256",
+    "resolve_device",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +71,10 @@ class EvalData:
         required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
         missing = [n for n in required if n != "root" and values.get(n) is None]
         if missing:
-            raise ValueError(f"the data config lacks {missing} (have {sorted(values)}); pick a data set with "
-                             f"data=<name> or add the keys with +data.<key>=...")
+            raise ValueError(
+                f"the data config lacks {missing} (have {sorted(values)}); pick a data set with "
+                f"data=<name> or add the keys with +data.<key>=..."
+            )
         kw = {n: values[n] for n in fields if n in values}
         kw["mean"], kw["std"] = tuple(float(m) for m in kw["mean"]), tuple(float(s) for s in kw["std"])
         return cls(**kw)
@@ -74,11 +85,16 @@ def _datamodule_keys() -> set[str]:
     import inspect
 
     from ssl_vision.data import SSLDataModule
+
     return {n for n in inspect.signature(SSLDataModule.__init__).parameters if n != "self"}
 
 
-def resolve_eval_data(stored: Mapping[str, Any], override: Mapping[str, Any] | None, backbone_in_chans: int,
-                      backbone_image_size: int | None = None) -> EvalData:
+def resolve_eval_data(
+    stored: Mapping[str, Any],
+    override: Mapping[str, Any] | None,
+    backbone_in_chans: int,
+    backbone_image_size: int | None = None,
+) -> EvalData:
     """The checkpoint's data config ``stored`` with the keys of ``override`` replacing its values.
 
     ``override=None`` (``data: null`` in the tool configs) evaluates on the pretraining data; ``data=<name>`` gives a
@@ -101,8 +117,11 @@ def resolve_eval_data(stored: Mapping[str, Any], override: Mapping[str, Any] | N
     if data.in_chans != backbone_in_chans:
         raise ValueError(f"data.in_chans={data.in_chans} but the backbone was built for in_chans={backbone_in_chans}")
     if backbone_image_size is not None and data.image_size != backbone_image_size:
-        warnings.warn(f"evaluating at data.image_size={data.image_size} although the backbone was pretrained at "
-                      f"{backbone_image_size}", stacklevel=2)
+        warnings.warn(
+            f"evaluating at data.image_size={data.image_size} although the backbone was pretrained at "
+            f"{backbone_image_size}",
+            stacklevel=2,
+        )
     return data
 
 
@@ -118,9 +137,17 @@ def build_eval_splits(data: EvalData, train_subset: int | None = None, seed: int
     """Untransformed ``(PIL image, label)`` train and test splits; ``train_subset`` takes a fixed random subset.
 
     STL-10's unlabeled images are never used here (evaluation needs labels)."""
-    common = dict(root=data.root, download=data.download, image_size=data.image_size, in_chans=data.in_chans,
-                  num_classes=data.num_classes, synthetic_size=data.synthetic_size, train_dir=data.train_dir,
-                  val_dir=data.val_dir, stl_unlabeled=False)
+    common = dict(
+        root=data.root,
+        download=data.download,
+        image_size=data.image_size,
+        in_chans=data.in_chans,
+        num_classes=data.num_classes,
+        synthetic_size=data.synthetic_size,
+        train_dir=data.train_dir,
+        val_dir=data.val_dir,
+        stl_unlabeled=False,
+    )
     train = take_subset(build_dataset(data.name, "train", **common), train_subset, seed)
     test = build_dataset(data.name, "test", **common)
     for split, ds in (("train", train), ("test", test)):
@@ -132,26 +159,37 @@ def build_eval_splits(data: EvalData, train_subset: int | None = None, seed: int
 def _loader(ds: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=False,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
-def build_eval_loaders(data: EvalData, batch_size: int, num_workers: int, train_subset: int | None = None,
-                       seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def build_eval_loaders(
+    data: EvalData, batch_size: int, num_workers: int, train_subset: int | None = None, seed: int = 0
+) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders of ``(img (B, C, S, S), label (B,), index (B,))`` under the eval transform
     (resize / centre crop by ``eval_crop_ratio``, normalise); file order, no shuffle, no drop_last."""
     transform = build_eval_transform(data.image_size, data.in_chans, data.mean, data.std, data.eval_crop_ratio)
     train, test = build_eval_splits(data, train_subset, seed)
-    return (_loader(IndexedDataset(train, transform), batch_size, num_workers),
-            _loader(IndexedDataset(test, transform), batch_size, num_workers))
+    return (
+        _loader(IndexedDataset(train, transform), batch_size, num_workers),
+        _loader(IndexedDataset(test, transform), batch_size, num_workers),
+    )
 
 
 #: the linear probe's train augmentation (docs/reference.md §10.2): RandomResizedCrop + flip, no colour ops
 PROBE_AUGMENT = ViewSpec(scale=(0.08, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0, flip_p=0.5)
 
 
-def augmented_loader(train: Dataset, data: EvalData, epoch: int, seed: int, batch_size: int,
-                     num_workers: int) -> DataLoader:
+def augmented_loader(
+    train: Dataset, data: EvalData, epoch: int, seed: int, batch_size: int, num_workers: int
+) -> DataLoader:
     """RandomResizedCrop(image_size) + flip views of ``train`` for one ``epoch``, in file order; each sample's
     crop is drawn from ``(seed, epoch, index)``, so it is the same for any batch size and worker count."""
     transform = build_view_transform(PROBE_AUGMENT, data.image_size, data.in_chans, data.mean, data.std)
@@ -161,8 +199,9 @@ def augmented_loader(train: Dataset, data: EvalData, epoch: int, seed: int, batc
 
 # ---------------------------------------------------------------------------------------------- extraction
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device | str, progress: Any = False,
-                     desc: str = "features") -> tuple[Tensor, Tensor]:
+def extract_features(
+    backbone: nn.Module, loader: DataLoader, device: torch.device | str, progress: Any = False, desc: str = "features"
+) -> tuple[Tensor, Tensor]:
     """Run ``backbone`` over ``loader`` in ``eval()`` mode without gradients.
 
     Args:
@@ -210,8 +249,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def cached_features(cache: Path, fingerprint: dict[str, Any],
-                    compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, str]:
+def cached_features(
+    cache: Path, fingerprint: dict[str, Any], compute: Callable[[], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor, str]:
     """Features from ``cache`` when its stored ``fingerprint`` equals this one, else ``compute()`` and store.
 
     ``fingerprint`` is a dict of plain values (weights hash, student/teacher, data, split, transform). The cache
@@ -240,9 +280,14 @@ def cached_features(cache: Path, fingerprint: dict[str, Any],
         os.replace(tmp, cache)
     except OSError as exc:  # the cache only saves time: a read-only folder or a full disk must not lose the result
         tmp.unlink(missing_ok=True)
-        hint = (f"; set {OPTION}=<a writable folder> to cache features there" if exc.errno in
-                (errno.EACCES, errno.EPERM, errno.EROFS) else "")
-        print(f"[ssl_vision] feature cache {cache} not written ({exc.strerror or exc}){hint}; continuing without it",
-              flush=True)
+        hint = (
+            f"; set {OPTION}=<a writable folder> to cache features there"
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            else ""
+        )
+        print(
+            f"[ssl_vision] feature cache {cache} not written ({exc.strerror or exc}){hint}; continuing without it",
+            flush=True,
+        )
         return feats, labels, "not written"
     return feats, labels, status

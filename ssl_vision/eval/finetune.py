@@ -45,8 +45,17 @@ from ssl_vision.eval.features import PROBE_AUGMENT, EvalData, build_eval_splits,
 from ssl_vision.eval.linear import topk_accuracy
 from ssl_vision.optim import linear_scaled_lr, warmup_cosine
 
-__all__ = ["FinetuneSpec", "make_finetune_spec", "build_finetune_model", "build_optimizer", "build_mixup",
-           "set_lr", "lr_at", "finetune_backbone", "Classifier"]
+__all__ = [
+    "FinetuneSpec",
+    "make_finetune_spec",
+    "build_finetune_model",
+    "build_optimizer",
+    "build_mixup",
+    "set_lr",
+    "lr_at",
+    "finetune_backbone",
+    "Classifier",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,21 +68,23 @@ class FinetuneSpec:
     min_lr: float = 1e-6
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05
-    layer_decay: float | None = 0.65   # ViTs only; None: no layer decay
-    drop_path: float = 0.1             # ViTs only
+    layer_decay: float | None = 0.65  # ViTs only; None: no layer decay
+    drop_path: float = 0.1  # ViTs only
     smoothing: float = 0.1
-    mixup: float = 0.8                 # Beta(α, α) mixup; 0: off
-    cutmix: float = 1.0                # Beta(α, α) cutmix; 0: off
-    mixup_prob: float = 1.0            # probability of mixing a batch at all
-    mixup_switch_prob: float = 0.5     # probability of cutmix instead of mixup when both are on
-    reprob: float = 0.25               # random erasing probability
+    mixup: float = 0.8  # Beta(α, α) mixup; 0: off
+    cutmix: float = 1.0  # Beta(α, α) cutmix; 0: off
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    reprob: float = 0.25  # random erasing probability
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.min_lr < 0:
-            raise ValueError(f"fine-tuning needs epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, "
-                             f"min_lr >= 0; got {self.epochs}, {self.batch_size}, {self.lr}, {self.weight_decay}, "
-                             f"{self.min_lr}")
+            raise ValueError(
+                f"fine-tuning needs epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, "
+                f"min_lr >= 0; got {self.epochs}, {self.batch_size}, {self.lr}, {self.weight_decay}, "
+                f"{self.min_lr}"
+            )
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"finetuning.warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}]")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -84,17 +95,24 @@ class FinetuneSpec:
         if self.mixup < 0 or self.cutmix < 0:
             raise ValueError(f"finetuning.mixup / cutmix are Beta alphas >= 0, got {self.mixup}, {self.cutmix}")
         if self.mixes and self.batch_size % 2:
-            raise ValueError(f"mixup / cutmix pair each sample with the batch flipped: batch_size must be even, "
-                             f"got {self.batch_size}")
+            raise ValueError(
+                f"mixup / cutmix pair each sample with the batch flipped: batch_size must be even, "
+                f"got {self.batch_size}"
+            )
 
     @property
     def mixes(self) -> bool:
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
 
-def make_finetune_spec(recipe: Mapping[str, Any], lr: float | None = None, epochs: int | None = None,
-                       batch_size: int | None = None, weight_decay: float | None = None,
-                       seed: int = 0) -> FinetuneSpec:
+def make_finetune_spec(
+    recipe: Mapping[str, Any],
+    lr: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    seed: int = 0,
+) -> FinetuneSpec:
     """``recipe`` (``conf/linear.yaml: finetuning``) with the non-None overrides applied.
 
     Without an explicit ``lr`` (argument or ``recipe["lr"]``) the peak lr is ``blr × batch_size / 256`` (MAE).
@@ -108,8 +126,10 @@ def make_finetune_spec(recipe: Mapping[str, Any], lr: float | None = None, epoch
     if lr is None:
         lr = linear_scaled_lr(float(blr), int(r["batch_size"]), rule="linear")
     if float(r.get("warmup_epochs", 0)) > float(r["epochs"]):
-        raise ValueError(f"finetuning.warmup_epochs={r['warmup_epochs']} exceeds epochs={r['epochs']}; "
-                         f"set finetuning.warmup_epochs=... (or more epochs)")
+        raise ValueError(
+            f"finetuning.warmup_epochs={r['warmup_epochs']} exceeds epochs={r['epochs']}; "
+            f"set finetuning.warmup_epochs=... (or more epochs)"
+        )
     known = {f.name for f in dataclasses.fields(FinetuneSpec)}
     unknown = sorted(set(r) - known)
     if unknown:
@@ -129,8 +149,9 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_finetune_model(backbone: nn.Module, create_kwargs: Mapping[str, Any], num_classes: int,
-                         drop_path: float) -> tuple[nn.Module, bool]:
+def build_finetune_model(
+    backbone: nn.Module, create_kwargs: Mapping[str, Any], num_classes: int, drop_path: float
+) -> tuple[nn.Module, bool]:
     """A trainable copy of ``backbone`` with a fresh ``Linear(d, num_classes)`` head; returns ``(model, vit)``.
 
     The backbone is rebuilt from ``create_kwargs`` (as :func:`load_backbone` returns them) with
@@ -158,8 +179,7 @@ def build_optimizer(model: nn.Module, spec: FinetuneSpec, vit: bool) -> torch.op
     """AdamW via timm; layer decay (``lr_scale`` per group) for ViTs only. Groups carry ``lr_scale`` (1 when
     absent); :func:`set_lr` applies it."""
     layer_decay = spec.layer_decay if vit else None
-    return create_optimizer_v2(model, opt="adamw", lr=spec.lr, weight_decay=spec.weight_decay,
-                               layer_decay=layer_decay)
+    return create_optimizer_v2(model, opt="adamw", lr=spec.lr, weight_decay=spec.weight_decay, layer_decay=layer_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -179,9 +199,15 @@ def build_mixup(spec: FinetuneSpec, num_classes: int) -> Mixup | None:
     """timm's batch-mode Mixup / CutMix producing label-smoothed soft targets (B, C), or None when off."""
     if not spec.mixes:
         return None
-    return Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, prob=spec.mixup_prob,
-                 switch_prob=spec.mixup_switch_prob, mode="batch", label_smoothing=spec.smoothing,
-                 num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=spec.mixup,
+        cutmix_alpha=spec.cutmix,
+        prob=spec.mixup_prob,
+        switch_prob=spec.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=spec.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def _criterion(spec: FinetuneSpec) -> nn.Module:
@@ -201,9 +227,14 @@ def _train_loader(train: Dataset, data: EvalData, spec: FinetuneSpec, epoch: int
         ops.append(T.RandomErasing(p=spec.reprob, value="random"))  # noise on the normalised tensor, as MAE's
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
     keys = [(int(i), epoch) for i in order]  # SeededViews reads (index, epoch): same crop for any batch/workers
-    return DataLoader(SeededViews(train, T.Compose(ops), seed=spec.seed), batch_size=spec.batch_size,
-                      sampler=keys, drop_last=True, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        SeededViews(train, T.Compose(ops), seed=spec.seed),
+        batch_size=spec.batch_size,
+        sampler=keys,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 @torch.no_grad()
@@ -236,14 +267,22 @@ def _train(model, opt, loader_of, spec: FinetuneSpec, steps_per_epoch: int, mixu
             seen += x.shape[0]
         mean_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"fine-tuning: the loss became {mean_loss} in epoch {epoch}; lower the lr "
-                                     f"(now {spec.lr})")
+            raise FloatingPointError(
+                f"fine-tuning: the loss became {mean_loss} in epoch {epoch}; lower the lr (now {spec.lr})"
+            )
     return mean_loss, step
 
 
-def finetune_backbone(backbone: nn.Module, create_kwargs: Mapping[str, Any], data: EvalData, spec: FinetuneSpec,
-                      eval_batch_size: int = 256, num_workers: int = 0, device: str = "auto",
-                      train_subset: int | None = None) -> tuple[dict[str, Any], nn.Module]:
+def finetune_backbone(
+    backbone: nn.Module,
+    create_kwargs: Mapping[str, Any],
+    data: EvalData,
+    spec: FinetuneSpec,
+    eval_batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    train_subset: int | None = None,
+) -> tuple[dict[str, Any], nn.Module]:
     """Fine-tune a copy of ``backbone`` (from :func:`load_backbone`) plus a new head on ``data``'s train split.
 
     Args:
@@ -262,12 +301,19 @@ def finetune_backbone(backbone: nn.Module, create_kwargs: Mapping[str, Any], dat
     dev = resolve_device(device)
     train, test = build_eval_splits(data, train_subset, spec.seed)
     if len(train) < spec.batch_size:
-        raise ValueError(f"fine-tuning drops incomplete batches, and the train split has {len(train)} images < "
-                         f"batch_size={spec.batch_size}; lower finetuning.batch_size")
+        raise ValueError(
+            f"fine-tuning drops incomplete batches, and the train split has {len(train)} images < "
+            f"batch_size={spec.batch_size}; lower finetuning.batch_size"
+        )
     steps_per_epoch = len(train) // spec.batch_size
     eval_tf = build_eval_transform(data.image_size, data.in_chans, data.mean, data.std, data.eval_crop_ratio)
-    test_loader = DataLoader(IndexedDataset(test, eval_tf), batch_size=eval_batch_size, shuffle=False,
-                             num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    test_loader = DataLoader(
+        IndexedDataset(test, eval_tf),
+        batch_size=eval_batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
     np_state = np.random.get_state()  # timm's Mixup draws lambda / boxes from numpy's global RNG
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # seeded head init, drop-path, erasing; the caller's RNG is kept
@@ -278,15 +324,35 @@ def finetune_backbone(backbone: nn.Module, create_kwargs: Mapping[str, Any], dat
             model.to(dev)
             opt = build_optimizer(model, spec, vit)
             t0 = time.perf_counter()
-            loss, steps = _train(model, opt, lambda e: _train_loader(train, data, spec, e, num_workers), spec,
-                                 steps_per_epoch, build_mixup(spec, data.num_classes), dev)
+            loss, steps = _train(
+                model,
+                opt,
+                lambda e: _train_loader(train, data, spec, e, num_workers),
+                spec,
+                steps_per_epoch,
+                build_mixup(spec, data.num_classes),
+                dev,
+            )
             t1 = time.perf_counter()
             acc = _evaluate(model, test_loader, dev)
         finally:
             np.random.set_state(np_state)
-    results = {"rule": "last", **acc, "train_loss": loss, "epochs": spec.epochs, "steps": steps, "lr": spec.lr,
-               "layer_decay": spec.layer_decay if vit else None, "drop_path": spec.drop_path if vit else None,
-               "mixup": spec.mixes, "spec": dataclasses.asdict(spec), "train_samples": len(train),
-               "test_samples": len(test), "num_classes": data.num_classes, "train_s": round(t1 - t0, 3),
-               "eval_s": round(time.perf_counter() - t1, 3), "device": str(dev)}
+    results = {
+        "rule": "last",
+        **acc,
+        "train_loss": loss,
+        "epochs": spec.epochs,
+        "steps": steps,
+        "lr": spec.lr,
+        "layer_decay": spec.layer_decay if vit else None,
+        "drop_path": spec.drop_path if vit else None,
+        "mixup": spec.mixes,
+        "spec": dataclasses.asdict(spec),
+        "train_samples": len(train),
+        "test_samples": len(test),
+        "num_classes": data.num_classes,
+        "train_s": round(t1 - t0, 3),
+        "eval_s": round(time.perf_counter() - t1, 3),
+        "device": str(dev),
+    }
     return results, model

@@ -53,9 +53,7 @@ def _check_inputs(
     if test_features.shape[0] == 0:
         raise ValueError("knn: the test set is empty (test_features has 0 rows)")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"knn: feature dims differ: train {train_features.shape[1]} vs test {test_features.shape[1]}"
-        )
+        raise ValueError(f"knn: feature dims differ: train {train_features.shape[1]} vs test {test_features.shape[1]}")
     if num_classes < 1:
         raise ValueError(f"knn: num_classes must be >= 1, got {num_classes}")
     labelled = [("train_labels", train_labels, train_features.shape[0])]
@@ -68,9 +66,7 @@ def _check_inputs(
             raise ValueError(f"knn: {what} must be an integer tensor, got {y.dtype}")
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"knn: {what} must lie in [0, num_classes={num_classes}), found values in [{lo}, {hi}]"
-            )
+            raise ValueError(f"knn: {what} must lie in [0, num_classes={num_classes}), found values in [{lo}, {hi}]")
     if len(ks) == 0 or any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"knn: ks must be a non-empty sequence of positive integers, got {list(ks)}")
     if temperature <= 0:

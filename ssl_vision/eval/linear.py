@@ -34,13 +34,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_vision.eval.outputs import output_path
-from ssl_vision.eval.features import (EvalData, augmented_loader, build_eval_loaders, build_eval_splits,
-                                      cached_features, extract_features, file_sha256, resolve_device)
+from ssl_vision.eval.features import (
+    EvalData,
+    augmented_loader,
+    build_eval_loaders,
+    build_eval_splits,
+    cached_features,
+    extract_features,
+    file_sha256,
+    resolve_device,
+)
 from ssl_vision.optim import LARS, linear_scaled_lr, param_groups, warmup_cosine
 from ssl_vision.progress import progress as progress_bar
 
-__all__ = ["ProbeSpec", "make_probe_spec", "build_head", "train_linear_probe", "probe_checkpoint",
-           "topk_accuracy", "PROTOCOLS"]
+__all__ = [
+    "ProbeSpec",
+    "make_probe_spec",
+    "build_head",
+    "train_linear_probe",
+    "probe_checkpoint",
+    "topk_accuracy",
+    "PROTOCOLS",
+]
 
 PROTOCOLS = ("sgd_cosine", "sgd_step", "lars_bn")
 _SCHEDULES = ("cosine", "step")
@@ -53,9 +68,9 @@ class ProbeSpec:
     """One linear-probe recipe with every value explicit; ``lr`` is the absolute (already batch-scaled) lr."""
 
     protocol: str
-    optimizer: str            # sgd | lars
+    optimizer: str  # sgd | lars
     lr: float
-    schedule: str             # cosine | step
+    schedule: str  # cosine | step
     epochs: int
     batch_size: int
     weight_decay: float = 0.0
@@ -63,24 +78,34 @@ class ProbeSpec:
     nesterov: bool = False
     warmup_epochs: float = 0.0
     milestones: tuple[float, ...] = (0.6, 0.8)  # step schedule: fractions of the epochs where lr ×= 0.1
-    head_bn: bool = False     # BatchNorm1d(d, affine=False, eps=1e-6) before the Linear (MAE)
+    head_bn: bool = False  # BatchNorm1d(d, affine=False, eps=1e-6) before the Linear (MAE)
     trust_coefficient: float = 0.001
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in _OPTIMIZERS or self.schedule not in _SCHEDULES:
-            raise ValueError(f"probe optimizer must be one of {_OPTIMIZERS} and schedule one of {_SCHEDULES}, got "
-                             f"{self.optimizer!r}, {self.schedule!r}")
+            raise ValueError(
+                f"probe optimizer must be one of {_OPTIMIZERS} and schedule one of {_SCHEDULES}, got "
+                f"{self.optimizer!r}, {self.schedule!r}"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"probe needs epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got "
-                             f"{self.epochs}, {self.batch_size}, {self.lr}, {self.weight_decay}")
+            raise ValueError(
+                f"probe needs epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got "
+                f"{self.epochs}, {self.batch_size}, {self.lr}, {self.weight_decay}"
+            )
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
 
 
-def make_probe_spec(protocol: str, recipes: Mapping[str, Mapping[str, Any]], lr: float | None = None,
-                    epochs: int | None = None, batch_size: int | None = None, weight_decay: float | None = None,
-                    seed: int = 0) -> ProbeSpec:
+def make_probe_spec(
+    protocol: str,
+    recipes: Mapping[str, Mapping[str, Any]],
+    lr: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    seed: int = 0,
+) -> ProbeSpec:
     """The recipe ``recipes[protocol]`` with the non-None overrides applied.
 
     A recipe holds ``optimizer, base_lr, lr_scaling (linear | none), schedule, epochs, batch_size, weight_decay``
@@ -101,8 +126,10 @@ def make_probe_spec(protocol: str, recipes: Mapping[str, Mapping[str, Any]], lr:
     if weight_decay is not None:
         r["weight_decay"] = weight_decay
     if float(r.get("warmup_epochs", 0)) > float(r["epochs"]):
-        raise ValueError(f"protocol {protocol!r}: warmup_epochs={r['warmup_epochs']} exceeds epochs={r['epochs']}; "
-                         f"set protocols.{protocol}.warmup_epochs=... (or more epochs)")
+        raise ValueError(
+            f"protocol {protocol!r}: warmup_epochs={r['warmup_epochs']} exceeds epochs={r['epochs']}; "
+            f"set protocols.{protocol}.warmup_epochs=... (or more epochs)"
+        )
     if "milestones" in r:
         r["milestones"] = tuple(float(m) for m in r["milestones"])
     return ProbeSpec(protocol=protocol, lr=float(lr), batch_size=batch, seed=seed, **r)
@@ -120,12 +147,18 @@ def build_head(feature_dim: int, num_classes: int, bn: bool = False) -> nn.Modul
 
 def _optimizer(head: nn.Module, spec: ProbeSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(head.parameters(), lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            head.parameters(),
+            lr=spec.lr,
+            momentum=spec.momentum,
+            nesterov=spec.nesterov,
+            weight_decay=spec.weight_decay,
+        )
     # LARS as in MAE: the 1-D bias gets neither decay nor the trust ratio (param_groups marks it lars_exclude)
     groups = param_groups(head.named_parameters(), spec.weight_decay)
-    return LARS(groups, lr=spec.lr, momentum=spec.momentum, trust_coefficient=spec.trust_coefficient,
-                nesterov=spec.nesterov)
+    return LARS(
+        groups, lr=spec.lr, momentum=spec.momentum, trust_coefficient=spec.trust_coefficient, nesterov=spec.nesterov
+    )
 
 
 def lr_at(spec: ProbeSpec, step: int, steps_per_epoch: int) -> float:
@@ -135,7 +168,7 @@ def lr_at(spec: ProbeSpec, step: int, steps_per_epoch: int) -> float:
         return warmup_cosine(step, total, round(spec.warmup_epochs * steps_per_epoch), spec.lr)
     epoch = step // steps_per_epoch
     drops = sum(epoch >= round(m * spec.epochs) for m in spec.milestones)
-    return spec.lr * 0.1 ** drops
+    return spec.lr * 0.1**drops
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
@@ -150,7 +183,7 @@ def topk_accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
 @torch.no_grad()
 def _evaluate(head: nn.Module, feats: Tensor, labels: Tensor, chunk: int = 8192) -> dict[str, float]:
     head.eval()
-    logits = torch.cat([head(feats[s:s + chunk]) for s in range(0, feats.shape[0], chunk)])
+    logits = torch.cat([head(feats[s : s + chunk]) for s in range(0, feats.shape[0], chunk)])
     return topk_accuracy(logits.float().cpu(), labels.cpu())
 
 
@@ -166,10 +199,18 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, bn: bool) -> l
     return list(order.split(batch_size))[: _num_batches(n, batch_size, bn)]
 
 
-def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int,
-                       spec: ProbeSpec, device: torch.device | str = "cpu", report_best_on_test: bool = False,
-                       epoch_features: Callable[[int], tuple[Tensor, Tensor]] | None = None,
-                       progress: Any = False) -> dict[str, Any]:
+def train_linear_probe(
+    train_f: Tensor,
+    train_y: Tensor,
+    test_f: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    spec: ProbeSpec,
+    device: torch.device | str = "cpu",
+    report_best_on_test: bool = False,
+    epoch_features: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+    progress: Any = False,
+) -> dict[str, Any]:
     """Train ``build_head`` on features and report test top-1 / top-5 after the last epoch (rule ``"last"``).
 
     Args:
@@ -185,8 +226,9 @@ def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
         ``{"rule": "last", "top1", "top5", "train_loss", "train_top1", "epochs", "steps"}`` (+ ``best_on_test``).
     """
     if train_f.ndim != 2 or test_f.ndim != 2 or train_f.shape[1] != test_f.shape[1]:
-        raise ValueError(f"probe: features must be (N, D) and (M, D), got {tuple(train_f.shape)}, "
-                         f"{tuple(test_f.shape)}")
+        raise ValueError(
+            f"probe: features must be (N, D) and (M, D), got {tuple(train_f.shape)}, {tuple(test_f.shape)}"
+        )
     if spec.head_bn and train_f.shape[0] < 2:
         raise ValueError("probe: the BN head needs at least 2 training samples")
     device = torch.device(device)
@@ -221,8 +263,9 @@ def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
             seen += y.shape[0]
         loss_sum, correct = float(loss_sum), int(correct)
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"probe: the loss became {loss_sum} in epoch {epoch}; lower the lr "
-                                     f"(now {spec.lr})")
+            raise FloatingPointError(
+                f"probe: the loss became {loss_sum} in epoch {epoch}; lower the lr (now {spec.lr})"
+            )
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", refresh=False)
         if report_best_on_test and epoch < spec.epochs - 1:
@@ -230,8 +273,14 @@ def train_linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y:
             if best is None or acc["top1"] > best["top1"]:
                 best = {**acc, "epoch": epoch + 1}
     final = _evaluate(head, test_f, test_y)
-    out = {"rule": "last", **final, "train_loss": loss_sum / max(seen, 1),
-           "train_top1": 100.0 * correct / max(seen, 1), "epochs": spec.epochs, "steps": step}
+    out = {
+        "rule": "last",
+        **final,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_top1": 100.0 * correct / max(seen, 1),
+        "epochs": spec.epochs,
+        "steps": step,
+    }
     if report_best_on_test:
         if best is None or final["top1"] >= best["top1"]:
             best = {**final, "epoch": spec.epochs}
@@ -245,11 +294,23 @@ def _plain(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
 
 
-def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, backbone: nn.Module, info: dict,
-                     batch_size: int, num_workers: int, device: str = "auto", augment: bool = False,
-                     cache: bool = True, report_best_on_test: bool = False, train_subset: int | None = None,
-                     extract: Callable = extract_features, output_dir: str | Path | None = None,
-                     progress: Any = False) -> dict[str, Any]:
+def probe_checkpoint(
+    checkpoint: str | Path,
+    spec: ProbeSpec,
+    data: EvalData,
+    backbone: nn.Module,
+    info: dict,
+    batch_size: int,
+    num_workers: int,
+    device: str = "auto",
+    augment: bool = False,
+    cache: bool = True,
+    report_best_on_test: bool = False,
+    train_subset: int | None = None,
+    extract: Callable = extract_features,
+    output_dir: str | Path | None = None,
+    progress: Any = False,
+) -> dict[str, Any]:
     """Linear-probe a loaded, frozen ``backbone`` (from :func:`load_backbone`) on ``data``.
 
     ``batch_size`` / ``num_workers`` are for feature extraction (the probe's own batch is ``spec.batch_size``).
@@ -272,8 +333,10 @@ def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, ba
             return extract(backbone, progress_bar(loader, f"features {split}", progress, unit="batch"), dev)
         fp = {**weights_id, "data": data_id, "split": split, "transform": "eval"}
         f, y, status[split] = cached_features(
-            output_path(checkpoint, f".features.{split}.pt", output_dir), fp,
-            lambda: extract(backbone, progress_bar(loader, f"features {split}", progress, unit="batch"), dev))
+            output_path(checkpoint, f".features.{split}.pt", output_dir),
+            fp,
+            lambda: extract(backbone, progress_bar(loader, f"features {split}", progress, unit="batch"), dev),
+        )
         return f, y
 
     test_f, test_y = features("test", test_loader)
@@ -286,16 +349,28 @@ def probe_checkpoint(checkpoint: str | Path, spec: ProbeSpec, data: EvalData, ba
 
         def epoch_features(epoch: int) -> tuple[Tensor, Tensor]:
             loader = augmented_loader(train_ds, data, epoch, spec.seed, batch_size, num_workers)
-            return extract(backbone, progress_bar(loader, f"features train (augmented, epoch {epoch})", progress,
-                                                  unit="batch", leave=False), dev)
+            return extract(
+                backbone,
+                progress_bar(loader, f"features train (augmented, epoch {epoch})", progress, unit="batch", leave=False),
+                dev,
+            )
     else:
         train_f, train_y = features("train", train_loader)
     extract_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    res = train_linear_probe(train_f, train_y, test_f, test_y, data.num_classes, spec, dev, report_best_on_test,
-                             epoch_features, progress)
-    return {**res, "protocol": spec.protocol, "spec": _plain(dataclasses.asdict(spec)), "augment": augment,
-            "feature_cache": status, "train_samples": int(train_f.shape[0]), "test_samples": int(test_f.shape[0]),
-            "feature_dim": int(test_f.shape[1]), "num_classes": data.num_classes,
-            "extract_s": round(extract_s, 3), "train_s": round(time.perf_counter() - t1, 3)}
-
+    res = train_linear_probe(
+        train_f, train_y, test_f, test_y, data.num_classes, spec, dev, report_best_on_test, epoch_features, progress
+    )
+    return {
+        **res,
+        "protocol": spec.protocol,
+        "spec": _plain(dataclasses.asdict(spec)),
+        "augment": augment,
+        "feature_cache": status,
+        "train_samples": int(train_f.shape[0]),
+        "test_samples": int(test_f.shape[0]),
+        "feature_dim": int(test_f.shape[1]),
+        "num_classes": data.num_classes,
+        "extract_s": round(extract_s, 3),
+        "train_s": round(time.perf_counter() - t1, 3),
+    }

@@ -78,14 +78,16 @@ class OnlineEvaluator(nn.Linear):
         They are (re)attached at every call: moving the module to a device or loading a state_dict may replace the
         buffer tensors, and SGD updates whatever tensor its state holds, in place."""
         if self._optimizer is None:
-            self._optimizer = torch.optim.SGD(self.parameters(), lr=self.spec.probe_lr,
-                                              momentum=self.spec.probe_momentum, weight_decay=0.0)
+            self._optimizer = torch.optim.SGD(
+                self.parameters(), lr=self.spec.probe_lr, momentum=self.spec.probe_momentum, weight_decay=0.0
+            )
         self._optimizer.state[self.weight]["momentum_buffer"] = self.weight_momentum
         self._optimizer.state[self.bias]["momentum_buffer"] = self.bias_momentum
         return self._optimizer
 
-    def train_step(self, features: torch.Tensor, labels: torch.Tensor, labeled: int | None = None
-                   ) -> torch.Tensor | None:
+    def train_step(
+        self, features: torch.Tensor, labels: torch.Tensor, labeled: int | None = None
+    ) -> torch.Tensor | None:
         """One SGD step on ``features`` (N, D), detached here, and ``labels`` (N,) (-1: unlabeled, left out).
 
         ``labeled`` is the number of labels >= 0 when the caller counted it on the host (the data module does,
@@ -135,8 +137,15 @@ class OnlineEvaluator(nn.Linear):
         keep = bank_y >= 0
         ks = [int(k) for k in self.spec.knn_k]
         bank_f, bank_y = cat[0]["f"][keep].cpu(), bank_y[keep].cpu()
-        res = knn_accuracy(bank_f, bank_y, cat[1]["f"].cpu(), test_y.cpu(), num_classes=self.num_classes, ks=ks,
-                           temperature=self.spec.knn_temperature)
+        res = knn_accuracy(
+            bank_f,
+            bank_y,
+            cat[1]["f"].cpu(),
+            test_y.cpu(),
+            num_classes=self.num_classes,
+            ks=ks,
+            temperature=self.spec.knn_temperature,
+        )
         results = {}
         for i, k in enumerate(ks):
             prefix = "knn" if i == 0 else f"knn{k}"
@@ -149,8 +158,13 @@ class OnlineEvaluator(nn.Linear):
 
 def knn_protocol(ks: list[int], temperature: float, bank_size: int, test_size: int) -> dict[str, Any]:
     """The kNN protocol that goes with every reported kNN number (``results.json`` and ``tools/knn_eval.py``)."""
-    return {"k": int(ks[0]), "ks": [int(k) for k in ks], "temperature": float(temperature),
-            "bank_size": int(bank_size), "test_size": int(test_size)}
+    return {
+        "k": int(ks[0]),
+        "ks": [int(k) for k in ks],
+        "temperature": float(temperature),
+        "bank_size": int(bank_size),
+        "test_size": int(test_size),
+    }
 
 
 def upgrade_checkpoint(checkpoint: dict, prefix: str = "online_probe.") -> None:
@@ -159,8 +173,11 @@ def upgrade_checkpoint(checkpoint: dict, prefix: str = "online_probe.") -> None:
     evaluator's momentum buffers in the state_dict, in place; zeros where it had none (no step taken yet: the same
     next update). A checkpoint in the current layout, or without a probe, is left as it is."""
     state_dict = checkpoint.get("state_dict")
-    if (not isinstance(state_dict, dict) or f"{prefix}weight" not in state_dict
-            or f"{prefix}weight_momentum" in state_dict):
+    if (
+        not isinstance(state_dict, dict)
+        or f"{prefix}weight" not in state_dict
+        or f"{prefix}weight_momentum" in state_dict
+    ):
         return
     old = (checkpoint.get("ssl_vision") or {}).pop(_OLD_OPTIMIZER_KEY, None) or {}
     saved = old.get("state") or {}
@@ -168,6 +185,8 @@ def upgrade_checkpoint(checkpoint: dict, prefix: str = "online_probe.") -> None:
         buf = (saved.get(index) or {}).get("momentum_buffer")
         param = state_dict[f"{prefix}{name}"]
         if buf is not None and tuple(buf.shape) != tuple(param.shape):
-            raise ValueError(f"checkpoint['ssl_vision']['probe_optimizer']: momentum buffer {index} has shape "
-                             f"{tuple(buf.shape)}, the probe's {name} {tuple(param.shape)}")
+            raise ValueError(
+                f"checkpoint['ssl_vision']['probe_optimizer']: momentum buffer {index} has shape "
+                f"{tuple(buf.shape)}, the probe's {name} {tuple(param.shape)}"
+            )
         state_dict[f"{prefix}{name}_momentum"] = torch.zeros_like(param) if buf is None else buf.to(param)

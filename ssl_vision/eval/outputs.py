@@ -25,9 +25,19 @@ from safetensors.torch import save_file
 
 from ssl_vision.run_record import keep_previous, write_json_atomic
 
-__all__ = ["OutputNotWritable", "output_path", "explain_write_errors", "publish", "exit_on_unwritable_output",
-           "writable", "warn_if_unwritable", "default_file_mode", "save_safetensors_atomic", "write_result_json",
-           "OPTION"]
+__all__ = [
+    "OutputNotWritable",
+    "output_path",
+    "explain_write_errors",
+    "publish",
+    "exit_on_unwritable_output",
+    "writable",
+    "warn_if_unwritable",
+    "default_file_mode",
+    "save_safetensors_atomic",
+    "write_result_json",
+    "OPTION",
+]
 
 #: the config key of every evaluation tool that moves its outputs away from the checkpoint
 OPTION = "output_dir"
@@ -63,8 +73,10 @@ def _message(path: Path, exc: OSError, output_dir_set: bool) -> str:
     if output_dir_set:
         hint = f"choose another folder with {OPTION}=<a writable folder>"
     else:
-        hint = (f"it is the checkpoint's directory: set {OPTION}=<a writable folder> (e.g. {OPTION}=$HOME/ssl_eval) "
-                f"to write the results there instead")
+        hint = (
+            f"it is the checkpoint's directory: set {OPTION}=<a writable folder> (e.g. {OPTION}=$HOME/ssl_eval) "
+            f"to write the results there instead"
+        )
     return f"cannot write {path} ({why}): {where} is not writable for this user; {hint}"
 
 
@@ -85,8 +97,13 @@ def explain_write_errors(path: str | Path, output_dir_set: bool = False) -> Iter
         raise OutputNotWritable(exc.errno or errno.EACCES, _message(failed, exc, output_dir_set)) from exc
 
 
-def publish(line: str, write: Callable[[], T], path: str | Path, output_dir_set: bool = False,
-            wrote: list[str | Path] | None = None) -> T:
+def publish(
+    line: str,
+    write: Callable[[], T],
+    path: str | Path,
+    output_dir_set: bool = False,
+    wrote: list[str | Path] | None = None,
+) -> T:
     """Write a tool's files with ``write()``, then print ``[ssl_vision] wrote ...`` and ``line`` (the result JSON)
     as the last line of stdout.
 
@@ -128,8 +145,10 @@ def warn_if_unwritable(path: str | Path, output_dir_set: bool = False) -> bool:
     if writable(folder):
         return True
     hint = f"choose another {OPTION}=..." if output_dir_set else f"set {OPTION}=<a writable folder> to save it"
-    print(f"[ssl_vision] note: {folder} is not writable: the result will be printed but cannot be saved there; {hint}",
-          flush=True)
+    print(
+        f"[ssl_vision] note: {folder} is not writable: the result will be printed but cannot be saved there; {hint}",
+        flush=True,
+    )
     return False
 
 
@@ -146,8 +165,9 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_safetensors_atomic(state: Mapping[str, torch.Tensor], path: str | Path,
-                            metadata: Mapping[str, str] | None = None) -> Path:
+def save_safetensors_atomic(
+    state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> Path:
     """``safetensors.torch.save_file`` to a temporary name beside ``path``, given the umask's mode (the library
     creates ``0o600`` files), then renamed onto ``path``: never half-written; the temporary file is removed on
     failure."""

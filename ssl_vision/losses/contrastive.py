@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
-def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, z_a_all: torch.Tensor | None = None,
-            z_b_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+def nt_xent(
+    z_a: torch.Tensor,
+    z_b: torch.Tensor,
+    temperature: float,
+    z_a_all: torch.Tensor | None = None,
+    z_b_all: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """SimCLR's NT-Xent (Chen et al. 2020, https://arxiv.org/abs/2002.05709), mean over the 2N local anchors.
 
     Args:
@@ -26,24 +32,27 @@ def nt_xent(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, z_a_all: t
     Returns the mean of ℓ over the 2N local anchors (lightly/solo convention; the TF code reports 2×).
     """
     if z_a.shape != z_b.shape or z_a.ndim != 2:
-        raise ValueError(f"nt_xent expects two (N, D) tensors of equal shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+        raise ValueError(
+            f"nt_xent expects two (N, D) tensors of equal shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+        )
     z_a_all = z_a if z_a_all is None else z_a_all
     z_b_all = z_b if z_b_all is None else z_b_all
     n, big_b = z_a.shape[0], z_a_all.shape[0]
     if big_b < 2:
         raise ValueError("nt_xent needs at least 2 samples in the (global) batch to have a negative")
-    anchors = F.normalize(torch.cat([z_a, z_b]), dim=1)                   # (2N, D)
-    keys = F.normalize(torch.cat([z_a_all, z_b_all]), dim=1)              # (2B, D)
-    logits = anchors @ keys.T / temperature                               # (2N, 2B)
-    local = torch.arange(n, device=z_a.device) + offset                   # global index of local sample
-    self_idx = torch.cat([local, local + big_b])                          # where each anchor sits in keys
-    pos_idx = torch.cat([local + big_b, local])                           # its other view
+    anchors = F.normalize(torch.cat([z_a, z_b]), dim=1)  # (2N, D)
+    keys = F.normalize(torch.cat([z_a_all, z_b_all]), dim=1)  # (2B, D)
+    logits = anchors @ keys.T / temperature  # (2N, 2B)
+    local = torch.arange(n, device=z_a.device) + offset  # global index of local sample
+    self_idx = torch.cat([local, local + big_b])  # where each anchor sits in keys
+    pos_idx = torch.cat([local + big_b, local])  # its other view
     logits = logits.masked_fill(F.one_hot(self_idx, 2 * big_b).bool(), float("-inf"))
     return F.cross_entropy(logits.float(), pos_idx)
 
 
-def multi_positive_nt_xent(z_local: torch.Tensor, temperature: float, z_all: torch.Tensor | None = None,
-                           offset: int = 0) -> torch.Tensor:
+def multi_positive_nt_xent(
+    z_local: torch.Tensor, temperature: float, z_all: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
     """NT-Xent for V ≥ 2 views (multi-crop SimCLR, solo-learn's ``simclr_loss_func`` with indexes).
 
     Every other view of the same image is a positive: for anchor (v, i),
@@ -61,14 +70,14 @@ def multi_positive_nt_xent(z_local: torch.Tensor, temperature: float, z_all: tor
     z_all = z_local if z_all is None else z_all
     v, n, _ = z_local.shape
     big_b = z_all.shape[1]
-    anchors = F.normalize(z_local.reshape(v * n, -1), dim=1)                 # (V·N, D), view-major
-    keys = F.normalize(z_all.reshape(v * big_b, -1), dim=1)                  # (V·B, D), view-major
-    logits = (anchors @ keys.T).float() / temperature                         # (V·N, V·B)
+    anchors = F.normalize(z_local.reshape(v * n, -1), dim=1)  # (V·N, D), view-major
+    keys = F.normalize(z_all.reshape(v * big_b, -1), dim=1)  # (V·B, D), view-major
+    logits = (anchors @ keys.T).float() / temperature  # (V·N, V·B)
     local = torch.arange(n, device=z_local.device) + offset
     sample_of_key = torch.arange(v * big_b, device=z_local.device) % big_b
     view_of_anchor = torch.arange(v, device=z_local.device).repeat_interleave(n)
     view_of_key = torch.arange(v * big_b, device=z_local.device) // big_b
-    same_sample = sample_of_key[None, :] == local.repeat(v)[:, None]          # (V·N, V·B)
+    same_sample = sample_of_key[None, :] == local.repeat(v)[:, None]  # (V·N, V·B)
     self_mask = same_sample & (view_of_key[None, :] == view_of_anchor[:, None])
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_denominator = torch.logsumexp(logits, dim=1)

@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
-def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                       student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
+def dino_cross_entropy(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
     """Cross-entropy between centred, sharpened teacher distributions and student distributions.
 
     ``P_t = softmax((g_t − c)/τ_t)`` (detached), ``P_s = softmax(g_s/τ_s)``;
@@ -27,12 +32,16 @@ def dino_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, center: tor
     Returns a float32 scalar (float64 when the logits are float64): computed in at least float32 under autocast.
     """
     if student.ndim != 3 or teacher.ndim != 3 or student.shape[1:] != teacher.shape[1:]:
-        raise ValueError(f"dino_cross_entropy expects student (V, N, K) and teacher (G, N, K) with matching N, K; "
-                         f"got {tuple(student.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(
+            f"dino_cross_entropy expects student (V, N, K) and teacher (G, N, K) with matching N, K; "
+            f"got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     num_crops, num_global = student.shape[0], teacher.shape[0]
     if num_global > num_crops or num_crops < 2:
-        raise ValueError(f"DINO needs >= 2 student crops and no more teacher crops than student crops; got "
-                         f"{num_crops} student and {num_global} teacher crops")
+        raise ValueError(
+            f"DINO needs >= 2 student crops and no more teacher crops than student crops; got "
+            f"{num_crops} student and {num_global} teacher crops"
+        )
     dtype = torch.promote_types(student.dtype, torch.float32)
     p_t = F.softmax((teacher.detach().to(dtype) - center.to(dtype).reshape(1, 1, -1)) / teacher_temp, dim=-1)
     log_p_s = F.log_softmax(student.to(dtype) / student_temp, dim=-1)

@@ -30,10 +30,10 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
     if temperature <= 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-    l_pos = (q * k).sum(dim=1, keepdim=True)                              # (N, 1)
-    l_neg = q @ queue.float()                                             # (N, K)
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature               # (N, 1 + K)
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)   # the positive sits in column 0
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.float()  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # (N, 1 + K)
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # the positive sits in column 0
     return F.cross_entropy(logits, labels)
 
 
@@ -52,13 +52,14 @@ def moco_v3_contrastive(q: torch.Tensor, k_all: torch.Tensor, temperature: float
             keys as its positives).
     """
     if q.ndim != 2 or k_all.ndim != 2 or q.shape[1] != k_all.shape[1]:
-        raise ValueError(f"moco_v3_contrastive expects q (N, D) and k_all (B, D), got {tuple(q.shape)} and "
-                         f"{tuple(k_all.shape)}")
+        raise ValueError(
+            f"moco_v3_contrastive expects q (N, D) and k_all (B, D), got {tuple(q.shape)} and {tuple(k_all.shape)}"
+        )
     n = q.shape[0]
     if not 0 <= offset <= k_all.shape[0] - n:
         raise ValueError(f"moco_v3_contrastive: offset {offset} + N={n} exceeds the {k_all.shape[0]} gathered keys")
     if temperature <= 0:
         raise ValueError(f"moco_v3_contrastive: temperature must be > 0, got {temperature}")
-    logits = F.normalize(q.float(), dim=1) @ F.normalize(k_all.float(), dim=1).T / temperature   # (N, B)
+    logits = F.normalize(q.float(), dim=1) @ F.normalize(k_all.float(), dim=1).T / temperature  # (N, B)
     labels = torch.arange(n, device=q.device) + offset
     return F.cross_entropy(logits, labels) * (2.0 * temperature)

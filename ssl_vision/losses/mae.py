@@ -32,8 +32,10 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], in
     gh, gw = grid
     p, c = patch_size, in_chans
     if length != gh * gw or dim != p * p * c:
-        raise ValueError(f"patches of shape {tuple(patches.shape)} do not fit grid {gh}x{gw}, patch_size={p}, "
-                         f"in_chans={c}: expected (N, {gh * gw}, {p * p * c})")
+        raise ValueError(
+            f"patches of shape {tuple(patches.shape)} do not fit grid {gh}x{gw}, patch_size={p}, "
+            f"in_chans={c}: expected (N, {gh * gw}, {p * p * c})"
+        )
     x = patches.reshape(n, gh, gw, p, p, c)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(n, c, gh * p, gw * p)
@@ -58,8 +60,9 @@ def normalize_patches(target: torch.Tensor, eps: float = NORM_PIX_EPS) -> torch.
     return (target - mean) / (var + eps).sqrt()
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True,
-               eps: float = NORM_PIX_EPS) -> torch.Tensor:
+def masked_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True, eps: float = NORM_PIX_EPS
+) -> torch.Tensor:
     """MAE loss: per-patch MSE averaged over the **masked** patches only.
 
     ``L = Σ_{n,i} M_{n,i} · mean_d (pred − t)²_{n,i,d} / Σ_{n,i} M_{n,i}`` with ``t`` the patchified image,

@@ -64,14 +64,17 @@ def nce_loss(logits: torch.Tensor, z: torch.Tensor | float, num_samples: int, ep
         z = torch.tensor(z, dtype=torch.float32, device=logits.device)
     else:  # checked on the device, never read back (a per-step read would stall the host on a GPU)
         z = z.to(dtype=torch.float32, device=logits.device)
-        check_on_device(~(z <= 0), "the partition constant Z must be > 0 (a tensor Z is checked on its device, so "
-                                   "its value cannot be shown here)")
+        check_on_device(
+            ~(z <= 0),
+            "the partition constant Z must be > 0 (a tensor Z is checked on its device, so "
+            "its value cannot be shown here)",
+        )
     m = logits.shape[1] - 1
-    noise_mass = m / num_samples                               # m · P_n
-    log_p = logits.float() - z.log()                           # log P(i|f), exact even where P underflows
+    noise_mass = m / num_samples  # m · P_n
+    log_p = logits.float() - z.log()  # log P(i|f), exact even where P underflows
     log_denom = torch.logaddexp(log_p, log_p.new_tensor(noise_mass + eps).log())  # log(P + m·P_n + eps)
-    log_h_pos = log_p[:, 0] - log_denom[:, 0]                  # log h(pos, f)
-    log_1mh_noise = math.log(noise_mass) - log_denom[:, 1:]    # log(1 − h(j, f))
+    log_h_pos = log_p[:, 0] - log_denom[:, 0]  # log h(pos, f)
+    log_1mh_noise = math.log(noise_mass) - log_denom[:, 1:]  # log(1 − h(j, f))
     return -(log_h_pos.sum() + log_1mh_noise.sum()) / logits.shape[0]
 
 
@@ -82,6 +85,8 @@ def bank_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     ``L = −(1/N) Σ_b log( exp(s_{b, i_b}) / Σ_j exp(s_{b, j}) )``, in float32.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"bank_softmax_loss expects (N, n) logits and (N,) targets, got {tuple(logits.shape)} "
-                         f"and {tuple(targets.shape)}")
+        raise ValueError(
+            f"bank_softmax_loss expects (N, n) logits and (N,) targets, got {tuple(logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
     return F.cross_entropy(logits.float(), targets)

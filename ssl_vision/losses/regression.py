@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 def _check_pair(p: torch.Tensor, z: torch.Tensor, fn: str) -> None:
     if p.ndim != 2 or p.shape != z.shape:
-        raise ValueError(f"{fn} expects prediction and target of equal shape (N, D), "
-                         f"got {tuple(p.shape)} and {tuple(z.shape)}")
+        raise ValueError(
+            f"{fn} expects prediction and target of equal shape (N, D), got {tuple(p.shape)} and {tuple(z.shape)}"
+        )
     if p.shape[0] == 0:
         raise ValueError(f"{fn} got an empty batch")
 

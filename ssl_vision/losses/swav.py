@@ -21,9 +21,13 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
-                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
-                   world_size: int = 1) -> torch.Tensor:
+def sinkhorn_knopp(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    world_size: int = 1,
+) -> torch.Tensor:
     """Soft assignment of N local samples to K prototypes with equal prototype mass over the *global* batch.
 
     Algorithm of docs/reference.md §5 (official ``distributed_sinkhorn``), on ``Q = exp(scores/ε)ᵀ`` (K × N):
@@ -50,20 +54,21 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
         raise ValueError(f"sinkhorn epsilon must be > 0 (SwAV: 0.05), got {epsilon}")
     if iterations < 1:
         raise ValueError(f"sinkhorn iterations must be >= 1 (SwAV: 3), got {iterations}")
-    q = torch.exp(scores.float() / epsilon).t()            # (K, N)
+    q = torch.exp(scores.float() / epsilon).t()  # (K, N)
     k, b = q.shape[0], q.shape[1] * world_size
     q /= all_reduce_sum(q.sum())
     for _ in range(iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))     # each prototype gets total mass 1/K ...
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K ...
         q /= k
-        q /= q.sum(dim=0, keepdim=True)                     # ... each sample total mass 1/B
+        q /= q.sum(dim=0, keepdim=True)  # ... each sample total mass 1/B
         q /= b
-    q *= b                                                  # codes: every sample's column sums to 1
+    q *= b  # codes: every sample's column sums to 1
     return q.t()
 
 
-def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, assigned: Sequence[int],
-                       temperature: float = 0.1) -> torch.Tensor:
+def swapped_prediction(
+    scores: torch.Tensor, codes: torch.Tensor, assigned: Sequence[int], temperature: float = 0.1
+) -> torch.Tensor:
     """SwAV's swapped prediction loss (docs/reference.md §5).
 
     ``L = (1/|A|) Σ_{s∈A} (1/(V−1)) Σ_{t≠s} mean_b[ −Σ_k q_{s,b,k} · log softmax(scores_{t,b}/τ)_k ]``
@@ -77,15 +82,19 @@ def swapped_prediction(scores: torch.Tensor, codes: torch.Tensor, assigned: Sequ
     Returns a scalar (float32).
     """
     if scores.ndim != 3 or codes.ndim != 3 or codes.shape[1:] != scores.shape[1:]:
-        raise ValueError(f"swapped_prediction expects scores (V, N, K) and codes (A, N, K) with matching N, K; got "
-                         f"{tuple(scores.shape)} and {tuple(codes.shape)}")
+        raise ValueError(
+            f"swapped_prediction expects scores (V, N, K) and codes (A, N, K) with matching N, K; got "
+            f"{tuple(scores.shape)} and {tuple(codes.shape)}"
+        )
     num_crops = scores.shape[0]
     if len(assigned) != codes.shape[0] or num_crops < 2:
-        raise ValueError(f"need one code tensor per assigned crop and >= 2 crops; got {len(assigned)} assigned "
-                         f"crops, {codes.shape[0]} code tensors, {num_crops} crops")
+        raise ValueError(
+            f"need one code tensor per assigned crop and >= 2 crops; got {len(assigned)} assigned "
+            f"crops, {codes.shape[0]} code tensors, {num_crops} crops"
+        )
     if any(not 0 <= s < num_crops for s in assigned):
         raise ValueError(f"assigned crop indices {list(assigned)} must lie in [0, {num_crops})")
-    log_p = F.log_softmax(scores.float() / temperature, dim=-1)                # (V, N, K)
+    log_p = F.log_softmax(scores.float() / temperature, dim=-1)  # (V, N, K)
     total = scores.new_zeros((), dtype=torch.float32)
     for q, s in zip(codes.float(), assigned):
         others = [t for t in range(num_crops) if t != s]

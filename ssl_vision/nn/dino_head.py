@@ -26,7 +26,7 @@ class WeightNormLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, freeze_g: bool = True):
         super().__init__()
         v = nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone()
-        self.weight_v = nn.Parameter(v)                                   # (out, in)
+        self.weight_v = nn.Parameter(v)  # (out, in)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_g)
 
     @property
@@ -40,8 +40,16 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """(B, in_dim) -> (B, out_dim) logits; see the module docstring. ``last_layer`` is what DINO freezes early on."""
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
         if out_dim < 2:
             raise ValueError(f"DINO head out_dim (number of prototypes K) must be >= 2, got {out_dim}")

@@ -11,9 +11,20 @@ from __future__ import annotations
 from torch import nn
 
 
-def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *, bn: bool = True,
-              last_bn: bool = False, last_bn_affine: bool = True, last_bn_shift: bool = True,
-              last_bias: bool = True, act: type[nn.Module] = nn.ReLU, init_std: float | None = None) -> nn.Sequential:
+def build_mlp(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int,
+    *,
+    bn: bool = True,
+    last_bn: bool = False,
+    last_bn_affine: bool = True,
+    last_bn_shift: bool = True,
+    last_bias: bool = True,
+    act: type[nn.Module] = nn.ReLU,
+    init_std: float | None = None,
+) -> nn.Sequential:
     """``num_layers`` Linear layers: (Linear → [BN] → act) × (num_layers − 1) → Linear → [BN].
 
     Hidden Linears carry a bias only without BN (a bias before BN is redundant, as in SimCLR's ``use_bias=not bn``).
@@ -52,8 +63,17 @@ def simclr_projector(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int
     the official code's default). As the official code (``model_util.py: projection_head``): every layer Linear → BN
     (Linear without bias before BN), weights N(0, 0.01), the last BN without its shift β (``center=False``).
     ``num_layers`` = 2 for v1, 3 for v2."""
-    return build_mlp(in_dim, hidden_dim, out_dim, num_layers, bn=True, last_bn=True, last_bn_shift=False,
-                     last_bias=False, init_std=0.01)
+    return build_mlp(
+        in_dim,
+        hidden_dim,
+        out_dim,
+        num_layers,
+        bn=True,
+        last_bn=True,
+        last_bn_shift=False,
+        last_bias=False,
+        init_std=0.01,
+    )
 
 
 def moco_v1_head(in_dim: int, out_dim: int = 128) -> nn.Linear:
@@ -73,17 +93,20 @@ def moco_v3_projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, n
     4096-d and are with ReLU; the output layers of both MLPs are 256-d, without ReLU. In MoCo v3, all layers in both
     MLPs have BN". As the official ``builder.py: _build_mlp``: Linears without bias, the last BN without affine.
     3 layers for ViTs (the paper), 2 for the ResNet-50 recipe (official CONFIG.md)."""
-    return build_mlp(in_dim, hidden_dim, out_dim, num_layers, bn=True, last_bn=True, last_bn_affine=False,
-                     last_bias=False)
+    return build_mlp(
+        in_dim, hidden_dim, out_dim, num_layers, bn=True, last_bn=True, last_bn_affine=False, last_bias=False
+    )
 
 
-def moco_v3_predictor(in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2,
-                      last_bn: bool = False) -> nn.Sequential:
+def moco_v3_predictor(
+    in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256, num_layers: int = 2, last_bn: bool = False
+) -> nn.Sequential:
     """MoCo v3's prediction head (appendix "MLP heads"): "the prediction head is a 2-layer MLP", the same block
     layout as :func:`moco_v3_projector`; its output BN (without affine) is the ViT recipe's (``last_bn=True``), the
     official ResNet-50 predictor has none (``builder.py: MoCo_ResNet._build_projector_and_predictor_mlps``)."""
-    return build_mlp(in_dim, hidden_dim, out_dim, num_layers, bn=True, last_bn=last_bn, last_bn_affine=False,
-                     last_bias=False)
+    return build_mlp(
+        in_dim, hidden_dim, out_dim, num_layers, bn=True, last_bn=last_bn, last_bn_affine=False, last_bias=False
+    )
 
 
 def byol_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequential:
@@ -95,8 +118,12 @@ def byol_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequ
     LARS like every 1-D tensor), and the last Linear has none; BN keeps torch's defaults (momentum 0.1 = haiku decay
     0.9, eps 1e-5), as in the official config. Written out: ``build_mlp`` drops a bias before BN.
     """
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=True), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim, bias=False))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=True),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+    )
 
 
 def simsiam_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, num_layers: int = 3) -> nn.Sequential:
@@ -110,8 +137,10 @@ def simsiam_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048, 
     Being frozen, it never reaches the optimizer (``param_groups`` skips it).
     """
     if num_layers < 2:
-        raise ValueError(f"SimSiam's projector needs at least 2 layers (3 on ImageNet, 2 in the paper's CIFAR "
-                         f"variant), got proj_layers={num_layers}")
+        raise ValueError(
+            f"SimSiam's projector needs at least 2 layers (3 on ImageNet, 2 in the paper's CIFAR "
+            f"variant), got proj_layers={num_layers}"
+        )
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
@@ -129,8 +158,12 @@ def simsiam_predictor(dim: int = 2048, hidden_dim: int = 512) -> nn.Sequential:
     (z and p) is d = 2048, and h's hidden layer's dimension is 512, making h a bottleneck structure".
     Linear(dim, hidden, no bias) → BN → ReLU → Linear(hidden, dim) with bias (BN at the predictor output changes
     SimSiam's behaviour, docs/reference.md §7)."""
-    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, dim, bias=True))
+    return nn.Sequential(
+        nn.Linear(dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, dim, bias=True),
+    )
 
 
 def swav_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:

@@ -116,9 +116,10 @@ class KeyQueue(nn.Module):
             raise ValueError(
                 f"MoCo queue size K={k} is not a multiple of the global batch B={b} (per-process batch × processes, "
                 f"× 2 with the symmetric loss); set method.kwargs.queue_size to a multiple of B{hint} "
-                f"or change data.batch_size so that B divides K")
+                f"or change data.batch_size so that B divides K"
+            )
         p = self.host_ptr()
-        self.queue[:, p:p + b] = keys.detach().T.to(self.queue.dtype)
+        self.queue[:, p : p + b] = keys.detach().T.to(self.queue.dtype)
         self._ptr.write(self.ptr, (p + b) % k)
 
 
@@ -144,8 +145,9 @@ def write_bank_rows_(bank: torch.Tensor, indices: torch.Tensor, features: torch.
     bank[indices] = momentum_bank_rows(bank[indices], features.to(bank.dtype), momentum)
 
 
-def bank_scores(f: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
-                gather_rows: bool | None = None) -> torch.Tensor:
+def bank_scores(
+    f: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor, gather_rows: bool | None = None
+) -> torch.Tensor:
     """``v_{cols[b,k]} · f_b`` for every anchor b and column k: (N, d), (n, d), (N, K) -> (N, K).
 
     Two exact ways: gather the N·K bank rows and take batched dot products (the official code; memory N·K·d),
@@ -164,7 +166,7 @@ def rank_block(queue: torch.Tensor, index: int, rank: int, world: int) -> torch.
     """(L/W, E): the block of SwAV's queue (A, L, E) that process ``rank`` of ``world`` uses for assigned crop
     ``index`` (the official per-rank queue of L/W rows)."""
     per_rank = queue.shape[1] // world
-    return queue[index, rank * per_rank:(rank + 1) * per_rank]
+    return queue[index, rank * per_rank : (rank + 1) * per_rank]
 
 
 @torch.no_grad()
@@ -174,7 +176,7 @@ def push_rank_blocks_(queue: torch.Tensor, new: torch.Tensor, world: int) -> Non
     process writes every block, so the queue is identical on all of them (and rank 0's checkpoint holds them all)."""
     a, length, e = queue.shape
     n = new.shape[0] // world
-    new = new.view(world, n, a, e).permute(2, 0, 1, 3)                  # (A, W, N, E)
+    new = new.view(world, n, a, e).permute(2, 0, 1, 3)  # (A, W, N, E)
     blocks = queue.view(a, world, length // world, e)
     blocks[:, :, n:] = blocks[:, :, :-n].clone()
     blocks[:, :, :n] = new.to(blocks.dtype)

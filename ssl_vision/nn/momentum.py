@@ -23,8 +23,10 @@ from ssl_vision.optim import cosine_between
 
 #: earlier names of ``method.kwargs.momentum``, per method: a config that still sets one gets an error naming the new
 #: key instead of an "unexpected keyword" (see :func:`ssl_vision.objectives.build_objective`)
-RENAMED_KWARGS: dict[str, dict[str, str]] = {"byol": {"base_momentum": "momentum"},
-                                             "dino": {"momentum_teacher": "momentum"}}
+RENAMED_KWARGS: dict[str, dict[str, str]] = {
+    "byol": {"base_momentum": "momentum"},
+    "dino": {"momentum_teacher": "momentum"},
+}
 
 #: when the teacher is updated: after each optimizer step (BYOL, DINO: the official training loops) or at the start
 #: of the first forward of each optimizer step (MoCo v1/v2/v3: ``_momentum_update_key_encoder`` inside the forward)
@@ -82,8 +84,9 @@ def check_momentum(momentum, momentum_end, note: str = "") -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not (ok and 0.0 <= value <= 1.0):
             notes = "; ".join(n for n in ("null = constant momentum" if allow_none else "", note) if n)
-            raise ValueError(f"method.kwargs.{key} must be a number in [0, 1], got {value!r}"
-                             + (f" ({notes})" if notes else ""))
+            raise ValueError(
+                f"method.kwargs.{key} must be a number in [0, 1], got {value!r}" + (f" ({notes})" if notes else "")
+            )
 
 
 class EMATeacher:
@@ -103,8 +106,15 @@ class EMATeacher:
     Either way update k uses :func:`ema_momentum` (k, updates of the run), so the last one uses ``momentum_end``.
     """
 
-    def __init__(self, copies: dict[str, str], momentum: float, momentum_end: float | None = 1.0, *,
-                 timing: str = "after_step", note: str = ""):
+    def __init__(
+        self,
+        copies: dict[str, str],
+        momentum: float,
+        momentum_end: float | None = 1.0,
+        *,
+        timing: str = "after_step",
+        note: str = "",
+    ):
         if timing not in TIMINGS:
             raise ValueError(f"EMATeacher timing must be one of {TIMINGS}, got {timing!r}")
         if "backbone" not in copies.values():
@@ -115,8 +125,10 @@ class EMATeacher:
         self.backbone_copy = next(name for name, source in copies.items() if source == "backbone")
 
     def __repr__(self) -> str:
-        return (f"EMATeacher(copies={self.copies}, momentum={self.momentum}, momentum_end={self.momentum_end}, "
-                f"timing={self.timing!r})")
+        return (
+            f"EMATeacher(copies={self.copies}, momentum={self.momentum}, momentum_end={self.momentum_end}, "
+            f"timing={self.timing!r})"
+        )
 
     # ------------------------------------------------------------------------------------------------ setup
     def register_state(self, owner: nn.Module) -> None:
@@ -128,8 +140,9 @@ class EMATeacher:
         owner._ema_step = HostMirror()  # host copy of ema_step, dropped on every load_state_dict
         HostMirror.watch(owner, "_ema_step")
 
-    def bind(self, owner: nn.Module, backbone: nn.Module,
-             adapt: Callable[[str, nn.Module], nn.Module] | None = None) -> None:
+    def bind(
+        self, owner: nn.Module, backbone: nn.Module, adapt: Callable[[str, nn.Module], nn.Module] | None = None
+    ) -> None:
         """Create the copies on ``owner`` (frozen deep copies of the online modules, in ``copies`` order).
         ``adapt(name, copy)`` may change a copy without changing its parameter names (DINO: no drop path)."""
         for name, source in self.copies.items():
@@ -141,8 +154,10 @@ class EMATeacher:
 
     def check_bound(self, owner: nn.Module, method: str) -> None:
         if not self.is_bound(owner):
-            raise RuntimeError(f"{method}.bind(backbone) must be called before the first forward (SSLModule does it) "
-                               f"to create the EMA copies {', '.join(self.copies)}")
+            raise RuntimeError(
+                f"{method}.bind(backbone) must be called before the first forward (SSLModule does it) "
+                f"to create the EMA copies {', '.join(self.copies)}"
+            )
 
     # ------------------------------------------------------------------------------------------------ schedule
     def num_updates(self, total_steps: int) -> int:

@@ -25,4 +25,4 @@ def collapse_std(embedding: torch.Tensor) -> torch.Tensor:
 
 def healthy_std(dim: int) -> float:
     """``1/√dim``: :func:`collapse_std` of an isotropic Gaussian batch in ``dim`` dimensions (no collapse)."""
-    return dim ** -0.5
+    return dim**-0.5

@@ -19,8 +19,18 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["sincos_1d", "sincos_2d_pos_embed", "sincos_pos_embed_table", "set_fixed_sincos_pos_embed_",
-           "moco_v3_init_", "freeze_patch_embed_", "check_mae_vit", "init_mae_weights_", "mae_init_", "patch_grid"]
+__all__ = [
+    "sincos_1d",
+    "sincos_2d_pos_embed",
+    "sincos_pos_embed_table",
+    "set_fixed_sincos_pos_embed_",
+    "moco_v3_init_",
+    "freeze_patch_embed_",
+    "check_mae_vit",
+    "init_mae_weights_",
+    "mae_init_",
+    "patch_grid",
+]
 
 
 # ------------------------------------------------------------------------------------------ sin-cos position embedding
@@ -32,13 +42,14 @@ def sincos_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -
     if dim % 2:
         raise ValueError(f"a 1-D sin-cos embedding needs an even dimension, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
-    omega = 1.0 / temperature**omega                                     # (dim/2,)
-    out = positions.double()[:, None] * omega[None, :]                   # (M, dim/2)
+    omega = 1.0 / temperature**omega  # (dim/2,)
+    out = positions.double()[:, None] * omega[None, :]  # (M, dim/2)
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
-def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, num_prefix_tokens: int = 0,
-                        temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d_pos_embed(
+    grid_h: int, grid_w: int, dim: int, num_prefix_tokens: int = 0, temperature: float = 10000.0
+) -> torch.Tensor:
     """Fixed position embedding of a ``grid_h × grid_w`` patch grid, tokens in row-major order (as ViTs flatten).
 
     Channel layout as MAE: the first dim/2 channels encode the column (x) with :func:`sincos_1d`, the last dim/2 the
@@ -51,9 +62,10 @@ def sincos_2d_pos_embed(grid_h: int, grid_w: int, dim: int, num_prefix_tokens: i
         raise ValueError(f"a 2-D sin-cos position embedding needs dim divisible by 4 (2 axes × sin/cos), got {dim}")
     if grid_h < 1 or grid_w < 1:
         raise ValueError(f"the patch grid must be at least 1x1, got {grid_h}x{grid_w}")
-    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")   # (h, w) each
-    emb = torch.cat([sincos_1d(cols.flatten(), dim // 2, temperature),
-                     sincos_1d(rows.flatten(), dim // 2, temperature)], dim=1)              # (h·w, dim)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (h, w) each
+    emb = torch.cat(
+        [sincos_1d(cols.flatten(), dim // 2, temperature), sincos_1d(rows.flatten(), dim // 2, temperature)], dim=1
+    )  # (h·w, dim)
     prefix = torch.zeros(num_prefix_tokens, dim, dtype=emb.dtype)
     return torch.cat([prefix, emb]).float()
 
@@ -79,8 +91,10 @@ def set_fixed_sincos_pos_embed_(vit: nn.Module, method: str = "the fixed sin-cos
     ``method`` names the caller in errors (MoCo v3 / MAE)."""
     pos = getattr(vit, "pos_embed", None)
     if not isinstance(pos, nn.Parameter):
-        raise ValueError(f"{method}: this ViT has no learned pos_embed parameter to replace"
-                         + ("; set method.kwargs.vit_fixed_pos_embed=false" if "MoCo" in method else ""))
+        raise ValueError(
+            f"{method}: this ViT has no learned pos_embed parameter to replace"
+            + ("; set method.kwargs.vit_fixed_pos_embed=false" if "MoCo" in method else "")
+        )
     prefix = 0 if getattr(vit, "no_embed_class", False) else int(getattr(vit, "num_prefix_tokens", 1))
     table = sincos_pos_embed_table(patch_grid(vit), pos.shape[-1], num_prefix_tokens=prefix)
     if table.shape != pos.shape:
@@ -111,7 +125,7 @@ def moco_v3_init_(vit: nn.Module) -> None:
 def freeze_patch_embed_(vit: nn.Module) -> None:
     """``--stop-grad-conv1``: patch projection xavier-uniform as a (C·p·p → D) Linear, zero bias, both frozen."""
     proj = vit.patch_embed.proj
-    fan_in = proj.weight[0].numel()        # C·p·p
+    fan_in = proj.weight[0].numel()  # C·p·p
     val = math.sqrt(6.0 / float(fan_in + proj.weight.shape[0]))
     nn.init.uniform_(proj.weight, -val, val)
     proj.weight.requires_grad_(False)
@@ -140,8 +154,10 @@ def check_mae_vit(vit: nn.Module, feature_dim: int) -> None:
     if getattr(vit, "embed_dim", feature_dim) != feature_dim:
         problems.append(f"embed_dim {vit.embed_dim} != feature_dim {feature_dim}")
     if problems:
-        raise ValueError(f"MAE supports timm ViTs with a cls token and a learned absolute pos-embed (the factory's "
-                         f"vit_tiny|vit_small|vit_b|...); {type(vit).__name__} has: {'; '.join(problems)}")
+        raise ValueError(
+            f"MAE supports timm ViTs with a cls token and a learned absolute pos-embed (the factory's "
+            f"vit_tiny|vit_small|vit_b|...); {type(vit).__name__} has: {'; '.join(problems)}"
+        )
 
 
 @torch.no_grad()
@@ -164,8 +180,8 @@ def mae_init_(vit: nn.Module) -> None:
     as a Linear, cls token N(0, 0.02), and the fixed sin-cos position embedding (frozen)."""
     init_mae_weights_(vit)
     w = vit.patch_embed.proj.weight
-    flat = w.new_empty(w.shape[0], w[0].numel())   # the patch projection as a Linear (MAE); a copy, so
-    nn.init.xavier_uniform_(flat)                   # NHWC weights (perf.channels_last) work too
+    flat = w.new_empty(w.shape[0], w[0].numel())  # the patch projection as a Linear (MAE); a copy, so
+    nn.init.xavier_uniform_(flat)  # NHWC weights (perf.channels_last) work too
     w.copy_(flat.view(w.shape))
     nn.init.normal_(vit.cls_token, std=0.02)
     set_fixed_sincos_pos_embed_(vit, "MAE")

@@ -29,10 +29,14 @@ def build_objective(name: str, feature_dim: int, num_samples: int | None = None,
     accepted = inspect.signature(cls.__init__).parameters
     renamed = {old: new for old, new in RENAMED_KWARGS.get(name, {}).items() if old in kwargs}
     if renamed:
-        raise ValueError("; ".join(
-            f"method.kwargs.{old} was renamed to method.kwargs.{new} (every EMA method uses momentum and momentum_end: "
-            f"the cosine from momentum to momentum_end, 1.0 by default): set {new}={kwargs[old]!r} instead of {old} "
-            f"in the config" for old, new in renamed.items()))
+        raise ValueError(
+            "; ".join(
+                f"method.kwargs.{old} was renamed to method.kwargs.{new} (every EMA method uses momentum and "
+                f"momentum_end: the cosine from momentum to momentum_end, 1.0 by default): set "
+                f"{new}={kwargs[old]!r} instead of {old} in the config"
+                for old, new in renamed.items()
+            )
+        )
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = sorted(k for k in kwargs if k not in accepted or k in ("self", "feature_dim", "num_samples"))
     if unknown and not open_ended:
@@ -43,5 +47,12 @@ def build_objective(name: str, feature_dim: int, num_samples: int | None = None,
     return cls(feature_dim=feature_dim, **kwargs)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveOutput", "StepInfo", "build_objective", "forward_by_resolution",
-           "register"]
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveOutput",
+    "StepInfo",
+    "build_objective",
+    "forward_by_resolution",
+    "register",
+]

@@ -158,27 +158,32 @@ def _is_number(value) -> bool:
 def check_count(key: str, value, minimum: int = 1, note: str = "") -> int:
     """``method.kwargs.<key>`` must be an integer >= ``minimum`` (a count: prototypes, queue rows, dims, layers)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"method.kwargs.{key} must be an integer >= {minimum}, got {value!r}"
-                         + (f" ({note})" if note else ""))
+        raise ValueError(
+            f"method.kwargs.{key} must be an integer >= {minimum}, got {value!r}" + (f" ({note})" if note else "")
+        )
     return value
 
 
-def check_range(key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False,
-                note: str = "") -> float:
+def check_range(
+    key: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False, note: str = ""
+) -> float:
     """``method.kwargs.<key>`` must be a number in the interval; the message writes the interval as [a, b) etc."""
     ok = _is_number(value) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"method.kwargs.{key} must be a number in {interval}, got {value!r}"
-                         + (f" ({note})" if note else ""))
+        raise ValueError(
+            f"method.kwargs.{key} must be a number in {interval}, got {value!r}" + (f" ({note})" if note else "")
+        )
     return value
 
 
 def check_temperature(key: str, value, papers: str) -> float:
     """A softmax temperature: finite and >= ``MIN_TEMPERATURE``; ``papers`` says what the papers use."""
     if not (_is_number(value) and math.isfinite(value) and value >= MIN_TEMPERATURE):
-        raise ValueError(f"method.kwargs.{key} must be a number >= {MIN_TEMPERATURE:g} (logits are divided by it; "
-                         f"{papers}), got {value!r}")
+        raise ValueError(
+            f"method.kwargs.{key} must be a number >= {MIN_TEMPERATURE:g} (logits are divided by it; "
+            f"{papers}), got {value!r}"
+        )
     return value

@@ -40,11 +40,22 @@ class BYOL(Objective):
     def tiny_kwargs(cls) -> dict:
         return {"proj_hidden_dim": 16, "proj_out_dim": 8, "pred_hidden_dim": 16}
 
-    def __init__(self, feature_dim: int, proj_hidden_dim: int = 4096, proj_out_dim: int = 256,
-                 pred_hidden_dim: int = 4096, momentum: float = 0.99, momentum_end: float | None = 1.0):
+    def __init__(
+        self,
+        feature_dim: int,
+        proj_hidden_dim: int = 4096,
+        proj_out_dim: int = 256,
+        pred_hidden_dim: int = 4096,
+        momentum: float = 0.99,
+        momentum_end: float | None = 1.0,
+    ):
         super().__init__()
-        self.ema = EMATeacher({"target_backbone": "backbone", "target_projector": "projector"}, momentum, momentum_end,
-                              note="the target EMA τ_base → 1; BYOL uses 0.99 (0.996 for 1000 epochs) and ends at 1")
+        self.ema = EMATeacher(
+            {"target_backbone": "backbone", "target_projector": "projector"},
+            momentum,
+            momentum_end,
+            note="the target EMA τ_base → 1; BYOL uses 0.99 (0.996 for 1000 epochs) and ends at 1",
+        )
         check_count("proj_hidden_dim", proj_hidden_dim, note="BYOL: 4096")
         check_count("proj_out_dim", proj_out_dim, note="BYOL: 256")
         check_count("pred_hidden_dim", pred_hidden_dim, note="BYOL: 4096")
@@ -69,7 +80,7 @@ class BYOL(Objective):
             raise ValueError(f"BYOL needs 2 views per sample, the data gives {len(views)}; use augment=byol")
         if len(views) > 2:  # multi-crop
             n_global = num_global_crops(views)
-            hs = [backbone(x) for x in views]                  # one pass per crop (BN statistics per crop)
+            hs = [backbone(x) for x in views]  # one pass per crop (BN statistics per crop)
             zs = [self.projector(h) for h in hs]
             ps = [self.predictor(z) for z in zs]
             with torch.no_grad():
@@ -78,9 +89,9 @@ class BYOL(Objective):
             logs = {"ema_momentum": torch.tensor(self.momentum_at(step), device=loss.device)}
             return ObjectiveOutput(loss=loss, features=hs[0], embedding=zs[0], logs=logs)
         x1, x2 = views[0], views[1]
-        h1, h2 = backbone(x1), backbone(x2)                    # (N, D) each, one pass per view
-        z1, z2 = self.projector(h1), self.projector(h2)        # (N, E)
-        p1, p2 = self.predictor(z1), self.predictor(z2)        # (N, E)
+        h1, h2 = backbone(x1), backbone(x2)  # (N, D) each, one pass per view
+        z1, z2 = self.projector(h1), self.projector(h2)  # (N, E)
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # (N, E)
         with torch.no_grad():  # stop-gradient on the target branch (and no activations kept for it)
             t1 = self.target_projector(self.target_backbone(x1))
             t2 = self.target_projector(self.target_backbone(x2))

@@ -16,8 +16,17 @@ from ssl_vision import distributed as dist
 from ssl_vision.losses.dino import dino_cross_entropy, teacher_temperature
 from ssl_vision.nn.dino_head import DINOHead
 from ssl_vision.nn.momentum import EMATeacher
-from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
-                                        check_temperature, forward_by_resolution, num_global_crops, register)
+from ssl_vision.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepInfo,
+    check_count,
+    check_range,
+    check_temperature,
+    forward_by_resolution,
+    num_global_crops,
+    register,
+)
 from ssl_vision.optim import clip_grad_per_param
 
 #: DINO's teacher sees this many crops: the first two global crops (``num_global_crops``: the leading crops at the
@@ -60,20 +69,44 @@ class DINO(Objective):
     @classmethod
     def tiny_kwargs(cls) -> dict:
         # last layer frozen and teacher temperature warming up during epoch 0 (the defaults' schedules, shortened)
-        return {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "warmup_teacher_temp_epochs": 1, "freeze_last_layer": 1}
+        return {
+            "out_dim": 32,
+            "hidden_dim": 16,
+            "bottleneck_dim": 8,
+            "warmup_teacher_temp_epochs": 1,
+            "freeze_last_layer": 1,
+        }
 
-    def __init__(self, feature_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 head_layers: int = 3, use_bn_in_head: bool = False, norm_last_layer: bool = True,
-                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: int = 30, center_momentum: float = 0.9, momentum: float = 0.996,
-                 momentum_end: float | None = 1.0, freeze_last_layer: int = 1, clip_grad: float = 3.0):
+    def __init__(
+        self,
+        feature_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        use_bn_in_head: bool = False,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 30,
+        center_momentum: float = 0.9,
+        momentum: float = 0.996,
+        momentum_end: float | None = 1.0,
+        freeze_last_layer: int = 1,
+        clip_grad: float = 3.0,
+    ):
         super().__init__()
         check_temperature("student_temp", student_temp, "DINO's student uses 0.1")
         check_temperature("teacher_temp", teacher_temp, "DINO's teacher uses 0.04-0.07")
         check_temperature("warmup_teacher_temp", warmup_teacher_temp, "DINO's teacher warms up from 0.04")
         check_range("center_momentum", center_momentum, 0.0, 1.0, high_open=True, note="DINO: 0.9")
-        self.ema = EMATeacher({"teacher_backbone": "backbone", "teacher_head": "head"}, momentum, momentum_end,
-                              note="the teacher EMA; DINO: 0.996 (0.9995 at small batches) cosine to 1")
+        self.ema = EMATeacher(
+            {"teacher_backbone": "backbone", "teacher_head": "head"},
+            momentum,
+            momentum_end,
+            note="the teacher EMA; DINO: 0.996 (0.9995 at small batches) cosine to 1",
+        )
         check_range("clip_grad", clip_grad, 0.0, math.inf, note="DINO: 3.0; 0 = no clipping")
         check_count("freeze_last_layer", freeze_last_layer, minimum=0, note="epochs; DINO: 1")
         check_count("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, minimum=0, note="DINO: 30")
@@ -88,8 +121,9 @@ class DINO(Objective):
         self.center_momentum = center_momentum
         self.freeze_last_layer = freeze_last_layer
         self.clip_grad = clip_grad
-        self.head = DINOHead(feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, use_bn_in_head,
-                             norm_last_layer)
+        self.head = DINOHead(
+            feature_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, use_bn_in_head, norm_last_layer
+        )
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.teacher_backbone: nn.Module | None = None
         self.teacher_head: nn.Module | None = None
@@ -104,28 +138,34 @@ class DINO(Objective):
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         self.ema.check_bound(self, "DINO")
         if num_global_crops(views) < NUM_GLOBAL_CROPS:
-            raise ValueError(f"DINO needs >= 2 views whose first 2 are same-size global crops; got sizes "
-                             f"{[tuple(v.shape[-2:]) for v in views]}; use augment=dino (multi-crop) or "
-                             f"augment=simclr / byol (2 crops)")
+            raise ValueError(
+                f"DINO needs >= 2 views whose first 2 are same-size global crops; got sizes "
+                f"{[tuple(v.shape[-2:]) for v in views]}; use augment=dino (multi-crop) or "
+                f"augment=simclr / byol (2 crops)"
+            )
         num_crops, n = len(views), views[0].shape[0]
         with torch.no_grad():  # the teacher: only the global crops, one pass
             t = self.teacher_head(self.teacher_backbone(torch.cat(views[:NUM_GLOBAL_CROPS])))  # (2N, K)
-        h = forward_by_resolution(backbone, views)                         # (V·N, D)
-        bottleneck = self.head.bottleneck(h)                               # (V·N, 256), unit norm
-        s = self.head.last_layer(bottleneck)                               # (V·N, K)
+        h = forward_by_resolution(backbone, views)  # (V·N, D)
+        bottleneck = self.head.bottleneck(h)  # (V·N, 256), unit norm
+        s = self.head.last_layer(bottleneck)  # (V·N, K)
         temp = self.current_teacher_temp(step)
-        loss = dino_cross_entropy(s.view(num_crops, n, -1), t.view(NUM_GLOBAL_CROPS, n, -1), self.center,
-                                  self.student_temp, temp)
-        logs = {"teacher_temp": torch.tensor(temp),
-                "teacher_momentum": torch.tensor(self.current_teacher_momentum(step)),
-                "teacher_entropy": _mean_entropy(t.float(), self.center, temp)}
+        loss = dino_cross_entropy(
+            s.view(num_crops, n, -1), t.view(NUM_GLOBAL_CROPS, n, -1), self.center, self.student_temp, temp
+        )
+        logs = {
+            "teacher_temp": torch.tensor(temp),
+            "teacher_momentum": torch.tensor(self.current_teacher_momentum(step)),
+            "teacher_entropy": _mean_entropy(t.float(), self.center, temp),
+        }
         self._update_center(t)  # after the loss, from the raw (un-centred) teacher logits
         return ObjectiveOutput(loss=loss, features=h[:n], embedding=bottleneck[:n], logs=logs)
 
     def current_teacher_temp(self, step: StepInfo) -> float:
         """τ_t, warmed up by *epoch* (DINO's teacher_temp_schedule)."""
-        return teacher_temperature(step.epoch, self.warmup_teacher_temp, self.teacher_temp,
-                                   self.warmup_teacher_temp_epochs)
+        return teacher_temperature(
+            step.epoch, self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
+        )
 
     def current_teacher_momentum(self, step: StepInfo) -> float:
         """Cosine ``momentum`` → ``momentum_end`` over the optimizer steps; exactly ``momentum_end`` at the last."""
@@ -136,7 +176,8 @@ class DINO(Objective):
         """c ← m·c + (1−m)·Σ(teacher logits over all processes)/(2N·W): the centre is the *global* batch mean."""
         # in the centre's dtype (float32 under bf16/fp16 autocast; float64 when the module is double)
         batch_center = dist.all_reduce_sum(teacher.sum(dim=0, keepdim=True).to(self.center.dtype)) / (
-            teacher.shape[0] * dist.world_size())
+            teacher.shape[0] * dist.world_size()
+        )
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
     # ------------------------------------------------------------------------------------------ hooks

@@ -25,12 +25,27 @@ from ssl_vision import distributed as dist
 from ssl_vision.losses.nce import bank_softmax_loss, check_on_device, nce_loss, partition_estimate
 from ssl_vision.nn.heads import instdisc_head
 from ssl_vision.nn.memory import HostMirror, bank_init, bank_scores, write_bank_rows_
-from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_range,
-                                        check_temperature, register)
+from ssl_vision.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepInfo,
+    check_count,
+    check_range,
+    check_temperature,
+    register,
+)
 
 
-def draw_noise(positives: torch.Tensor, num_samples: int, num_noise: int, seed: int, global_step: int,
-               rank: int = 0, world_size: int = 1, exclude_positive: bool = False) -> torch.Tensor:
+def draw_noise(
+    positives: torch.Tensor,
+    num_samples: int,
+    num_noise: int,
+    seed: int,
+    global_step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    exclude_positive: bool = False,
+) -> torch.Tensor:
     """Noise bank rows, drawn uniformly, reproducible across process counts and resumes.
 
     positives: (N,) this process's bank rows (its slice ``[rank·N, (rank+1)·N)`` of the global batch).
@@ -47,7 +62,7 @@ def draw_noise(positives: torch.Tensor, num_samples: int, num_noise: int, seed: 
     gen.manual_seed((seed * 1_000_003 + global_step) % (2**63 - 1))
     high = num_samples - 1 if exclude_positive else num_samples
     rows = torch.randint(high, (n_local * world_size, num_noise), generator=gen, device=positives.device)
-    noise = rows[rank * n_local:(rank + 1) * n_local]
+    noise = rows[rank * n_local : (rank + 1) * n_local]
     if exclude_positive:  # skip over the positive: uniform over the n−1 other rows
         noise = noise + (noise >= positives[:, None]).long()
     return noise
@@ -69,18 +84,30 @@ class InstDisc(Objective):
     def tiny_kwargs(cls) -> dict:
         return {"embed_dim": 8, "nce_k": 8}
 
-    def __init__(self, feature_dim: int, num_samples: int | None = None, embed_dim: int = 128,
-                 temperature: float = 0.07, nce_k: int = 4096, bank_momentum: float = 0.5, noise_seed: int = 0,
-                 noise_excludes_positive: bool = False, head_bn: bool = False):
+    def __init__(
+        self,
+        feature_dim: int,
+        num_samples: int | None = None,
+        embed_dim: int = 128,
+        temperature: float = 0.07,
+        nce_k: int = 4096,
+        bank_momentum: float = 0.5,
+        noise_seed: int = 0,
+        noise_excludes_positive: bool = False,
+        head_bn: bool = False,
+    ):
         super().__init__()
         if num_samples is None:
-            raise ValueError("InstDisc needs num_samples, the training-set size (one memory-bank row per image); "
-                             "the launcher passes the data module's num_train_samples, pass it when building by hand")
+            raise ValueError(
+                "InstDisc needs num_samples, the training-set size (one memory-bank row per image); "
+                "the launcher passes the data module's num_train_samples, pass it when building by hand"
+            )
         if num_samples < 2:
             raise ValueError(f"InstDisc needs a training set of at least 2 images, got num_samples={num_samples}")
         check_temperature("temperature", temperature, "InstDisc uses 0.07")
-        check_count("nce_k", nce_k, minimum=0, note="noise samples per positive, 0 = full softmax over the bank; "
-                                                    "InstDisc: 4096")
+        check_count(
+            "nce_k", nce_k, minimum=0, note="noise samples per positive, 0 = full softmax over the bank; InstDisc: 4096"
+        )
         check_range("bank_momentum", bank_momentum, 0.0, 1.0, high_open=True, note="InstDisc: 0.5")
         check_count("embed_dim", embed_dim, note="InstDisc: 128")
         self.num_samples, self.temperature, self.bank_momentum = num_samples, temperature, bank_momentum
@@ -88,8 +115,11 @@ class InstDisc(Objective):
         # m ≤ n − 1: more noise draws than other images only repeats rows (and n − 1 is all there is to exclude)
         self.num_noise = min(nce_k, num_samples - 1)
         if self.num_noise < nce_k:
-            warnings.warn(f"InstDisc: nce_k={nce_k} noise samples capped at n-1={self.num_noise} for a training set "
-                          f"of {num_samples} images", stacklevel=2)
+            warnings.warn(
+                f"InstDisc: nce_k={nce_k} noise samples capped at n-1={self.num_noise} for a training set "
+                f"of {num_samples} images",
+                stacklevel=2,
+            )
         # head_bn (not in the official code) centres the embedding over the batch before normalising: a random-init
         # network maps every image near one common direction, so the first bank writes all look alike and only a
         # long first epoch (ImageNet's 5000 steps) lets the features spread; short small-data runs need the help.
@@ -108,28 +138,40 @@ class InstDisc(Objective):
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         idx = step.indices
         if idx is None:
-            raise ValueError("InstDisc needs the sample indices of the batch (StepInfo.indices): the memory bank "
-                             "has one row per training image; SSLDataModule's train batches carry them")
+            raise ValueError(
+                "InstDisc needs the sample indices of the batch (StepInfo.indices): the memory bank "
+                "has one row per training image; SSLDataModule's train batches carry them"
+            )
         idx = idx.to(self.bank.device, torch.long)
         if idx.numel():  # checked on the device: a per-step read of the indices would stall the host on a GPU
-            check_on_device((idx >= 0) & (idx < self.num_samples),
-                            f"a sample index is outside the memory bank of {self.num_samples} rows (valid: 0 to "
-                            f"{self.num_samples - 1}); num_samples must be the size of the training set the indices "
-                            "refer to")
-        h = backbone(views[0])                                            # (N, D)
-        f = self.embed(h)                                                 # (N, E)
+            check_on_device(
+                (idx >= 0) & (idx < self.num_samples),
+                f"a sample index is outside the memory bank of {self.num_samples} rows (valid: 0 to "
+                f"{self.num_samples - 1}); num_samples must be the size of the training set the indices "
+                "refer to",
+            )
+        h = backbone(views[0])  # (N, D)
+        f = self.embed(h)  # (N, E)
         # Scores in float32 even under autocast: at τ = 0.07 a bf16 logit error of 0.06 is a 6% error in exp.
         with torch.autocast(f.device.type, enabled=False):
             f32 = f.float()
-            bank = self.bank.detach()                                     # never part of the graph
-            if self.num_noise == 0:                                       # full softmax over all n rows
-                logits = f32 @ bank.T / self.temperature                  # (N, n)
+            bank = self.bank.detach()  # never part of the graph
+            if self.num_noise == 0:  # full softmax over all n rows
+                logits = f32 @ bank.T / self.temperature  # (N, n)
                 loss = bank_softmax_loss(logits, idx)
                 pos = logits.gather(1, idx[:, None]).squeeze(1)
             else:
-                noise = draw_noise(idx, self.num_samples, self.num_noise, self.noise_seed, step.global_step,
-                                   dist.rank(), dist.world_size(), self.noise_excludes_positive)
-                cols = torch.cat([idx[:, None], noise], dim=1)            # (N, 1+m), positive in slot 0
+                noise = draw_noise(
+                    idx,
+                    self.num_samples,
+                    self.num_noise,
+                    self.noise_seed,
+                    step.global_step,
+                    dist.rank(),
+                    dist.world_size(),
+                    self.noise_excludes_positive,
+                )
+                cols = torch.cat([idx[:, None], noise], dim=1)  # (N, 1+m), positive in slot 0
                 logits = bank_scores(f32, bank, cols) / self.temperature
                 if not self._z_set.read(self.z_set):
                     self._estimate_z(logits)

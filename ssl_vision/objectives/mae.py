@@ -37,8 +37,9 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by argsort of noise (MAE ``random_masking``).
 
     x: (N, L, D) tokens *with* their position embedding already added (positions travel with the tokens).
@@ -51,13 +52,13 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
     if noise.shape != (n, length):
         raise ValueError(f"masking noise must be (N, L) = {(n, length)}, got {tuple(noise.shape)}")
     keep = num_visible(length, mask_ratio)
-    ids_shuffle = torch.argsort(noise, dim=1)          # ascending: small noise is kept
-    ids_restore = torch.argsort(ids_shuffle, dim=1)    # inverse permutation
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # inverse permutation
     ids_keep = ids_shuffle[:, :keep]
     x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
     mask = torch.ones(n, length, device=x.device)
     mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)          # shuffled order -> original order
+    mask = torch.gather(mask, 1, ids_restore)  # shuffled order -> original order
     return x_visible, mask, ids_restore, ids_keep
 
 
@@ -96,28 +97,50 @@ class MAE(Objective):
     def tiny_kwargs(cls) -> dict:
         return {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4}
 
-    def __init__(self, feature_dim: int, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
-                 probe_features: str = "full", mask_seed: int = 0):
+    def __init__(
+        self,
+        feature_dim: int,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        decoder_mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        probe_features: str = "full",
+        mask_seed: int = 0,
+    ):
         super().__init__()
-        check_range("mask_ratio", mask_ratio, 0.0, 1.0, low_open=True, high_open=True,
-                    note="the fraction of patches removed; the loss is on removed patches only; MAE: 0.75")
+        check_range(
+            "mask_ratio",
+            mask_ratio,
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
+            note="the fraction of patches removed; the loss is on removed patches only; MAE: 0.75",
+        )
         check_count("decoder_dim", decoder_dim, note="MAE: 512")
         check_count("decoder_depth", decoder_depth, note="MAE: 8")
         check_count("decoder_heads", decoder_heads, note="MAE: 16")
         check_range("decoder_mlp_ratio", decoder_mlp_ratio, 0.0, math.inf, low_open=True, note="MAE: 4.0")
         if decoder_dim % decoder_heads:
-            raise ValueError(f"method.kwargs.decoder_dim={decoder_dim} must be divisible by "
-                             f"decoder_heads={decoder_heads} (MAE: 512 and 16)")
+            raise ValueError(
+                f"method.kwargs.decoder_dim={decoder_dim} must be divisible by "
+                f"decoder_heads={decoder_heads} (MAE: 512 and 16)"
+            )
         if probe_features not in PROBE_FEATURES:
             raise ValueError(f"method.kwargs.probe_features must be one of {PROBE_FEATURES}, got {probe_features!r}")
         self.feature_dim, self.mask_ratio, self.norm_pix_loss = feature_dim, mask_ratio, norm_pix_loss
         self.decoder_dim, self.probe_features, self.mask_seed = decoder_dim, probe_features, mask_seed
         self.decoder_embed = nn.Linear(feature_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))  # one token shared by all removed patches
-        norm = partial(nn.LayerNorm, eps=1e-6)                            # MAE's norm_layer
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, decoder_mlp_ratio, qkv_bias=True,
-                                                    norm_layer=norm) for _ in range(decoder_depth)])
+        norm = partial(nn.LayerNorm, eps=1e-6)  # MAE's norm_layer
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(decoder_dim, decoder_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=norm)
+                for _ in range(decoder_depth)
+            ]
+        )
         self.decoder_norm = norm(decoder_dim)
         self.decoder_pred: nn.Linear | None = None  # decoder_dim -> p²·C, built in bind (needs the patch size)
         self.patch_size = self.in_chans = 0
@@ -134,11 +157,13 @@ class MAE(Objective):
         length = self.grid[0] * self.grid[1]
         keep = num_visible(length, self.mask_ratio)
         if not 1 <= keep < length:
-            raise ValueError(f"mask_ratio={self.mask_ratio} on a {self.grid[0]}x{self.grid[1]} patch grid leaves {keep} "
-                             f"of {length} patches visible; need 1..{length - 1}")
+            raise ValueError(
+                f"mask_ratio={self.mask_ratio} on a {self.grid[0]}x{self.grid[1]} patch grid leaves {keep} "
+                f"of {length} patches visible; need 1..{length - 1}"
+            )
         # MAE init, fixed (not learned: requires_grad=False, so no optimizer holds it) sin-cos position embedding
         mae_init_(backbone)
-        self.decoder_pred = nn.Linear(self.decoder_dim, self.patch_size ** 2 * self.in_chans)
+        self.decoder_pred = nn.Linear(self.decoder_dim, self.patch_size**2 * self.in_chans)
         # recomputed at bind, so not in checkpoints (MAE keeps it as a frozen Parameter; the values are the same)
         self.register_buffer("decoder_pos_embed", pos_embed_with_cls(self.grid, self.decoder_dim), persistent=False)
         init_mae_weights_(self)
@@ -157,19 +182,20 @@ class MAE(Objective):
     def compile_targets(self) -> list[str]:
         return ["decoder_blocks"]
 
-    def encode(self, imgs: torch.Tensor, backbone: nn.Module, noise: torch.Tensor, mask_ratio: float | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def encode(
+        self, imgs: torch.Tensor, backbone: nn.Module, noise: torch.Tensor, mask_ratio: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Encoder on visible tokens: (N, C, H, W) and noise (N, L) -> latent (N, 1 + keep, D) after the final norm,
         mask (N, L), ids_restore (N, L), patch grid (gh, gw). ``mask_ratio`` overrides the configured ratio
         (``benchmarks/mae_masking.py`` compares 0.75 with 0)."""
         x = backbone.patch_embed(imgs)
-        if x.ndim == 4:                      # timm ViTs with dynamic_img_size=True return NHWC
+        if x.ndim == 4:  # timm ViTs with dynamic_img_size=True return NHWC
             grid = (x.shape[1], x.shape[2])
             x = x.flatten(1, 2)
         else:
             grid = tuple(int(g) for g in backbone.patch_embed.grid_size)
         pos = self._pos(backbone.pos_embed, grid, x.shape[-1], x)
-        x = x + pos[:, 1:]                   # BEFORE masking: each token carries its own position
+        x = x + pos[:, 1:]  # BEFORE masking: each token carries its own position
         x, mask, ids_restore, _ = random_masking(x, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
         cls = (backbone.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -183,12 +209,12 @@ class MAE(Objective):
         n, length = ids_restore.shape
         visible = x[:, 1:]
         filler = self.mask_token.expand(n, length - visible.shape[1], -1)
-        x_ = torch.cat([visible, filler], dim=1)   # shuffled order: visible first, then the removed
+        x_ = torch.cat([visible, filler], dim=1)  # shuffled order: visible first, then the removed
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # un-shuffle
-        x = torch.cat([x[:, :1], x_], dim=1)        # cls stays first
+        x = torch.cat([x[:, :1], x_], dim=1)  # cls stays first
         x = x + self._pos(self.decoder_pos_embed, grid, self.decoder_dim, x)
         x = self.decoder_norm(self.decoder_blocks(x))
-        return self.decoder_pred(x)[:, 1:]          # drop the cls output
+        return self.decoder_pred(x)[:, 1:]  # drop the cls output
 
     def reconstruct(self, imgs: torch.Tensor, backbone: nn.Module, noise: torch.Tensor) -> MAEOutput:
         """Mask with ``noise`` (N, L), encode, decode, and the masked-patch loss against the patchified image."""
@@ -210,7 +236,7 @@ class MAE(Objective):
         """
         last_step, micro = self._micro
         self._micro = (step.global_step, micro + 1 if step.global_step == last_step else 0)
-        key = hash((self.mask_seed, dist.rank(), step.global_step, self._micro[1])) & (2 ** 63 - 1)
+        key = hash((self.mask_seed, dist.rank(), step.global_step, self._micro[1])) & (2**63 - 1)
         h, w = imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
         g = torch.Generator().manual_seed(key)  # on the CPU: every device type supports it; (N, L) is tiny
         return torch.rand(imgs.shape[0], h * w, generator=g).to(imgs.device)
@@ -221,7 +247,7 @@ class MAE(Objective):
         cls_visible = out.latent[:, 0]
         if self.probe_features == "full":
             with torch.no_grad():
-                features = backbone(imgs)   # whole-image timm forward: what kNN / linear probe evaluate
+                features = backbone(imgs)  # whole-image timm forward: what kNN / linear probe evaluate
         else:
             features = cls_visible
         return ObjectiveOutput(loss=out.loss, features=features, embedding=cls_visible)

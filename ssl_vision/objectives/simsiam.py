@@ -37,16 +37,26 @@ class SimSiam(Objective):
     def tiny_kwargs(cls) -> dict:
         return {"proj_hidden_dim": 16, "proj_out_dim": 16, "pred_hidden_dim": 8}
 
-    def __init__(self, feature_dim: int, proj_hidden_dim: int = 2048, proj_out_dim: int = 2048, proj_layers: int = 3,
-                 pred_hidden_dim: int = 512, fix_pred_lr: bool = True, collapse_warn_fraction: float = 0.1):
+    def __init__(
+        self,
+        feature_dim: int,
+        proj_hidden_dim: int = 2048,
+        proj_out_dim: int = 2048,
+        proj_layers: int = 3,
+        pred_hidden_dim: int = 512,
+        fix_pred_lr: bool = True,
+        collapse_warn_fraction: float = 0.1,
+    ):
         super().__init__()
         check_count("proj_hidden_dim", proj_hidden_dim, note="SimSiam: 2048")
         check_count("proj_out_dim", proj_out_dim, note="SimSiam: 2048")
         check_count("proj_layers", proj_layers, note="SimSiam: 3 (2 on CIFAR)")
         check_count("pred_hidden_dim", pred_hidden_dim, note="SimSiam: 512")
         if not (isinstance(collapse_warn_fraction, (int, float)) and 0.0 <= collapse_warn_fraction < 1.0):
-            raise ValueError(f"method.kwargs.collapse_warn_fraction must be in [0, 1) (a fraction of 1/√d; "
-                             f"0 disables the warning), got {collapse_warn_fraction}")
+            raise ValueError(
+                f"method.kwargs.collapse_warn_fraction must be in [0, 1) (a fraction of 1/√d; "
+                f"0 disables the warning), got {collapse_warn_fraction}"
+            )
         self.fix_pred_lr = fix_pred_lr
         self.collapse_warn_fraction = collapse_warn_fraction
         self.projector = simsiam_projector(feature_dim, proj_hidden_dim, proj_out_dim, proj_layers)
@@ -60,18 +70,19 @@ class SimSiam(Objective):
         all parameters, a difference documented in the method config.
         """
         groups = param_groups(self.projector.named_parameters(), weight_decay, name="projector")
-        groups += param_groups(self.predictor.named_parameters(), weight_decay, fixed_lr=self.fix_pred_lr,
-                               name="predictor")
+        groups += param_groups(
+            self.predictor.named_parameters(), weight_decay, fixed_lr=self.fix_pred_lr, name="predictor"
+        )
         return groups
 
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         if len(views) < 2:
             raise ValueError(f"SimSiam needs 2 views per sample, the data gives {len(views)}; use augment=simsiam")
         x1, x2 = views[0], views[1]
-        h1, h2 = backbone(x1), backbone(x2)                    # (N, D) each, one pass per view
-        z1, z2 = self.projector(h1), self.projector(h2)        # (N, d)
-        p1, p2 = self.predictor(z1), self.predictor(z2)        # (N, d)
-        loss = simsiam_loss(p1, p2, z1, z2)                    # stop-gradient on z inside the loss
+        h1, h2 = backbone(x1), backbone(x2)  # (N, D) each, one pass per view
+        z1, z2 = self.projector(h1), self.projector(h2)  # (N, d)
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # (N, d)
+        loss = simsiam_loss(p1, p2, z1, z2)  # stop-gradient on z inside the loss
         z_std = collapse_std(z1.detach())
         self._check_collapse(z_std, z1.shape[1], step)
         return ObjectiveOutput(loss=loss, features=h1, embedding=z1, logs={"z_std": z_std})
@@ -89,8 +100,11 @@ class SimSiam(Objective):
         value = float(z_std)
         if value < self.collapse_warn_fraction * healthy:
             self._warned_collapse = True
-            warnings.warn(f"SimSiam looks collapsed at epoch {step.epoch} (step {step.global_step}): std of the "
-                          f"normalised projection is {value:.2e}, below {self.collapse_warn_fraction} × 1/√{dim} = "
-                          f"{self.collapse_warn_fraction * healthy:.2e} (healthy ≈ {healthy:.2e}). Usual fixes: lower "
-                          "lr, keep fix_pred_lr, check the augmentation and the predictor (docs/reference.md §7).",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"SimSiam looks collapsed at epoch {step.epoch} (step {step.global_step}): std of the "
+                f"normalised projection is {value:.2e}, below {self.collapse_warn_fraction} × 1/√{dim} = "
+                f"{self.collapse_warn_fraction * healthy:.2e} (healthy ≈ {healthy:.2e}). Usual fixes: lower "
+                "lr, keep fix_pred_lr, check the augmentation and the predictor (docs/reference.md §7).",
+                RuntimeWarning,
+                stacklevel=2,
+            )

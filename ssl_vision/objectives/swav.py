@@ -19,8 +19,15 @@ from ssl_vision import distributed as dist
 from ssl_vision.losses.swav import sinkhorn_knopp, swapped_prediction
 from ssl_vision.nn.heads import swav_projector
 from ssl_vision.nn.memory import HostMirror, push_rank_blocks_, rank_block
-from ssl_vision.objectives.base import (Objective, ObjectiveOutput, StepInfo, check_count, check_temperature,
-                                        forward_by_resolution, register)
+from ssl_vision.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    StepInfo,
+    check_count,
+    check_temperature,
+    forward_by_resolution,
+    register,
+)
 
 
 @register("swav")
@@ -51,13 +58,29 @@ class SwAV(Objective):
     def tiny_kwargs(cls) -> dict:
         # a 16-row queue from epoch 0: full after the first batches of 8-16, then in Sinkhorn; prototypes frozen
         # for the first step only
-        return {"num_prototypes": 16, "proj_hidden_dim": 16, "proj_out_dim": 8, "queue_length": 16,
-                "queue_start_epoch": 0, "freeze_prototypes_niters": 1}
+        return {
+            "num_prototypes": 16,
+            "proj_hidden_dim": 16,
+            "proj_out_dim": 8,
+            "queue_length": 16,
+            "queue_start_epoch": 0,
+            "freeze_prototypes_niters": 1,
+        }
 
-    def __init__(self, feature_dim: int, num_prototypes: int = 3000, proj_hidden_dim: int = 2048,
-                 proj_out_dim: int = 128, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05,
-                 sinkhorn_iterations: int = 3, crops_for_assign: Sequence[int] = (0, 1),
-                 freeze_prototypes_niters: int = 5005, queue_length: int = 0, queue_start_epoch: int = 15):
+    def __init__(
+        self,
+        feature_dim: int,
+        num_prototypes: int = 3000,
+        proj_hidden_dim: int = 2048,
+        proj_out_dim: int = 128,
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        crops_for_assign: Sequence[int] = (0, 1),
+        freeze_prototypes_niters: int = 5005,
+        queue_length: int = 0,
+        queue_start_epoch: int = 15,
+    ):
         super().__init__()
         check_temperature("temperature", temperature, "SwAV uses 0.1")
         check_temperature("sinkhorn_epsilon", sinkhorn_epsilon, "SwAV uses 0.05, 0.03 for some runs")
@@ -65,21 +88,32 @@ class SwAV(Objective):
         check_count("proj_hidden_dim", proj_hidden_dim, note="SwAV: 2048")
         check_count("proj_out_dim", proj_out_dim, note="SwAV: 128")
         check_count("sinkhorn_iterations", sinkhorn_iterations, note="SwAV: 3")
-        if (isinstance(crops_for_assign, (str, bytes)) or not crops_for_assign
-                or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in crops_for_assign)
-                or len(set(crops_for_assign)) != len(crops_for_assign)):
-            raise ValueError(f"method.kwargs.crops_for_assign must list distinct crop indices >= 0, e.g. [0, 1] "
-                             f"(SwAV: the two global crops); got {crops_for_assign!r}")
+        if (
+            isinstance(crops_for_assign, (str, bytes))
+            or not crops_for_assign
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in crops_for_assign)
+            or len(set(crops_for_assign)) != len(crops_for_assign)
+        ):
+            raise ValueError(
+                f"method.kwargs.crops_for_assign must list distinct crop indices >= 0, e.g. [0, 1] "
+                f"(SwAV: the two global crops); got {crops_for_assign!r}"
+            )
         check_count("queue_length", queue_length, minimum=0, note="0 = no queue; SwAV: 3840 at batch 256")
         check_count("queue_start_epoch", queue_start_epoch, minimum=0, note="SwAV: 15")
-        check_count("freeze_prototypes_niters", freeze_prototypes_niters, minimum=0,
-                    note="SwAV: 5005 optimizer steps at batch 256")
+        check_count(
+            "freeze_prototypes_niters",
+            freeze_prototypes_niters,
+            minimum=0,
+            note="SwAV: 5005 optimizer steps at batch 256",
+        )
         if num_prototypes < proj_out_dim:
             # K < E: every embedding can turn orthogonal to all prototypes (all scores 0, uniform codes and
             # predictions, loss = ln K): a collapsed solution that a K = 100, E = 128 trial run fell into.
-            warnings.warn(f"SwAV with fewer prototypes ({num_prototypes}) than embedding dimensions ({proj_out_dim}) "
-                          f"admits a collapsed solution at loss ln K; use num_prototypes >= proj_out_dim",
-                          stacklevel=2)
+            warnings.warn(
+                f"SwAV with fewer prototypes ({num_prototypes}) than embedding dimensions ({proj_out_dim}) "
+                f"admits a collapsed solution at loss ln K; use num_prototypes >= proj_out_dim",
+                stacklevel=2,
+            )
         self.temperature = temperature
         self.epsilon = sinkhorn_epsilon
         self.iterations = sinkhorn_iterations
@@ -99,18 +133,20 @@ class SwAV(Objective):
     def forward(self, views: list[torch.Tensor], backbone: nn.Module, step: StepInfo) -> ObjectiveOutput:
         num_crops = len(views)
         if num_crops < 2 or max(self.crops_for_assign) >= num_crops:
-            raise ValueError(f"SwAV needs >= 2 views covering crops_for_assign={self.crops_for_assign}, the data "
-                             f"gives {num_crops}; use augment=swav (multi-crop) or augment=simclr (2 crops)")
+            raise ValueError(
+                f"SwAV needs >= 2 views covering crops_for_assign={self.crops_for_assign}, the data "
+                f"gives {num_crops}; use augment=swav (multi-crop) or augment=simclr (2 crops)"
+            )
         n = views[0].shape[0]
         self._normalize_prototypes()
-        h = forward_by_resolution(backbone, views)                       # (V·N, D)
-        z = F.normalize(self.projector(h), dim=1)                        # (V·N, E)
-        scores = self.prototypes(z).view(num_crops, n, -1)               # (V, N, K)
+        h = forward_by_resolution(backbone, views)  # (V·N, D)
+        z = F.normalize(self.projector(h), dim=1)  # (V·N, E)
+        scores = self.prototypes(z).view(num_crops, n, -1)  # (V, N, K)
         z_assigned = z.detach().view(num_crops, n, -1)[self.crops_for_assign]  # (A, N, E)
         use_queue = self._queue_active(step) and self._queue_full(n)
         codes = self._codes(scores.detach()[self.crops_for_assign], use_queue)  # (A, N, K), no grad
         if self._queue_active(step):
-            self._enqueue(z_assigned)                                    # after its use, as the official code
+            self._enqueue(z_assigned)  # after its use, as the official code
         loss = swapped_prediction(scores, codes, self.crops_for_assign, self.temperature)
         logs = {"queue_in_use": torch.tensor(float(use_queue))}
         return ObjectiveOutput(loss=loss, features=h[:n], embedding=z[:n], logs=logs)
@@ -140,9 +176,11 @@ class SwAV(Objective):
     def _queue_full(self, n: int) -> bool:
         world = dist.world_size()
         if self.queue_length % (n * world):
-            raise ValueError(f"method.queue_length={self.queue_length} must be a multiple of the global batch "
-                             f"B = {n} per process × {world} processes = {n * world} (official SwAV trims it to "
-                             f"{self.queue_length - self.queue_length % (n * world)}); set queue_length accordingly")
+            raise ValueError(
+                f"method.queue_length={self.queue_length} must be a multiple of the global batch "
+                f"B = {n} per process × {world} processes = {n * world} (official SwAV trims it to "
+                f"{self.queue_length - self.queue_length % (n * world)}); set queue_length accordingly"
+            )
         return self._queue_fill.read(self.queue_fill) >= self.queue_length
 
     def _local_queue(self, i: int) -> torch.Tensor:
@@ -154,8 +192,9 @@ class SwAV(Objective):
         """Push (A, N, E) local embeddings into every rank's block (identical on all ranks), newest first."""
         n, world = z.shape[1], dist.world_size()
         push_rank_blocks_(self.queue, dist.gather_no_grad(z.transpose(0, 1).contiguous()), world)  # (W·N, A, E)
-        self._queue_fill.write(self.queue_fill,
-                               min(self._queue_fill.read(self.queue_fill) + n * world, self.queue_length))
+        self._queue_fill.write(
+            self.queue_fill, min(self._queue_fill.read(self.queue_fill) + n * world, self.queue_length)
+        )
 
     # ------------------------------------------------------------------------------------------ hooks
     def before_optimizer_step(self, step: StepInfo) -> None:

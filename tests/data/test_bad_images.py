@@ -43,14 +43,14 @@ def make_folder(root: Path, broken: bool) -> dict[str, np.ndarray | None]:
         expect[f"good{i}.png"] = arr
     rgba = RNG.integers(0, 256, (12, 10, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(b / "rgba.png")
-    expect["rgba.png"] = rgba[..., :3]                            # alpha dropped
+    expect["rgba.png"] = rgba[..., :3]  # alpha dropped
     wide = RNG.integers(0, 65536, (12, 10), dtype=np.uint16)
-    Image.fromarray(wide).save(b / "wide16.png")                  # a 16-bit grayscale PNG
+    Image.fromarray(wide).save(b / "wide16.png")  # a 16-bit grayscale PNG
     expect["wide16.png"] = np.repeat((wide.astype(np.int64) // 257).astype(np.uint8)[..., None], 3, axis=2)
     cmyk = Image.fromarray(_rgb()).convert("CMYK")
     cmyk.save(b / "cmyk.tiff")
     expect["cmyk.tiff"] = np.asarray(cmyk.convert("RGB"))
-    tiny = _rgb(2, 3)                                             # far smaller than any crop
+    tiny = _rgb(2, 3)  # far smaller than any crop
     Image.fromarray(tiny).save(b / "tiny.png")
     expect["tiny.png"] = tiny
     if broken:
@@ -84,8 +84,19 @@ def test_odd_modes_and_tiny_images_are_converted(tmp_path):
 
 def test_tiny_and_odd_images_go_through_the_training_views(tmp_path):
     make_folder(tmp_path, broken=False)
-    dm = SSLDataModule(name="imagefolder", root=str(tmp_path), image_size=32, in_chans=3, num_classes=2, mean=[0.5],
-                       std=[0.25], batch_size=7, num_workers=0, views=[{"count": 2}], val_dir="train")
+    dm = SSLDataModule(
+        name="imagefolder",
+        root=str(tmp_path),
+        image_size=32,
+        in_chans=3,
+        num_classes=2,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=7,
+        num_workers=0,
+        views=[{"count": 2}],
+        val_dir="train",
+    )
     dm.setup("fit")
     views, labels, indices = next(iter(dm.train_dataloader()))
     assert [tuple(v.shape) for v in views] == [(7, 3, 32, 32)] * 2 and sorted(indices.tolist()) == list(range(7))
@@ -119,15 +130,18 @@ def test_skip_replaces_each_bad_file_by_the_next_readable_one_and_counts(tmp_pat
         items_again = [ds[i] for i in range(len(ds))]
     for i, (img, label) in enumerate(items):
         j = i
-        while expect[names[j]] is None:   # reference: the next readable file in listing order (cyclic)
+        while expect[names[j]] is None:  # reference: the next readable file in listing order (cyclic)
             j = (j + 1) % len(names)
         np.testing.assert_array_equal(np.asarray(img), expect[names[j]], err_msg=names[i])
         assert label == ds.samples[j][1]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in zip(items, items_again))
     skipped = [str(w.message) for w in caught if "skipped unreadable image" in str(w.message)]
     assert len(skipped) == 3, "one warning per bad file, not per read"
-    assert "3 bad file(s) so far" in skipped[-1] and sorted(Path(p).name for p in ds.bad_files) == \
-        ["garbage.jpg", "truncated.jpg", "zero.png"]
+    assert "3 bad file(s) so far" in skipped[-1] and sorted(Path(p).name for p in ds.bad_files) == [
+        "garbage.jpg",
+        "truncated.jpg",
+        "zero.png",
+    ]
 
 
 def test_no_readable_image_at_all_is_an_error(tmp_path):
@@ -149,8 +163,19 @@ def test_empty_image_folder_names_folder_and_fix(tmp_path):
 
 def test_policy_is_checked_and_every_data_config_defaults_to_error():
     with pytest.raises(ValueError, match="on_bad_image='ignore'; valid: error, skip"):
-        SSLDataModule(name="synthetic", root=None, image_size=8, in_chans=3, num_classes=2, mean=[0.5], std=[0.25],
-                      batch_size=2, num_workers=0, views=[{}], on_bad_image="ignore")
+        SSLDataModule(
+            name="synthetic",
+            root=None,
+            image_size=8,
+            in_chans=3,
+            num_classes=2,
+            mean=[0.5],
+            std=[0.25],
+            batch_size=2,
+            num_workers=0,
+            views=[{}],
+            on_bad_image="ignore",
+        )
     configs = sorted((CONF / "data").glob("*.yaml"))
     assert len(configs) >= 7
     for path in configs:

@@ -22,10 +22,26 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ssl_vision.data.batched import (BatchedViews, RawImages, collate_raw, gaussian_blur, is_raw_batch, resized_crop,
-                                     sample_crop_boxes)
-from ssl_vision.data.tensor_ops import (_ROW_LOOP_FLOATS, _brightness_, _contrast_, _gray, _hue_, _normalise, _put,
-                                        _saturation_, _take)
+from ssl_vision.data.batched import (
+    BatchedViews,
+    RawImages,
+    collate_raw,
+    gaussian_blur,
+    is_raw_batch,
+    resized_crop,
+    sample_crop_boxes,
+)
+from ssl_vision.data.tensor_ops import (
+    _ROW_LOOP_FLOATS,
+    _brightness_,
+    _contrast_,
+    _gray,
+    _hue_,
+    _normalise,
+    _put,
+    _saturation_,
+    _take,
+)
 from ssl_vision.data.views import ViewSpec, build_multiview
 from ssl_vision.launch import run_pretraining
 from tests.conftest import FAST
@@ -68,8 +84,15 @@ def load_preset(name: str) -> list[dict]:
 
 def pil_images(n: int, size: tuple[int, int] = (32, 32), mode: str = "RGB", seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
-    return [(Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
-             .convert(mode), i % 10) for i in range(n)]
+    return [
+        (
+            Image.fromarray(
+                torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            ).convert(mode),
+            i % 10,
+        )
+        for i in range(n)
+    ]
 
 
 def raw_batch(data, in_chans: int = 3, keys=None, max_short: int = 1000) -> dict:
@@ -80,8 +103,11 @@ def raw_batch(data, in_chans: int = 3, keys=None, max_short: int = 1000) -> dict
 # ---------------------------------------------------------------------------------------------- crop sampling
 # (H, W, scale, ratio): square CIFAR-like, a wide image on which many tries fail, and a narrow one with a
 # ratio range that often forces the fallback
-CROP_CASES = [(32, 32, (0.08, 1.0), (3 / 4, 4 / 3)), (24, 80, (0.3, 1.0), (3 / 4, 4 / 3)),
-              (60, 20, (0.5, 1.0), (0.5, 2.0))]
+CROP_CASES = [
+    (32, 32, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (24, 80, (0.3, 1.0), (3 / 4, 4 / 3)),
+    (60, 20, (0.5, 1.0), (0.5, 2.0)),
+]
 
 
 @pytest.mark.parametrize("height,width,scale,ratio", CROP_CASES)
@@ -91,23 +117,28 @@ def test_crop_boxes_match_torchvision_get_params(height, width, scale, ratio, on
     img = torch.empty(1, height, width)
     ref = np.array([T.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(N)], dtype=np.float64)
     u = torch.rand(N, 22, generator=torch.Generator().manual_seed(4321))
-    top, left, h, w = (t.numpy().astype(np.float64) for t in sample_crop_boxes(
-        u, torch.full((N,), height), torch.full((N,), width), scale, ratio))
+    top, left, h, w = (
+        t.numpy().astype(np.float64)
+        for t in sample_crop_boxes(u, torch.full((N,), height), torch.full((N,), width), scale, ratio)
+    )
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
     assert (h >= 1).all() and (w >= 1).all()
     rt, rl, rh, rw = ref.T
     assert_same_distribution(h * w / (height * width), rh * rw / (height * width), "area fraction")
     assert_same_distribution(np.log(w / h), np.log(rw / rh), "log aspect ratio")
-    assert_same_distribution((left + w / 2) / width + (top + h / 2) / height, (rl + rw / 2) / width + (rt + rh / 2)
-                             / height, "box centre")
+    assert_same_distribution(
+        (left + w / 2) / width + (top + h / 2) / height, (rl + rw / 2) / width + (rt + rh / 2) / height, "box centre"
+    )
     if (height, width) == (60, 20):  # the 10-try fallback is common here: same share of centre crops
         fallback = (top == (height - h) // 2) & (left == (width - w) // 2) & (w == width)
         ref_fallback = (rt == (height - rh) // 2) & (rl == (width - rw) // 2) & (rw == width)
         assert abs(fallback.mean() - ref_fallback.mean()) < 0.04
 
 
-@pytest.mark.parametrize("height,width,ratio", [(10, 10, (4.0, 4.0)), (10, 10, (0.2, 0.25)), (7, 30, (0.3, 0.5)),
-                                                (30, 7, (2.0, 3.0)), (9, 12, (1.0, 1.0))])
+@pytest.mark.parametrize(
+    "height,width,ratio",
+    [(10, 10, (4.0, 4.0)), (10, 10, (0.2, 0.25)), (7, 30, (0.3, 0.5)), (30, 7, (2.0, 3.0)), (9, 12, (1.0, 1.0))],
+)
 def test_fallback_box_equals_torchvision(height, width, ratio):
     """When no try can fit, both fall back to the same deterministic centre crop."""
     scale = (1.0, 1.0)
@@ -125,8 +156,9 @@ def test_resized_crop_equals_torchvision_bilinear_on_padded_batch():
     """Images of different sizes, padded into one batch: each crop equals torchvision's resized_crop (+ flip)."""
     g = torch.Generator().manual_seed(0)
     sizes = [(20, 31), (32, 32), (17, 40), (32, 9)]
-    data = [(Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()), 0)
-            for h, w in sizes]
+    data = [
+        (Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()), 0) for h, w in sizes
+    ]
     batch = raw_batch(data)
     assert batch["raw_images"].shape == (4, 3, 32, 40) and batch["sizes"] == sizes
     x = batch["raw_images"].float() / 255
@@ -137,21 +169,33 @@ def test_resized_crop_equals_torchvision_bilinear_on_padded_batch():
     for side in (12, 24, 48):  # down- and up-sampling
         out = resized_crop(x, top, left, h, w, side, "bilinear", flip)
         for i, (img, _) in enumerate(data):
-            ref = TF.resized_crop(TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True), int(top[i]),
-                                  int(left[i]), int(h[i]), int(w[i]), [side, side], InterpolationMode.BILINEAR,
-                                  antialias=False)
+            ref = TF.resized_crop(
+                TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True),
+                int(top[i]),
+                int(left[i]),
+                int(h[i]),
+                int(w[i]),
+                [side, side],
+                InterpolationMode.BILINEAR,
+                antialias=False,
+            )
             ref = TF.horizontal_flip(ref) if flip[i] else ref
             torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0)
 
 
 def test_bicubic_crop_is_close_to_torchvision():
     x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
-    top, left, h, w = torch.tensor([0, 5, 10]), torch.tensor([3, 0, 12]), torch.tensor([40, 20, 25]), torch.tensor(
-        [30, 33, 25])
+    top, left, h, w = (
+        torch.tensor([0, 5, 10]),
+        torch.tensor([3, 0, 12]),
+        torch.tensor([40, 20, 25]),
+        torch.tensor([30, 33, 25]),
+    )
     out = resized_crop(x, top, left, h, w, 32, "bicubic")
     for i in range(3):
-        ref = TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32],
-                              InterpolationMode.BICUBIC, antialias=False).clamp(0, 1)
+        ref = TF.resized_crop(
+            x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], InterpolationMode.BICUBIC, antialias=False
+        ).clamp(0, 1)
         # identical away from the crop border; at the border bicubic reads the real neighbours, not the crop edge
         torch.testing.assert_close(out[i, :, 2:-2, 2:-2], ref[:, 2:-2, 2:-2], atol=1e-4, rtol=0)
         assert (out[i] - ref).abs().mean() < 0.02
@@ -164,17 +208,24 @@ def test_colour_ops_equal_torchvision_tensor_ops():
     x[1, 0] = x[1, 1]
     f = torch.rand(6, generator=g) * 1.6 + 0.2
     hue = torch.rand(6, generator=g) - 0.5
-    cases = [(_brightness_, TF.adjust_brightness, f), (_contrast_, TF.adjust_contrast, f),
-             (_saturation_, TF.adjust_saturation, f), (_hue_, TF.adjust_hue, hue)]
+    cases = [
+        (_brightness_, TF.adjust_brightness, f),
+        (_contrast_, TF.adjust_contrast, f),
+        (_saturation_, TF.adjust_saturation, f),
+        (_hue_, TF.adjust_hue, hue),
+    ]
     for ours, theirs, factors in cases:
         out = ours(x.clone(), factors)
         ref = torch.stack([theirs(x[i], float(factors[i])) for i in range(6)])
         # torchvision's grayscale uses 0.2989 for red where PIL (and kornia, used here) use 0.299
         torch.testing.assert_close(out, ref, atol=3e-4, rtol=0, msg=theirs.__name__)
     gray1 = torch.rand(4, 1, 8, 8, generator=g)  # one-channel contrast
-    torch.testing.assert_close(_contrast_(gray1.clone(), f[:4]),
-                               torch.stack([TF.adjust_contrast(gray1[i], float(f[i])) for i in range(4)]), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        _contrast_(gray1.clone(), f[:4]),
+        torch.stack([TF.adjust_contrast(gray1[i], float(f[i])) for i in range(4)]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_hue_formula_equals_torchvision_on_ties_gray_and_extreme_shifts():
@@ -215,8 +266,12 @@ def test_gray_and_gaussian_blur_equal_the_reference_formulas(one_thread):
             torch.testing.assert_close(ours[i], ref, atol=2e-6, rtol=0, msg=f"kernel {kernel}, row {i}")
     assert (gaussian_blur(x, 9, sigma) - x).abs().max() > 0.1
     kornia = pytest.importorskip("kornia")  # the library this replaces (a dev dependency): the same floats
-    torch.testing.assert_close(gaussian_blur(x, 9, sigma), kornia.filters.gaussian_blur2d(
-        x, 9, sigma[:, None].expand(-1, 2).contiguous(), border_type="reflect"), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        gaussian_blur(x, 9, sigma),
+        kornia.filters.gaussian_blur2d(x, 9, sigma[:, None].expand(-1, 2).contiguous(), border_type="reflect"),
+        atol=1e-7,
+        rtol=0,
+    )
     torch.testing.assert_close(_gray(x), kornia.color.rgb_to_grayscale(x), atol=0, rtol=0)
 
 
@@ -228,6 +283,7 @@ def test_blur_and_solarize_match_torchvision(one_thread):
     views = BatchedViews([spec], 24, 3, [0.0], [1.0])(batch)[0][0]
     for i, (img, _) in enumerate(data):
         x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
+
         # the sigma used is unknown here: find the one in [0.1, 2] that reproduces the output (if any does)
         def err(s: float) -> float:
             return (TF.gaussian_blur(x, [3, 3], [s, s]) - views[i]).abs().max().item()
@@ -247,26 +303,36 @@ def test_blur_and_solarize_match_torchvision(one_thread):
         assert torch.equal(TF.pil_to_tensor(TF.solarize(img, 128)), (views[i] * 255).round().to(torch.uint8))
 
 
-@pytest.mark.parametrize("spec", [ViewSpec(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2),
-                                  ViewSpec(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2,
-                                           gray_before_jitter=True)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ViewSpec(jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2),
+        ViewSpec(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, gray_before_jitter=True),
+    ],
+)
 def test_colour_distribution_matches_torchvision(spec, one_thread):
     """End to end (jitter probability, factors, per-sample random order, grayscale): per-image channel means and
     std follow the distribution of torchvision's ColorJitter / RandomGrayscale on the same image."""
     spec = dataclasses.replace(spec, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
     n = 2000
-    (img, _), = pil_images(1, (6, 6), seed=5)
+    ((img, _),) = pil_images(1, (6, 6), seed=5)
     x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
     jitter = T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.jitter_p)
-    ops = [T.RandomGrayscale(spec.gray_p), jitter] if spec.gray_before_jitter else [jitter,
-                                                                                    T.RandomGrayscale(spec.gray_p)]
+    ops = (
+        [T.RandomGrayscale(spec.gray_p), jitter]
+        if spec.gray_before_jitter
+        else [jitter, T.RandomGrayscale(spec.gray_p)]
+    )
     reference = T.Compose(ops)
     torch.manual_seed(77)
     ref = torch.stack([reference(x) for _ in range(n)])
     batch = raw_batch([(img, 0)] * n, keys=[(i, 0) for i in range(n)])
     ours = BatchedViews([spec], 6, 3, [0.0], [1.0], seed=9)(batch)[0][0]
-    for stat, name in ((lambda t: t[:, 0].mean((1, 2)), "red mean"), (lambda t: t[:, 2].mean((1, 2)), "blue mean"),
-                       (lambda t: t.std((1, 2, 3)), "std")):
+    for stat, name in (
+        (lambda t: t[:, 0].mean((1, 2)), "red mean"),
+        (lambda t: t[:, 2].mean((1, 2)), "blue mean"),
+        (lambda t: t.std((1, 2, 3)), "std"),
+    ):
         assert_same_distribution(stat(ours).numpy(), stat(ref).numpy(), name)
 
 
@@ -292,19 +358,19 @@ def _rgb_photos(n: int, side: int, seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 4, 4, generator=g)
     img = torch.nn.functional.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
-    return [(Image.fromarray((im * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), i) for i, im in
-            enumerate(img)]
+    return [
+        (Image.fromarray((im * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), i) for i, im in enumerate(img)
+    ]
 
 
-@pytest.mark.parametrize("name,size,chans", [("multicrop", 144, 3), ("byol", 32, 3), ("mae", 32, 3),
-                                             ("simclr", 28, 1)])
+@pytest.mark.parametrize("name,size,chans", [("multicrop", 144, 3), ("byol", 32, 3), ("mae", 32, 3), ("simclr", 28, 1)])
 def test_grouped_strategy_and_chunks_give_the_subsets_views(name, size, chans, one_thread):
     """The CPU's default (rows sorted into groups for crops >= 128 px, colour ops in place on slices, chunks of
     samples, large rows copied one by one) and the accelerators' (gathered subsets, whole batch) are two
     implementations of one pipeline: same views, whatever the chunk size. multicrop at 144 px has 144-px global
     crops (grouped under auto) and 62-px local ones (subsets under auto); byol has solarize and two families'
     settings; mae is bicubic; one channel skips saturation, hue and grayscale."""
-    stats = (RGB_STATS if chans == 3 else ([0.4], [0.3]))
+    stats = RGB_STATS if chans == 3 else ([0.4], [0.3])
     data = _rgb_photos(7, size + 16, seed=8)
     batch = raw_batch(data, chans, keys=[(i, 3) for i in range(7)])
     ref = BatchedViews(load_preset(name), size, chans, *stats, seed=2, strategy="subsets")(batch)[0]
@@ -380,8 +446,18 @@ def test_loader_downscales_large_images_only():
 # ---------------------------------------------------------------------------------------------- pretraining
 @pytest.mark.parametrize("augment", ["simclr", "multicrop"])
 def test_one_step_pretraining_with_batched_backend(make_cfg, augment):
-    cfg = make_cfg(["method=simclr", "backbone=resnet18", "backbone.width=0.125", f"augment={augment}", *FAST,
-                    "trainer.max_steps=1", "augment.backend=batched", "eval.final_eval=false"])
+    cfg = make_cfg(
+        [
+            "method=simclr",
+            "backbone=resnet18",
+            "backbone.width=0.125",
+            f"augment={augment}",
+            *FAST,
+            "trainer.max_steps=1",
+            "augment.backend=batched",
+            "eval.final_eval=false",
+        ]
+    )
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and res["images_seen"] == 16
     assert res["train_loss"] is not None and math.isfinite(res["train_loss"])

@@ -16,8 +16,18 @@ TWO_VIEWS = [{"count": 1}, {"count": 1, "size_ratio": 0.5, "scale": [0.05, 0.4]}
 
 def make(**overrides) -> SSLDataModule:
     kwargs = dict(
-        name="synthetic", root=None, image_size=16, in_chans=3, num_classes=4, mean=[0.5], std=[0.25],
-        batch_size=8, num_workers=0, views=TWO_VIEWS, synthetic_size=30, seed=0,
+        name="synthetic",
+        root=None,
+        image_size=16,
+        in_chans=3,
+        num_classes=4,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=8,
+        num_workers=0,
+        views=TWO_VIEWS,
+        synthetic_size=30,
+        seed=0,
     )
     kwargs.update(overrides)
     dm = SSLDataModule(**kwargs)
@@ -63,8 +73,18 @@ def test_too_small_train_set_names_both_numbers():
 
 
 def test_num_train_samples_needs_setup():
-    dm = SSLDataModule(name="synthetic", root=None, image_size=8, in_chans=3, num_classes=2, mean=[0.5],
-                       std=[0.25], batch_size=2, num_workers=0, views=[{}])
+    dm = SSLDataModule(
+        name="synthetic",
+        root=None,
+        image_size=8,
+        in_chans=3,
+        num_classes=2,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=2,
+        num_workers=0,
+        views=[{}],
+    )
     with pytest.raises(RuntimeError, match="setup"):
         _ = dm.num_train_samples
 
@@ -96,8 +116,18 @@ def test_persistent_workers_only_with_workers():
 
 def test_bad_views_fail_at_construction():
     with pytest.raises(ValueError, match="valid keys"):
-        SSLDataModule(name="synthetic", root=None, image_size=8, in_chans=3, num_classes=2, mean=[0.5],
-                      std=[0.25], batch_size=2, num_workers=0, views=[{"sizeratio": 1.0}])
+        SSLDataModule(
+            name="synthetic",
+            root=None,
+            image_size=8,
+            in_chans=3,
+            num_classes=2,
+            mean=[0.5],
+            std=[0.25],
+            batch_size=2,
+            num_workers=0,
+            views=[{"sizeratio": 1.0}],
+        )
 
 
 def test_one_channel_fashion_mnist_style_config():
@@ -108,8 +138,15 @@ def test_one_channel_fashion_mnist_style_config():
 
 def test_data_configs_share_one_key_set_matching_the_datamodule():
     files = sorted((CONF / "data").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "imagefolder",
-                                       "synthetic"}
+    assert {f.stem for f in files} >= {
+        "fashion_mnist",
+        "cifar10",
+        "cifar100",
+        "stl10",
+        "imagenet",
+        "imagefolder",
+        "synthetic",
+    }
     key_sets = {f.name: set(OmegaConf.load(f).keys()) for f in files}
     reference = key_sets["fashion_mnist.yaml"]
     assert all(keys == reference for keys in key_sets.values()), key_sets

@@ -35,8 +35,14 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def make_jpeg_folder(root: Path, per_class: int = 6, classes: str = "abc", seed: int = 0,
-                     coords: bool = False, tint: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[Path]:
+def make_jpeg_folder(
+    root: Path,
+    per_class: int = 6,
+    classes: str = "abc",
+    seed: int = 0,
+    coords: bool = False,
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> list[Path]:
     """``root/train/<class>/<i>.jpg``, sizes 40-80 px; the first file is a grayscale JPEG and the second a CMYK one
     (unless ``coords``: then every image encodes its pixel coordinates, R = x, G = y, for measuring crop boxes).
     ``tint`` scales the channels (distinct channel means make a channel mix-up visible)."""
@@ -49,8 +55,13 @@ def make_jpeg_folder(root: Path, per_class: int = 6, classes: str = "abc", seed:
             if coords:
                 x = (np.arange(w) + 0.5) / w * 255
                 y = (np.arange(h) + 0.5) / h * 255
-                arr = np.stack([np.broadcast_to(x, (h, w)), np.broadcast_to(y[:, None], (h, w)),
-                                np.full((h, w), 128.0)], -1).round().astype(np.uint8)
+                arr = (
+                    np.stack(
+                        [np.broadcast_to(x, (h, w)), np.broadcast_to(y[:, None], (h, w)), np.full((h, w), 128.0)], -1
+                    )
+                    .round()
+                    .astype(np.uint8)
+                )
                 img = Image.fromarray(arr)
             else:
                 img = Image.fromarray((_smooth(rng, h, w) * np.array(tint)).astype(np.uint8))
@@ -64,12 +75,31 @@ def make_jpeg_folder(root: Path, per_class: int = 6, classes: str = "abc", seed:
     return files
 
 
-def make_dm(root: Path, decode: str, backend: str = "batched", views=None, image_size: int = 48,
-            batch_size: int = 6, num_classes: int = 3, **kw) -> SSLDataModule:
-    dm = SSLDataModule(name="imagefolder", root=str(root), image_size=image_size, in_chans=kw.pop("in_chans", 3),
-                       num_classes=num_classes, mean=[0.5], std=[0.25], batch_size=batch_size,
-                       num_workers=kw.pop("num_workers", 0), views=views or [{"count": 2}], val_dir="train",
-                       decode=decode, **kw).with_backend(backend)
+def make_dm(
+    root: Path,
+    decode: str,
+    backend: str = "batched",
+    views=None,
+    image_size: int = 48,
+    batch_size: int = 6,
+    num_classes: int = 3,
+    **kw,
+) -> SSLDataModule:
+    dm = SSLDataModule(
+        name="imagefolder",
+        root=str(root),
+        image_size=image_size,
+        in_chans=kw.pop("in_chans", 3),
+        num_classes=num_classes,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=batch_size,
+        num_workers=kw.pop("num_workers", 0),
+        views=views or [{"count": 2}],
+        val_dir="train",
+        decode=decode,
+        **kw,
+    ).with_backend(backend)
     dm.setup("fit")
     return dm
 
@@ -89,13 +119,17 @@ def epoch_views(dm: SSLDataModule, epochs: int = 1):
 def test_jpeg_header_reads_size_and_components(tmp_path):
     rng = np.random.default_rng(1)
     rgb = Image.fromarray(_smooth(rng, 37, 53))
-    for img, kw, comps in ((rgb, {}, 3), (rgb.convert("L"), {}, 1), (rgb.convert("CMYK"), {}, 4),
-                           (rgb, {"progressive": True}, 3)):
+    for img, kw, comps in (
+        (rgb, {}, 3),
+        (rgb.convert("L"), {}, 1),
+        (rgb.convert("CMYK"), {}, 4),
+        (rgb, {"progressive": True}, 3),
+    ):
         assert jpeg_header(_jpeg(img, **kw)) == (37, 53, comps)
     png = io.BytesIO()
     rgb.save(png, format="PNG")
     assert jpeg_header(png.getvalue()) is None
-    assert jpeg_header(_jpeg(rgb)[:20]) is None          # cut before the frame header
+    assert jpeg_header(_jpeg(rgb)[:20]) is None  # cut before the frame header
     assert jpeg_header(b"") is None
 
 
@@ -127,6 +161,7 @@ def test_device_decode_matches_the_host_batched_path(tmp_path):
         def call(batch):
             store.append((batch[RAW_KEY].clone(), list(batch["sizes"])))
             return inner(batch)
+
         return call
 
     host.batch_views = recorder(raw_host, host.batch_views)
@@ -168,8 +203,9 @@ def test_crop_scale_and_aspect_distributions_match_the_per_sample_pipeline(tmp_p
     width and height are the spread of R and G over the view (box extents normalised by the image's, so the
     image's own size and the pre-downscale cancel)."""
     make_jpeg_folder(tmp_path, per_class=8, coords=True)
-    per_sample = epoch_views(make_dm(tmp_path, "host", backend="per_sample", views=[NO_COLOUR], image_size=32,
-                                     batch_size=8), epochs=8)
+    per_sample = epoch_views(
+        make_dm(tmp_path, "host", backend="per_sample", views=[NO_COLOUR], image_size=32, batch_size=8), epochs=8
+    )
     device = epoch_views(make_dm(tmp_path, "device", views=[NO_COLOUR], image_size=32, batch_size=8), epochs=8)
     area_p, aspect_p = _box_stats([v for views, _, _ in per_sample for v in views])
     area_d, aspect_d = _box_stats([v for views, _, _ in device for v in views])
@@ -180,8 +216,12 @@ def test_crop_scale_and_aspect_distributions_match_the_per_sample_pipeline(tmp_p
         assert abs(np.quantile(area_p, q) - np.quantile(area_d, q)) < 0.06, q
     # log aspect uniform in log(3/4, 4/3) times the image's w/h normalised away: centred on 0
     la_p, la_d = np.log(aspect_p), np.log(aspect_d)
-    assert abs(la_p.mean() - la_d.mean()) < 0.04 and abs(la_p.std() - la_d.std()) < 0.04, \
-        (la_p.mean(), la_d.mean(), la_p.std(), la_d.std())
+    assert abs(la_p.mean() - la_d.mean()) < 0.04 and abs(la_p.std() - la_d.std()) < 0.04, (
+        la_p.mean(),
+        la_d.mean(),
+        la_p.std(),
+        la_d.std(),
+    )
     assert 0.4 < area_d.mean() < 0.65 and abs(la_d.mean()) < 0.05
 
 
@@ -215,10 +255,10 @@ def make_bad_folder(root: Path, bad: str) -> None:
     img = Image.fromarray(_smooth(rng, 50, 60))
     path = root / "train" / "a" / bad
     if bad.endswith(".png"):
-        img.save(path)                                      # a valid PNG: readable by PIL, not a JPEG
+        img.save(path)  # a valid PNG: readable by PIL, not a JPEG
     elif bad.startswith("truncated"):
         good = _jpeg(img)
-        path.write_bytes(good[: len(good) // 2])            # header intact: found only when decoding
+        path.write_bytes(good[: len(good) // 2])  # header intact: found only when decoding
     else:
         path.write_bytes(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
 
@@ -235,10 +275,10 @@ def test_bad_file_is_an_error_naming_it(tmp_path, bad):
 
 
 def test_file_gone_after_the_listing_follows_the_policy(tmp_path):
-    make_jpeg_folder(tmp_path, per_class=2, classes="ab")   # a/0.jpg a/1.jpg b/0.jpg b/1.jpg
+    make_jpeg_folder(tmp_path, per_class=2, classes="ab")  # a/0.jpg a/1.jpg b/0.jpg b/1.jpg
     error = make_dm(tmp_path, "device", batch_size=4, num_classes=2)
     skip = make_dm(tmp_path, "device", batch_size=4, num_classes=2, on_bad_image="skip")
-    (tmp_path / "train" / "a" / "1.jpg").unlink()           # listed, then gone: index 1 -> b/0.jpg (label 1)
+    (tmp_path / "train" / "a" / "1.jpg").unlink()  # listed, then gone: index 1 -> b/0.jpg (label 1)
     with pytest.raises(BadImageError, match=r"cannot read image .*a/1\.jpg.*cannot open the file: FileNotFoundError"):
         epoch_views(error)
     with pytest.warns(UserWarning, match=r"skipped unreadable image .*a/1\.jpg"):
@@ -323,19 +363,49 @@ def test_configuration_errors_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"data\.decode='gpu'; valid: host, device"):
         make_dm(tmp_path, "gpu")
     with pytest.raises(ValueError, match=r"data 'synthetic' needs data\.decode=host"):
-        SSLDataModule(name="synthetic", root=None, image_size=32, in_chans=3, num_classes=3, mean=[0.5], std=[0.25],
-                      batch_size=4, num_workers=0, views=[{"count": 2}], decode="device")
+        SSLDataModule(
+            name="synthetic",
+            root=None,
+            image_size=32,
+            in_chans=3,
+            num_classes=3,
+            mean=[0.5],
+            std=[0.25],
+            batch_size=4,
+            num_workers=0,
+            views=[{"count": 2}],
+            decode="device",
+        )
 
 
 def test_pretraining_end_to_end_with_device_decode(make_cfg, tmp_path):
     root = tmp_path / "jpegs"
     make_jpeg_folder(root, per_class=6)
-    cfg = make_cfg(["method=simclr", "backbone=resnet18", "backbone.width=0.125", "data=imagefolder",
-                    f"data.root={root}", "data.val_dir=train", "data.num_classes=3", "data.image_size=32",
-                    "data.batch_size=6", "data.eval_batch_size=18", "data.num_workers=0", "data.pin_memory=false",
-                    "data.persistent_workers=false", "data.decode=device", "augment.backend=batched",
-                    "trainer.max_steps=3", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
-                    "trainer.enable_progress_bar=false", "eval.knn_k=[5]", "logger=csv"])
+    cfg = make_cfg(
+        [
+            "method=simclr",
+            "backbone=resnet18",
+            "backbone.width=0.125",
+            "data=imagefolder",
+            f"data.root={root}",
+            "data.val_dir=train",
+            "data.num_classes=3",
+            "data.image_size=32",
+            "data.batch_size=6",
+            "data.eval_batch_size=18",
+            "data.num_workers=0",
+            "data.pin_memory=false",
+            "data.persistent_workers=false",
+            "data.decode=device",
+            "augment.backend=batched",
+            "trainer.max_steps=3",
+            "trainer.max_epochs=1",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "eval.knn_k=[5]",
+            "logger=csv",
+        ]
+    )
     res = run_pretraining(cfg)
     assert res["steps"] == 3 and res["images_seen"] == 18 and np.isfinite(res["train_loss"])
     assert Path(res["checkpoint"]).is_file()

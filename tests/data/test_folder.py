@@ -13,9 +13,20 @@ from ssl_vision.data.datasets import UNLABELED, UnlabeledImageFolder, build_data
 from tests.conftest import FAST
 
 #: a 2-step SimCLR run on 16-px images: seconds on the CPU
-RUN = ["method=simclr", "backbone=resnet18", "backbone.width=0.125", *[o for o in FAST if not o.startswith("data")],
-       "data=folder", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=8", "data.num_workers=0",
-       "data.pin_memory=false", "data.persistent_workers=false", "trainer.max_steps=2"]
+RUN = [
+    "method=simclr",
+    "backbone=resnet18",
+    "backbone.width=0.125",
+    *[o for o in FAST if not o.startswith("data")],
+    "data=folder",
+    "data.image_size=16",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "data.num_workers=0",
+    "data.pin_memory=false",
+    "data.persistent_workers=false",
+    "trainer.max_steps=2",
+]
 
 
 def _image(path: Path, seed: int, size: int = 20, mode: str = "RGB") -> None:
@@ -34,13 +45,21 @@ def _flat(root: Path, n: int = 8) -> list[Path]:
 
 def _nested(root: Path) -> list[Path]:
     """Images at three depths, upper-case extensions, plus files that must be left out."""
-    files = [root / "a.PNG", root / "x" / "b.jpeg", root / "x" / "y" / "c.JPG", root / "x" / "y" / "z" / "d.webp",
-             root / "w" / "e.bmp", root / "w" / "f.tif", root / "g.png", root / "x" / "h.png"]
+    files = [
+        root / "a.PNG",
+        root / "x" / "b.jpeg",
+        root / "x" / "y" / "c.JPG",
+        root / "x" / "y" / "z" / "d.webp",
+        root / "w" / "e.bmp",
+        root / "w" / "f.tif",
+        root / "g.png",
+        root / "x" / "h.png",
+    ]
     for i, f in enumerate(files):
         _image(f, i, mode="L" if i == 5 else "RGB")
     (root / "notes.txt").write_text("not an image")
-    _image(root / ".hidden" / "skip.png", 99)   # hidden folder
-    _image(root / "x" / "._skip.jpg", 98)        # macOS resource-fork file
+    _image(root / ".hidden" / "skip.png", 99)  # hidden folder
+    _image(root / "x" / "._skip.jpg", 98)  # macOS resource-fork file
     return files
 
 
@@ -129,16 +148,25 @@ def test_pretrain_on_folder_batched_views_and_device_decode(make_cfg, tmp_path):
     """The batched backend, and JPEG bytes decoded where the views are made (data.decode=device), read the folder."""
     for i in range(8):
         _image(tmp_path / "imgs" / f"d{i % 2}" / f"{i}.jpg", i)
-    res = _pretrain(make_cfg, tmp_path, [f"data.root={tmp_path / 'imgs'}", "augment.backend=batched",
-                                         "data.decode=device"])
+    res = _pretrain(
+        make_cfg, tmp_path, [f"data.root={tmp_path / 'imgs'}", "augment.backend=batched", "data.decode=device"]
+    )
     assert res["steps"] == 2 and np.isfinite(res["train_loss"]) and res["knn_top1"] is None
 
 
 def test_pretrain_on_folder_evaluates_on_eval_root(make_cfg, tmp_path):
     _nested(tmp_path / "imgs")
     _labelled(tmp_path / "labelled")
-    res = _pretrain(make_cfg, tmp_path, [f"data.root={tmp_path / 'imgs'}", f"data.eval_root={tmp_path / 'labelled'}",
-                                         "data.num_classes=2", "eval.final_eval=true"])
+    res = _pretrain(
+        make_cfg,
+        tmp_path,
+        [
+            f"data.root={tmp_path / 'imgs'}",
+            f"data.eval_root={tmp_path / 'labelled'}",
+            "data.num_classes=2",
+            "eval.final_eval=true",
+        ],
+    )
     assert res["eval_skipped"] is None
     assert res["knn_top1"] is not None and 0.0 <= res["knn_top1"] <= 100.0
     # 6 val images in 2 classes: a top-1 is a multiple of 100/6
@@ -167,8 +195,16 @@ def test_eval_tools_use_the_runs_eval_root(tmp_path):
 
     _flat(tmp_path / "imgs")
     _labelled(tmp_path / "labelled", classes=2, per_class=3)
-    stored = {"name": "folder", "root": str(tmp_path / "imgs"), "eval_root": str(tmp_path / "labelled"),
-              "image_size": 16, "in_chans": 3, "num_classes": 2, "mean": [0.5] * 3, "std": [0.25] * 3}
+    stored = {
+        "name": "folder",
+        "root": str(tmp_path / "imgs"),
+        "eval_root": str(tmp_path / "labelled"),
+        "image_size": 16,
+        "in_chans": 3,
+        "num_classes": 2,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     data = resolve_eval_data(stored, None, 3, 16)
     assert data.name == "imagefolder" and data.root == str(tmp_path / "labelled")
     train, test = build_eval_splits(data)
@@ -181,5 +217,16 @@ def test_eval_root_only_with_folder(tmp_path):
     from ssl_vision.data import SSLDataModule
 
     with pytest.raises(ValueError, match="data.eval_root is the labelled evaluation set of data=folder"):
-        SSLDataModule(name="synthetic", root=None, image_size=16, in_chans=3, num_classes=2, mean=[0.5] * 3,
-                      std=[0.25] * 3, batch_size=4, num_workers=0, views=[], eval_root=str(tmp_path))
+        SSLDataModule(
+            name="synthetic",
+            root=None,
+            image_size=16,
+            in_chans=3,
+            num_classes=2,
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+            batch_size=4,
+            num_workers=0,
+            views=[],
+            eval_root=str(tmp_path),
+        )

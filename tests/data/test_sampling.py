@@ -15,14 +15,14 @@ TWO_VIEWS = [{"count": 2}]
 def _batches(sampler: GlobalBatchSampler) -> list[list[int]]:
     keys = list(sampler)
     n = sampler.per_rank_batch
-    return [[i for i, _ in keys[j:j + n]] for j in range(0, len(keys), n)]
+    return [[i for i, _ in keys[j : j + n]] for j in range(0, len(keys), n)]
 
 
 def _reference_order(num_samples: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's global batches written out independently: randperm from (seed, epoch), cut into full batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_samples, generator=g).tolist()
-    return [order[j:j + batch] for j in range(0, (num_samples // batch) * batch, batch)]
+    return [order[j : j + batch] for j in range(0, (num_samples // batch) * batch, batch)]
 
 
 def test_skip_continues_the_epoch_where_it_stopped():
@@ -60,8 +60,20 @@ def test_state_from_another_global_batch_warns():
 
 
 def _datamodule(**kw) -> SSLDataModule:
-    args = dict(name="synthetic", root=None, image_size=16, in_chans=3, num_classes=4, mean=[0.5], std=[0.25],
-                batch_size=8, num_workers=0, views=TWO_VIEWS, synthetic_size=40, seed=5)
+    args = dict(
+        name="synthetic",
+        root=None,
+        image_size=16,
+        in_chans=3,
+        num_classes=4,
+        mean=[0.5],
+        std=[0.25],
+        batch_size=8,
+        num_workers=0,
+        views=TWO_VIEWS,
+        synthetic_size=40,
+        seed=5,
+    )
     args.update(kw)
     dm = SSLDataModule(**args)
     dm.setup("fit")
@@ -74,9 +86,9 @@ def test_loader_starts_late_so_a_later_set_epoch_counts():
     only at the first batch; with workers an eager iterator replayed epoch 0 (its order and augmentations)."""
     dm = _datamodule(num_workers=2)
     loader = dm.train_dataloader()
-    it = iter(loader)                 # what Lightning does early
-    loader.sampler.set_epoch(3)       # ... and only later
-    loader.sampler.skip_batches(1)    # a resume one batch into the epoch
+    it = iter(loader)  # what Lightning does early
+    loader.sampler.set_epoch(3)  # ... and only later
+    loader.sampler.skip_batches(1)  # a resume one batch into the epoch
     got = [b[2].tolist() for b in it]
     assert got == _reference_order(40, 8, 5, 3)[1:]
 

@@ -35,10 +35,12 @@ def test_class_structure_is_learnable_but_not_trivial():
     train, test = build_dataset("synthetic", "train", None, **kw), build_dataset("synthetic", "test", None, **kw)
     acc = _nearest_centroid_accuracy(train, test)
     assert acc > 0.5, acc  # chance is 0.1
+
     # raw-pixel 1-NN (cosine): well above chance, below saturation (so pretraining has something to learn)
     def flat(ds):
         x = torch.stack([torch.from_numpy(np.array(ds[i][0])).float().flatten() for i in range(len(ds))])
         return torch.nn.functional.normalize(x - x.mean(), dim=1), torch.tensor(ds.targets)
+
     (xtr, ytr), (xte, yte) = flat(train), flat(test)
     knn = (ytr[(xte @ xtr.T).argmax(1)] == yte).float().mean().item()
     assert 0.4 < knn < 0.99, knn

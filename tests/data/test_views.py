@@ -102,9 +102,20 @@ def test_rgb_input_becomes_one_channel_and_gray_input_three():
 def test_rgb_pipeline_follows_paper_order():
     ops = flat_ops(build_view_transform(ViewSpec.from_dict(preset("dino")[1]), 32, 3, *RGB_STATS))
     kinds = [type(op).__name__ for op in ops]
-    assert kinds[1:] == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter", "RandomGrayscale",
-                         "GaussianBlur", "RandomSolarize", "ToTensor", "Normalize"]
-    moco = [type(op).__name__ for op in flat_ops(build_view_transform(ViewSpec.from_dict(preset("moco_v1")[0]), 32, 3, *RGB_STATS))]
+    assert kinds[1:] == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "ColorJitter",
+        "RandomGrayscale",
+        "GaussianBlur",
+        "RandomSolarize",
+        "ToTensor",
+        "Normalize",
+    ]
+    moco = [
+        type(op).__name__
+        for op in flat_ops(build_view_transform(ViewSpec.from_dict(preset("moco_v1")[0]), 32, 3, *RGB_STATS))
+    ]
     assert moco.index("RandomGrayscale") < moco.index("ColorJitter")  # MoCo v1: grayscale before jitter
     assert "GaussianBlur" not in moco
 
@@ -120,8 +131,11 @@ def test_zero_probability_ops_are_left_out():
 def test_blur_kernel_is_odd_and_about_ten_percent(side):
     k = blur_kernel_size(side)
     assert k % 2 == 1 and k >= 3 and abs(k - 0.1 * side) <= 2
-    blur = next(op for op in flat_ops(build_view_transform(ViewSpec(blur_p=0.5), side, 3, *RGB_STATS))
-                if isinstance(op, T.GaussianBlur))
+    blur = next(
+        op
+        for op in flat_ops(build_view_transform(ViewSpec(blur_p=0.5), side, 3, *RGB_STATS))
+        if isinstance(op, T.GaussianBlur)
+    )
     assert blur.kernel_size == (k, k) and blur.sigma == (0.1, 2.0)
     assert blur_kernel_size(224) == 23  # SimCLR: 10% of 224, made odd
 

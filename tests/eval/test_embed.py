@@ -19,8 +19,9 @@ from tests.eval.test_tools import compose_cfg, load_tool
 
 def subset_labels(n: int, seed: int = 0) -> list[int]:
     """Labels of the test subset the tool should draw: a seeded permutation's first n indices, sorted."""
-    test = build_dataset("synthetic", "test", None, image_size=16, in_chans=3, num_classes=4,
-                         synthetic_size=DATA_CFG["synthetic_size"])
+    test = build_dataset(
+        "synthetic", "test", None, image_size=16, in_chans=3, num_classes=4, synthetic_size=DATA_CFG["synthetic_size"]
+    )
     idx = sorted(torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n].tolist())
     return [int(test[i][1]) for i in idx]
 

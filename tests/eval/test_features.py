@@ -9,12 +9,27 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_vision.backbones import create_backbone
-from ssl_vision.eval.features import (EvalData, augmented_loader, build_eval_loaders, build_eval_splits,
-                                      cached_features, extract_features, resolve_eval_data)
+from ssl_vision.eval.features import (
+    EvalData,
+    augmented_loader,
+    build_eval_loaders,
+    build_eval_splits,
+    cached_features,
+    extract_features,
+    resolve_eval_data,
+)
 from ssl_vision.eval.knn import knn_accuracy
 
-DATA = EvalData(name="synthetic", root=None, image_size=16, in_chans=3, num_classes=4, mean=(0.5,) * 3,
-                std=(0.25,) * 3, synthetic_size=96)
+DATA = EvalData(
+    name="synthetic",
+    root=None,
+    image_size=16,
+    in_chans=3,
+    num_classes=4,
+    mean=(0.5,) * 3,
+    std=(0.25,) * 3,
+    synthetic_size=96,
+)
 
 
 def tiny_backbone(seed: int = 0) -> tuple[nn.Module, int]:
@@ -34,8 +49,9 @@ def test_extract_features_runs_in_eval_without_grad_and_restores_modes():
     before_modes = {n: m.training for n, m in model.named_modules()}
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
-    model.register_forward_hook(lambda mod, inp, out: seen.append((mod.training, mod.bn1.training,
-                                                                   torch.is_grad_enabled())))
+    model.register_forward_hook(
+        lambda mod, inp, out: seen.append((mod.training, mod.bn1.training, torch.is_grad_enabled()))
+    )
     x, y = torch.randn(10, 3, 16, 16), torch.arange(10) % 4
     feats, labels = extract_features(model, DataLoader(TensorDataset(x, y), batch_size=4), "cpu")
 
@@ -79,18 +95,31 @@ def test_augmented_views_do_not_depend_on_batch_size_or_workers():
     train, _ = build_eval_splits(DATA, train_subset=20)
     views = []
     for batch, workers in ((3, 0), (16, 2)):
-        views.append(torch.cat([b[0] for b in augmented_loader(train, DATA, epoch=1, seed=0, batch_size=batch,
-                                                                num_workers=workers)]))
+        views.append(
+            torch.cat(
+                [b[0] for b in augmented_loader(train, DATA, epoch=1, seed=0, batch_size=batch, num_workers=workers)]
+            )
+        )
     assert views[0].shape == (20, 3, 16, 16) and torch.equal(views[0], views[1])
     other_epoch = torch.cat([b[0] for b in augmented_loader(train, DATA, 2, 0, 16, 0)])
     assert not torch.equal(views[0], other_epoch)  # a new crop every epoch
 
 
 def test_resolve_eval_data_merges_overrides_and_checks_channels():
-    stored = {"name": "synthetic", "root": None, "image_size": 16, "in_chans": 3, "num_classes": 4,
-              "mean": [0.5], "std": [0.25], "batch_size": 16, "synthetic_size": 96}
-    assert resolve_eval_data(stored, None, 3) == EvalData("synthetic", None, 16, 3, 4, (0.5,), (0.25,),
-                                                          synthetic_size=96)
+    stored = {
+        "name": "synthetic",
+        "root": None,
+        "image_size": 16,
+        "in_chans": 3,
+        "num_classes": 4,
+        "mean": [0.5],
+        "std": [0.25],
+        "batch_size": 16,
+        "synthetic_size": 96,
+    }
+    assert resolve_eval_data(stored, None, 3) == EvalData(
+        "synthetic", None, 16, 3, 4, (0.5,), (0.25,), synthetic_size=96
+    )
     assert resolve_eval_data(stored, {"root": "/data", "synthetic_size": 8}, 3).root == "/data"
     with pytest.raises(ValueError, match=r"unknown data keys \['rooot'\]"):
         resolve_eval_data(stored, {"rooot": "/x"}, 3)
@@ -120,20 +149,49 @@ def test_cached_features_hit_and_invalidation(tmp_path):
 
 
 # ------------------------------------------------------------------- helpers shared by the other eval tests
-TINY_BACKBONE_CFG = {"name": "resnet18", "width": 0.125, "channels": None, "small_stem": "auto",
-                     "zero_init_residual": False, "patch_size": "auto", "drop_path_rate": 0.0}
-DATA_CFG = {"name": "synthetic", "root": None, "download": False, "image_size": 16, "in_chans": 3, "num_classes": 4,
-            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "batch_size": 16, "num_workers": 0,
-            "eval_crop_ratio": 1.0, "synthetic_size": 96, "train_dir": "train", "val_dir": "val"}
+TINY_BACKBONE_CFG = {
+    "name": "resnet18",
+    "width": 0.125,
+    "channels": None,
+    "small_stem": "auto",
+    "zero_init_residual": False,
+    "patch_size": "auto",
+    "drop_path_rate": 0.0,
+}
+DATA_CFG = {
+    "name": "synthetic",
+    "root": None,
+    "download": False,
+    "image_size": 16,
+    "in_chans": 3,
+    "num_classes": 4,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "batch_size": 16,
+    "num_workers": 0,
+    "eval_crop_ratio": 1.0,
+    "synthetic_size": 96,
+    "train_dir": "train",
+    "val_dir": "val",
+}
 
 
-def write_checkpoint(path, model: nn.Module, backbone_cfg: dict = TINY_BACKBONE_CFG, data: dict = DATA_CFG,
-                     method: str = "simclr", extra_state: dict | None = None):
+def write_checkpoint(
+    path,
+    model: nn.Module,
+    backbone_cfg: dict = TINY_BACKBONE_CFG,
+    data: dict = DATA_CFG,
+    method: str = "simclr",
+    extra_state: dict | None = None,
+):
     """A checkpoint laid out as run_pretraining writes it (state_dict + ssl_vision.run_info), without training."""
     state = {f"backbone.{k}": v.clone() for k, v in model.state_dict().items()}
     state.update(extra_state or {})
-    run_info = {"method": method, "backbone": dict(backbone_cfg),
-                "data": {k: data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
-                "config": {"data": dict(data), "backbone": dict(backbone_cfg)}}
+    run_info = {
+        "method": method,
+        "backbone": dict(backbone_cfg),
+        "data": {k: data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
+        "config": {"data": dict(data), "backbone": dict(backbone_cfg)},
+    }
     torch.save({"state_dict": state, "ssl_vision": {"run_info": run_info}, "global_step": 1, "epoch": 0}, path)
     return path

@@ -15,8 +15,15 @@ from omegaconf import OmegaConf
 
 from ssl_vision.backbones import create_backbone
 from ssl_vision.eval.checkpoints import load_backbone
-from ssl_vision.eval.finetune import (build_finetune_model, build_mixup, build_optimizer, finetune_backbone, lr_at,
-                                      make_finetune_spec, set_lr)
+from ssl_vision.eval.finetune import (
+    build_finetune_model,
+    build_mixup,
+    build_optimizer,
+    finetune_backbone,
+    lr_at,
+    make_finetune_spec,
+    set_lr,
+)
 from tests.eval.test_features import DATA, TINY_BACKBONE_CFG, tiny_backbone, write_checkpoint
 from tests.eval.test_tools import compose_cfg, load_tool
 
@@ -100,8 +107,9 @@ def test_layer_decay_gives_mae_per_block_lr_ratios(decay, vit_classifier):
     assert ratio == pytest.approx(decay)
 
     resnet, _ = tiny_backbone()
-    rmodel, rvit = build_finetune_model(resnet, {"name": "resnet18", "in_chans": 3, "image_size": 16,
-                                                 "width": 0.125}, 10, drop_path=0.1)
+    rmodel, rvit = build_finetune_model(
+        resnet, {"name": "resnet18", "in_chans": 3, "image_size": 16, "width": 0.125}, 10, drop_path=0.1
+    )
     assert not rvit
     ropt = build_optimizer(rmodel, make_finetune_spec({**RECIPE, "layer_decay": decay}), rvit)
     assert all(g.get("lr_scale", 1.0) == 1.0 for g in ropt.param_groups)  # ResNets: no layer decay
@@ -145,8 +153,9 @@ def test_two_steps_change_the_weights_of_a_copy(arch, tmp_path):
         ckpt = write_checkpoint(tmp_path / "last.ckpt", tiny_backbone()[0])
     backbone, _, info = load_backbone(ckpt)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    res, tuned = finetune_backbone(backbone, info["create_kwargs"], DATA, spec(), eval_batch_size=32,
-                                   device="cpu", train_subset=16)
+    res, tuned = finetune_backbone(
+        backbone, info["create_kwargs"], DATA, spec(), eval_batch_size=32, device="cpu", train_subset=16
+    )
     assert res["steps"] == 2 and res["epochs"] == 1 and res["rule"] == "last" and res["mixup"]
     assert (res["train_samples"], res["test_samples"], res["num_classes"]) == (16, 24, 4)
     assert 0 <= res["top1"] <= 100 and res["top1"] <= res["top5"] and np.isfinite(res["train_loss"])
@@ -162,8 +171,9 @@ def test_two_steps_change_the_weights_of_a_copy(arch, tmp_path):
         assert tuned.get_classifier().out_features == 4
     else:
         assert (res["layer_decay"], res["drop_path"]) == (None, None) and tuned.head.out_features == 4
-        again, _ = finetune_backbone(backbone, info["create_kwargs"], DATA, spec(), eval_batch_size=32,
-                                     device="cpu", train_subset=16)
+        again, _ = finetune_backbone(
+            backbone, info["create_kwargs"], DATA, spec(), eval_batch_size=32, device="cpu", train_subset=16
+        )
         assert again["train_loss"] == res["train_loss"] and again["top1"] == res["top1"]  # seeded
 
 
@@ -176,8 +186,17 @@ def test_linear_probe_tool_finetune_true(arch, tmp_path):
     else:
         ckpt = write_checkpoint(tmp_path / "last.ckpt", tiny_backbone()[0])
     probe = load_tool("linear_probe")
-    base = [f"checkpoint={ckpt}", "finetune=true", "epochs=1", "batch_size=8", "train_subset=16",
-            "finetuning.warmup_epochs=0", "num_workers=0", "extract_batch_size=32", "device=cpu"]
+    base = [
+        f"checkpoint={ckpt}",
+        "finetune=true",
+        "epochs=1",
+        "batch_size=8",
+        "train_subset=16",
+        "finetuning.warmup_epochs=0",
+        "num_workers=0",
+        "extract_batch_size=32",
+        "device=cpu",
+    ]
     res = probe.run(compose_cfg("linear", base))
     assert json.loads((tmp_path / "last.finetune.json").read_text()) == res
     assert res["mode"] == "finetune" and res["steps"] == 2
@@ -188,6 +207,7 @@ def test_linear_probe_tool_finetune_true(arch, tmp_path):
     from safetensors.torch import load_file
 
     from ssl_vision.eval.checkpoints import load_backbone
+
     saved = res["saved"]
     tuned, dim, tuned_info = load_backbone(saved["backbone"])
     original, _, _ = load_backbone(ckpt)

@@ -12,8 +12,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ssl_vision.eval.checkpoints import load_backbone
-from ssl_vision.eval.linear import (BEST_ON_TEST_NOTE, build_head, lr_at, make_probe_spec, probe_checkpoint,
-                                    train_linear_probe)
+from ssl_vision.eval.linear import (
+    BEST_ON_TEST_NOTE,
+    build_head,
+    lr_at,
+    make_probe_spec,
+    probe_checkpoint,
+    train_linear_probe,
+)
 from ssl_vision.eval.features import extract_features
 from tests.eval.test_features import DATA, tiny_backbone, write_checkpoint
 
@@ -93,7 +99,8 @@ class Counting:
     def __call__(self, backbone, loader, device):
         self.calls += 1
         handle = backbone.register_forward_hook(
-            lambda m, i, o: self.seen.append((any(x.training for x in m.modules()), torch.is_grad_enabled())))
+            lambda m, i, o: self.seen.append((any(x.training for x in m.modules()), torch.is_grad_enabled()))
+        )
         try:
             return extract_features(backbone, loader, device)
         finally:
@@ -107,20 +114,32 @@ def test_probe_keeps_backbone_frozen_in_eval_and_reuses_the_cache(tmp_path):
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     spec = make_probe_spec("sgd_cosine", RECIPES, epochs=3, batch_size=32)
     extract = Counting()
-    first = probe_checkpoint(ckpt, spec, DATA, backbone, info, batch_size=32, num_workers=0, device="cpu",
-                             extract=extract)
+    first = probe_checkpoint(
+        ckpt, spec, DATA, backbone, info, batch_size=32, num_workers=0, device="cpu", extract=extract
+    )
     assert extract.calls == 2 and first["feature_cache"] == {"test": "written", "train": "written"}
     assert (tmp_path / "last.features.train.pt").is_file() and (tmp_path / "last.features.test.pt").is_file()
     blob = torch.load(tmp_path / "last.features.train.pt", weights_only=True)
     assert blob["features"].shape == (96, 64) and blob["features"].dtype == torch.float32
 
-    second = probe_checkpoint(ckpt, spec, DATA, backbone, info, batch_size=32, num_workers=0, device="cpu",
-                              extract=extract)
+    second = probe_checkpoint(
+        ckpt, spec, DATA, backbone, info, batch_size=32, num_workers=0, device="cpu", extract=extract
+    )
     assert extract.calls == 2, "the second run must not extract again"
     assert second["feature_cache"] == {"test": "hit", "train": "hit"} and second["top1"] == first["top1"]
 
-    aug = probe_checkpoint(ckpt, make_probe_spec("sgd_cosine", RECIPES, epochs=2, batch_size=32), DATA, backbone,
-                           info, batch_size=32, num_workers=0, device="cpu", augment=True, extract=extract)
+    aug = probe_checkpoint(
+        ckpt,
+        make_probe_spec("sgd_cosine", RECIPES, epochs=2, batch_size=32),
+        DATA,
+        backbone,
+        info,
+        batch_size=32,
+        num_workers=0,
+        device="cpu",
+        augment=True,
+        extract=extract,
+    )
     assert extract.calls == 2 + 2  # test split from the cache, train recomputed on each of the 2 epochs
     assert aug["augment"] and aug["feature_cache"]["train"].startswith("augmented")
 

@@ -119,16 +119,16 @@ def test_knn_on_a_read_only_checkpoint_prints_the_result_then_says_where_to_writ
     assert _last_json(capsys.readouterr().out) == written
     assert json.loads((out_dir / "last.knn.json").read_text()) == written
     timing = ("extract_s", "knn_s")
-    assert ({k: v for k, v in printed.items() if k not in timing}
-            == {k: v for k, v in written.items() if k not in timing})
+    assert {k: v for k, v in printed.items() if k not in timing} == {
+        k: v for k, v in written.items() if k not in timing
+    }
     assert sorted(p.name for p in store.iterdir()) == ["last.ckpt"]
 
 
 def test_linear_probe_skips_the_feature_cache_and_prints_the_result(tmp_path, read_only, capsys):
     ckpt, store = _checkpoint(tmp_path)
     probe = load_tool("linear_probe")
-    base = [f"checkpoint={ckpt}", "epochs=2", "batch_size=32", "num_workers=0", "device=cpu",
-            "extract_batch_size=64"]
+    base = [f"checkpoint={ckpt}", "epochs=2", "batch_size=32", "num_workers=0", "device=cpu", "extract_batch_size=64"]
     read_only(store)
     with pytest.raises(OutputNotWritable) as err:
         probe.run(compose_cfg("linear", base))
@@ -141,8 +141,11 @@ def test_linear_probe_skips_the_feature_cache_and_prints_the_result(tmp_path, re
 
     out_dir = tmp_path / "probe"
     written = probe.run(compose_cfg("linear", [*base, f"output_dir={out_dir}"]))
-    assert sorted(p.name for p in out_dir.iterdir()) == ["last.features.test.pt", "last.features.train.pt",
-                                                         "last.linear.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "last.features.test.pt",
+        "last.features.train.pt",
+        "last.linear.json",
+    ]
     assert written["feature_cache"] == {"test": "written", "train": "written"}
     assert (written["top1"], written["top5"]) == (printed["top1"], printed["top5"])
     again = probe.run(compose_cfg("linear", [*base, f"output_dir={out_dir}"]))
@@ -152,8 +155,9 @@ def test_linear_probe_skips_the_feature_cache_and_prints_the_result(tmp_path, re
 def test_finetuning_refuses_before_training_when_its_weights_could_not_be_saved(tmp_path, read_only, monkeypatch):
     ckpt, store = _checkpoint(tmp_path)
     probe = load_tool("linear_probe")
-    monkeypatch.setattr(probe, "finetune_backbone", lambda *a, **k: pytest.fail("trained although nothing could "
-                                                                                "be saved"))
+    monkeypatch.setattr(
+        probe, "finetune_backbone", lambda *a, **k: pytest.fail("trained although nothing could be saved")
+    )
     read_only(store)
     with pytest.raises(OutputNotWritable, match=r"set output_dir=<a writable folder>, or save_finetuned=false"):
         probe.run(compose_cfg("linear", [f"checkpoint={ckpt}", "finetune=true", "num_workers=0"]))
@@ -164,12 +168,29 @@ def test_finetuning_a_read_only_checkpoint_with_output_dir(tmp_path, read_only):
     probe = load_tool("linear_probe")
     read_only(store)
     out_dir = tmp_path / "tuned"
-    res = probe.run(compose_cfg("linear", [f"checkpoint={ckpt}", "finetune=true", "epochs=1", "batch_size=8",
-                                           "train_subset=16", "finetuning.warmup_epochs=0", "num_workers=0",
-                                           "extract_batch_size=32", "device=cpu", f"output_dir={out_dir}"]))
+    res = probe.run(
+        compose_cfg(
+            "linear",
+            [
+                f"checkpoint={ckpt}",
+                "finetune=true",
+                "epochs=1",
+                "batch_size=8",
+                "train_subset=16",
+                "finetuning.warmup_epochs=0",
+                "num_workers=0",
+                "extract_batch_size=32",
+                "device=cpu",
+                f"output_dir={out_dir}",
+            ],
+        )
+    )
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "last.finetune.json", "last.finetuned.backbone.json", "last.finetuned.backbone.safetensors",
-        "last.finetuned.head.safetensors"]
+        "last.finetune.json",
+        "last.finetuned.backbone.json",
+        "last.finetuned.backbone.safetensors",
+        "last.finetuned.head.safetensors",
+    ]
     assert res["saved"]["head"] == str((out_dir / "last.finetuned.head.safetensors").resolve())
     assert json.loads((out_dir / "last.finetune.json").read_text()) == res
     assert sorted(p.name for p in store.iterdir()) == ["last.ckpt"]
@@ -187,11 +208,14 @@ def test_export_of_a_read_only_checkpoint(tmp_path, read_only, capsys):
     assert sorted(p.name for p in store.iterdir()) == ["last.ckpt"]
 
     meta = export.run(compose_cfg("export", [f"checkpoint={ckpt}", f"output_dir={tmp_path / 'exports'}"]))
-    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["last.backbone.json",
-                                                                        "last.backbone.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == [
+        "last.backbone.json",
+        "last.backbone.safetensors",
+    ]
     assert _last_json(capsys.readouterr().out) == meta
-    assert {k: v for k, v in meta.items() if not k.endswith("_path")} == \
-        {k: v for k, v in printed.items() if not k.endswith("_path")}
+    assert {k: v for k, v in meta.items() if not k.endswith("_path")} == {
+        k: v for k, v in printed.items() if not k.endswith("_path")
+    }
     old_name = export.run(compose_cfg("export", [f"checkpoint={ckpt}", f"out_dir={tmp_path / 'older'}"]))
     assert Path(old_name["weights_path"]).parent == (tmp_path / "older").resolve()
     with pytest.raises(ValueError, match="out_dir is the older name of output_dir"):
@@ -225,8 +249,9 @@ def test_knn_cli_prints_the_json_and_exits_non_zero(tmp_path, read_only):
         runpy.run_path({str(ROOT / "tools" / "knn_eval.py")!r}, run_name="__main__")
     ''')
     env = {**os.environ, "SSL_VISION_TEST_READONLY": str(store), "HYDRA_FULL_ERROR": "0"}
-    out = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", runner], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert out.returncode != 0
     assert _last_json(out.stdout)["ks"] == [1]
     assert "cannot write" in out.stderr and str(store / "last.knn.json") in out.stderr and "output_dir=" in out.stderr

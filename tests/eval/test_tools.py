@@ -48,9 +48,19 @@ def load_tool(name: str):
 def pretrained(tmp_path_factory) -> Path:
     """A real 2-step SimCLR checkpoint (resnet18 at width 1/8 on 32-px synthetic data, 64 train / 16 test)."""
     root = tmp_path_factory.mktemp("pretrain")
-    cfg = compose_cfg("pretrain", [f"paths.output_root={root / 'outputs'}", "method=simclr", "backbone=resnet18",
-                                   "backbone.width=0.125", *FAST, "trainer.max_steps=2", "eval.final_eval=false"],
-                      return_hydra_config=True)
+    cfg = compose_cfg(
+        "pretrain",
+        [
+            f"paths.output_root={root / 'outputs'}",
+            "method=simclr",
+            "backbone=resnet18",
+            "backbone.width=0.125",
+            *FAST,
+            "trainer.max_steps=2",
+            "eval.final_eval=false",
+        ],
+        return_hydra_config=True,
+    )
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(root / "run")
         cfg.hydra.job.num = 0
@@ -69,11 +79,13 @@ def reference_features(path: Path, split: str) -> tuple[torch.Tensor, torch.Tens
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     info = ckpt["ssl_vision"]["run_info"]
     model, _ = create_backbone("resnet18", in_chans=3, image_size=32, width=info["backbone"]["width"])
-    model.load_state_dict({k[len("backbone."):]: v for k, v in ckpt["state_dict"].items()
-                           if k.startswith("backbone.")})
+    model.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    )
     data = info["config"]["data"]
-    ds = build_dataset("synthetic", split, None, image_size=32, in_chans=3, num_classes=10,
-                       synthetic_size=data["synthetic_size"])
+    ds = build_dataset(
+        "synthetic", split, None, image_size=32, in_chans=3, num_classes=10, synthetic_size=data["synthetic_size"]
+    )
     tf = T.Compose([T.ToTensor(), T.Normalize(data["mean"], data["std"])])  # 32-px images: no resize needed
     x = torch.stack([tf(ds[i][0]) for i in range(len(ds))])
     with torch.no_grad():
@@ -86,13 +98,22 @@ def brute_force_knn(train, ytr, test, yte, k, T, C=10) -> dict[str, float]:
     s, idx = (b @ a.T).topk(k, dim=1)
     votes = torch.zeros(len(test), C).scatter_add_(1, ytr[idx], (s / T).exp())
     ranked = votes.sort(dim=1, descending=True, stable=True).indices
-    return {"top1": 100.0 * float((ranked[:, 0] == yte).sum()) / len(yte),
-            "top5": 100.0 * float((ranked[:, :5] == yte[:, None]).any(1).sum()) / len(yte)}
+    return {
+        "top1": 100.0 * float((ranked[:, 0] == yte).sum()) / len(yte),
+        "top5": 100.0 * float((ranked[:, :5] == yte[:, None]).any(1).sum()) / len(yte),
+    }
 
 
 def test_knn_cli_matches_brute_force(ckpt, tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools/knn_eval.py"), f"checkpoint={ckpt}", "ks=[1,5,20]",
-           "temperature=0.07", "batch_size=7", "num_workers=0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools/knn_eval.py"),
+        f"checkpoint={ckpt}",
+        "ks=[1,5,20]",
+        "temperature=0.07",
+        "batch_size=7",
+        "num_workers=0",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])

@@ -64,8 +64,9 @@ def multi_positive_by_formula(z: torch.Tensor, tau: float) -> float:
     for v in range(v_count):
         for i in range(n):
             pos = sum(math.exp(float(z[v, i] @ z[w, i]) / tau) for w in range(v_count) if w != v)
-            den = sum(math.exp(float(z[v, i] @ z[w, j]) / tau)
-                      for w in range(v_count) for j in range(n) if (w, j) != (v, i))
+            den = sum(
+                math.exp(float(z[v, i] @ z[w, j]) / tau) for w in range(v_count) for j in range(n) if (w, j) != (v, i)
+            )
             total += -math.log(pos / den)
     return total / (v_count * n)
 
@@ -77,10 +78,10 @@ def test_multi_positive_nt_xent_matches_formula(views):
 
 
 def test_multi_positive_with_two_views_is_nt_xent_and_rank_offset_selects_the_local_rows():
-    z_all = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(0))   # (V, B, D), B = 2 ranks × 4
-    assert multi_positive_nt_xent(z_all, 0.2).item() == pytest.approx(nt_xent(z_all[0], z_all[1], 0.2).item(),
-                                                                      rel=1e-5)
+    z_all = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(0))  # (V, B, D), B = 2 ranks × 4
+    assert multi_positive_nt_xent(z_all, 0.2).item() == pytest.approx(nt_xent(z_all[0], z_all[1], 0.2).item(), rel=1e-5)
     # rank 1's anchors are samples 4..7 of the gathered batch; its loss is nt_xent's with the same offset
     local = z_all[:, 4:]
     assert multi_positive_nt_xent(local, 0.2, z_all, offset=4).item() == pytest.approx(
-        nt_xent(local[0], local[1], 0.2, z_all[0], z_all[1], offset=4).item(), rel=1e-5)
+        nt_xent(local[0], local[1], 0.2, z_all[0], z_all[1], offset=4).item(), rel=1e-5
+    )

@@ -45,8 +45,8 @@ def test_pair_count_is_2v_minus_2(num_crops):
     """One-hot teacher (both global crops on prototype 0) and student crop v with −log P_s(v)_0 = c_v known in
     closed form: the loss is (Σ_{i∈{0,1}} Σ_{v≠i} c_v) / (2V − 2), no same-view pair."""
     k = 3
-    teacher = torch.tensor([100.0, 0.0, 0.0]).expand(2, 1, k)             # P_t = one-hot(0) at τ_t = 0.04
-    logits = [float(v) for v in range(num_crops)]                          # student crop v: (v, 0, 0) at τ_s = 1
+    teacher = torch.tensor([100.0, 0.0, 0.0]).expand(2, 1, k)  # P_t = one-hot(0) at τ_t = 0.04
+    logits = [float(v) for v in range(num_crops)]  # student crop v: (v, 0, 0) at τ_s = 1
     student = torch.tensor([[[a, 0.0, 0.0]] for a in logits])
     c = [-(a - math.log(math.exp(a) + 2)) for a in logits]
     expected = sum(c[v] for i in range(2) for v in range(num_crops) if v != i) / (2 * num_crops - 2)

@@ -47,7 +47,7 @@ def test_info_nce_hand_made():
     expected = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
     assert info_nce(q, q.clone(), queue, tau).item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="queue as"):
-        info_nce(q, q, torch.randn(3, 2), tau)   # (K, D) instead of (D, K)
+        info_nce(q, q, torch.randn(3, 2), tau)  # (K, D) instead of (D, K)
 
 
 @pytest.mark.parametrize("offset", [0, 3])

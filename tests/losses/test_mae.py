@@ -58,14 +58,14 @@ def test_masked_mse_matches_formula_and_ignores_visible_patches(norm_pix):
     loss = masked_mse(pred, target, mask, norm_pix=norm_pix)
     assert loss.item() == pytest.approx(masked_mse_by_formula(pred, target, mask, norm_pix), rel=1e-5)
     changed = pred.clone()
-    changed[mask == 0] += 100.0                          # visible predictions are not part of the loss
+    changed[mask == 0] += 100.0  # visible predictions are not part of the loss
     assert masked_mse(changed, target, mask, norm_pix=norm_pix).item() == pytest.approx(loss.item(), rel=1e-6)
-    changed[0, 0] += 1.0                                 # a masked prediction is
+    changed[0, 0] += 1.0  # a masked prediction is
     assert masked_mse(changed, target, mask, norm_pix=norm_pix).item() != pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_norm_pix_target_is_each_patch_standardised():
     t = torch.tensor([[[1.0, 2.0, 3.0, 6.0]]])
-    mu, var = 3.0, ((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 3   # unbiased, as Tensor.var in MAE
+    mu, var = 3.0, ((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 3  # unbiased, as Tensor.var in MAE
     expected = torch.tensor([[[(v - mu) / math.sqrt(var + 1e-6) for v in (1.0, 2.0, 3.0, 6.0)]]])
     torch.testing.assert_close(normalize_patches(t), expected)

@@ -18,9 +18,11 @@ def nce_by_formula(f, bank, idx, noise, tau, z, n, eps=1e-7):
     f, bank = f.double(), bank.double()
     m, total = noise.shape[1], 0.0
     for b in range(f.shape[0]):
+
         def h(j, b=b):
             p = math.exp(float(bank[j] @ f[b]) / tau) / z
             return p / (p + m / n + eps)
+
         total += math.log(h(int(idx[b]))) + sum(math.log(1.0 - h(int(j))) for j in noise[b])
     return -total / f.shape[0]
 
@@ -47,7 +49,8 @@ def test_nce_loss_function_matches_formula():
     loss = nce_loss(logits, z=37.5, num_samples=N_BANK)
     assert loss.item() == pytest.approx(nce_by_formula(f, bank, idx, noise, TAU, 37.5, N_BANK), rel=1e-5)
     assert bank_softmax_loss(f @ bank.T / TAU, idx).item() == pytest.approx(
-        softmax_by_formula(f, bank, idx, TAU), rel=1e-5)
+        softmax_by_formula(f, bank, idx, TAU), rel=1e-5
+    )
 
 
 def test_nan_partition_constant_gives_a_nan_loss_not_a_z_error():

@@ -39,9 +39,9 @@ def test_regression_loss_matches_formula():
 
 def test_regression_loss_range_and_scale_invariance():
     z = torch.randn(4, 3)
-    assert byol_loss(z, z, z, z).item() == pytest.approx(0.0, abs=1e-6)          # perfect prediction
-    assert byol_loss(-z, -z, z, z).item() == pytest.approx(8.0, abs=1e-5)        # opposite: 4 per direction
-    assert regression_loss(5 * z, z).item() == pytest.approx(0.0, abs=1e-6)      # only the direction counts
+    assert byol_loss(z, z, z, z).item() == pytest.approx(0.0, abs=1e-6)  # perfect prediction
+    assert byol_loss(-z, -z, z, z).item() == pytest.approx(8.0, abs=1e-5)  # opposite: 4 per direction
+    assert regression_loss(5 * z, z).item() == pytest.approx(0.0, abs=1e-6)  # only the direction counts
 
 
 def test_regression_loss_stops_gradient_into_target():
@@ -56,12 +56,13 @@ def test_regression_loss_bad_shapes():
         regression_loss(torch.randn(4, 3), torch.randn(4, 5))
 
 
-
 # ------------------------------------------------------------------------------------------------ SimSiam
 def cosines_by_formula(p, z):
     """cos(p_b, z_b) = <p, z>/(‖p‖·‖z‖) per sample, in double precision."""
-    return [float(pi @ zi) / (math.sqrt(float(pi @ pi)) * math.sqrt(float(zi @ zi)))
-            for pi, zi in zip(p.double(), z.double())]
+    return [
+        float(pi @ zi) / (math.sqrt(float(pi @ pi)) * math.sqrt(float(zi @ zi)))
+        for pi, zi in zip(p.double(), z.double())
+    ]
 
 
 def simsiam_by_formula(p1, p2, z1, z2):
@@ -79,9 +80,9 @@ def test_loss_matches_formula():
 
 def test_loss_hand_made_values():
     e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
-    assert simsiam_loss(e1, e1, 2 * e1, 2 * e1).item() == pytest.approx(-1.0)   # minimum −1: p ∥ z
+    assert simsiam_loss(e1, e1, 2 * e1, 2 * e1).item() == pytest.approx(-1.0)  # minimum −1: p ∥ z
     assert simsiam_loss(e1, e1, e2, e2).item() == pytest.approx(0.0, abs=1e-7)  # orthogonal
-    assert simsiam_loss(e1, e1, -e1, -e1).item() == pytest.approx(1.0)         # opposite
+    assert simsiam_loss(e1, e1, -e1, -e1).item() == pytest.approx(1.0)  # opposite
 
 
 def test_stop_gradient_on_z():

@@ -11,7 +11,8 @@ from ssl_vision.losses.swav import sinkhorn_knopp, swapped_prediction
 
 
 def sinkhorn_by_formula(scores, eps, iters):
-    """docs/reference.md §5 on one process, in float64: Q = exp(S/ε)ᵀ; Q /= ΣQ; iters × (rows /= sum, /K; cols /= sum, /B)."""
+    """docs/reference.md §5 on one process, in float64: Q = exp(S/ε)ᵀ; Q /= ΣQ; iters × (rows /= sum, /K; cols /=
+    sum, /B)."""
     q = torch.exp(scores.double() / eps).t()
     k, b = q.shape
     q = q / q.sum()
@@ -51,7 +52,7 @@ def test_sinkhorn_matches_formula_and_marginals():
     q = sinkhorn_knopp(scores, epsilon=0.05, iterations=3)
     assert q.dtype == torch.float32 and q.shape == (12, 5)
     torch.testing.assert_close(q.double(), sinkhorn_by_formula(scores, 0.05, 3), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(q.sum(dim=1), torch.ones(12))               # each sample's code sums to 1
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(12))  # each sample's code sums to 1
     # each prototype gets B/K samples: approximately after 3 iterations (the last step is the per-sample one),
     # exactly in the limit
     q_many = sinkhorn_knopp(scores, epsilon=0.05, iterations=200)
@@ -74,8 +75,8 @@ def test_sinkhorn_bad_arguments():
 @pytest.mark.parametrize("tau", [0.1, 0.5])
 def test_swapped_prediction_matches_formula(tau):
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(4, 3, 5, generator=g)                      # V=4 crops, N=3, K=5
-    codes = torch.softmax(torch.randn(2, 3, 5, generator=g), -1)    # codes of crops 0 and 1
+    scores = torch.randn(4, 3, 5, generator=g)  # V=4 crops, N=3, K=5
+    codes = torch.softmax(torch.randn(2, 3, 5, generator=g), -1)  # codes of crops 0 and 1
     got = swapped_prediction(scores, codes, [0, 1], tau)
     assert got.item() == pytest.approx(swapped_by_formula(scores, codes, [0, 1], tau), rel=1e-5)
     # hand-made: 2 crops, K=2, one-hot code for crop 0 on prototype 0, crop 1 predicts with scores (0, 0):

@@ -18,8 +18,9 @@ from ssl_vision.objectives import build_objective
 
 def conv_backbone() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
 
 
 #: (method, kwargs) per case of KEYS
@@ -29,15 +30,19 @@ BUILD = {
     "moco_v1": ("moco_v1", dict(head="linear", embed_dim=5, queue_size=32)),
     "moco_v2": ("moco_v2", dict(embed_dim=5, proj_hidden_dim=7, queue_size=32)),
     "moco_v3": ("moco_v3", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9)),
-    "moco_v3b": ("moco_v3", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9, proj_layers=3,
-                                 pred_last_bn=True)),
+    "moco_v3b": (
+        "moco_v3",
+        dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9, proj_layers=3, pred_last_bn=True),
+    ),
     "byol": ("byol", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9)),
     "simsiam": ("simsiam", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9)),
     "simsiam2": ("simsiam", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9, proj_layers=2)),
     "swav": ("swav", dict(num_prototypes=7, proj_hidden_dim=12, proj_out_dim=5, queue_length=8)),
     "dino": ("dino", dict(out_dim=10, hidden_dim=12, bottleneck_dim=4, head_layers=3)),
-    "dinobn": ("dino", dict(out_dim=10, hidden_dim=12, bottleneck_dim=4, head_layers=3, use_bn_in_head=True,
-                            norm_last_layer=False)),
+    "dinobn": (
+        "dino",
+        dict(out_dim=10, hidden_dim=12, bottleneck_dim=4, head_layers=3, use_bn_in_head=True, norm_last_layer=False),
+    ),
     "instdisc": ("instdisc", dict(embed_dim=5, nce_k=3, num_samples=20)),
     "instdisc_bn": ("instdisc", dict(embed_dim=5, nce_k=3, num_samples=20, head_bn=True)),
     "mae_vit": ("mae", dict(decoder_dim=8, decoder_depth=1, decoder_heads=2)),
@@ -46,139 +51,169 @@ BUILD = {
 
 #: "key:shape" in state_dict order ("-" = a 0-d tensor), as checkpoints hold them
 KEYS = {
-    "simclr": ("projector.0.weight:7x6 projector.1.weight:7 projector.1.bias:7 projector.1.running_mean:7 "
-              "projector.1.running_var:7 projector.1.num_batches_tracked:- projector.3.weight:7x7 "
-              "projector.4.weight:7 projector.4.bias:7 projector.4.running_mean:7 projector.4.running_var:7 "
-              "projector.4.num_batches_tracked:- projector.6.weight:5x7 projector.7.weight:5 "
-              "projector.7.bias:5 projector.7.running_mean:5 projector.7.running_var:5 "
-              "projector.7.num_batches_tracked:- "),
-    "simclr2": ("projector.0.weight:7x6 projector.1.weight:7 projector.1.bias:7 projector.1.running_mean:7 "
-               "projector.1.running_var:7 projector.1.num_batches_tracked:- projector.3.weight:5x7 "
-               "projector.4.weight:5 projector.4.bias:5 projector.4.running_mean:5 projector.4.running_var:5 "
-               "projector.4.num_batches_tracked:- "),
-    "moco_v1": ("ema_step:- head.weight:5x6 head.bias:5 key_head.weight:5x6 key_head.bias:5 queue.queue:5x32 "
-               "queue.ptr:- key_backbone.0.weight:6x3x3x3 key_backbone.0.bias:6 key_backbone.1.weight:6 "
-               "key_backbone.1.bias:6 key_backbone.1.running_mean:6 key_backbone.1.running_var:6 "
-               "key_backbone.1.num_batches_tracked:- "),
-    "moco_v2": ("ema_step:- head.0.weight:7x6 head.0.bias:7 head.2.weight:5x7 head.2.bias:5 "
-               "key_head.0.weight:7x6 key_head.0.bias:7 key_head.2.weight:5x7 key_head.2.bias:5 "
-               "queue.queue:5x32 queue.ptr:- key_backbone.0.weight:6x3x3x3 key_backbone.0.bias:6 "
-               "key_backbone.1.weight:6 key_backbone.1.bias:6 key_backbone.1.running_mean:6 "
-               "key_backbone.1.running_var:6 key_backbone.1.num_batches_tracked:- "),
-    "moco_v3": ("ema_step:- projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
-               "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-               "projector.3.weight:5x12 projector.4.running_mean:5 projector.4.running_var:5 "
-               "projector.4.num_batches_tracked:- predictor.0.weight:9x5 predictor.1.weight:9 "
-               "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
-               "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 momentum_projector.0.weight:12x6 "
-               "momentum_projector.1.weight:12 momentum_projector.1.bias:12 "
-               "momentum_projector.1.running_mean:12 momentum_projector.1.running_var:12 "
-               "momentum_projector.1.num_batches_tracked:- momentum_projector.3.weight:5x12 "
-               "momentum_projector.4.running_mean:5 momentum_projector.4.running_var:5 "
-               "momentum_projector.4.num_batches_tracked:- momentum_backbone.0.weight:6x3x3x3 "
-               "momentum_backbone.0.bias:6 momentum_backbone.1.weight:6 momentum_backbone.1.bias:6 "
-               "momentum_backbone.1.running_mean:6 momentum_backbone.1.running_var:6 "
-               "momentum_backbone.1.num_batches_tracked:- "),
-    "moco_v3b": ("ema_step:- projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
-                "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-                "projector.3.weight:12x12 projector.4.weight:12 projector.4.bias:12 "
-                "projector.4.running_mean:12 projector.4.running_var:12 projector.4.num_batches_tracked:- "
-                "projector.6.weight:5x12 projector.7.running_mean:5 projector.7.running_var:5 "
-                "projector.7.num_batches_tracked:- predictor.0.weight:9x5 predictor.1.weight:9 "
-                "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
-                "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 predictor.4.running_mean:5 "
-                "predictor.4.running_var:5 predictor.4.num_batches_tracked:- momentum_projector.0.weight:12x6 "
-                "momentum_projector.1.weight:12 momentum_projector.1.bias:12 "
-                "momentum_projector.1.running_mean:12 momentum_projector.1.running_var:12 "
-                "momentum_projector.1.num_batches_tracked:- momentum_projector.3.weight:12x12 "
-                "momentum_projector.4.weight:12 momentum_projector.4.bias:12 "
-                "momentum_projector.4.running_mean:12 momentum_projector.4.running_var:12 "
-                "momentum_projector.4.num_batches_tracked:- momentum_projector.6.weight:5x12 "
-                "momentum_projector.7.running_mean:5 momentum_projector.7.running_var:5 "
-                "momentum_projector.7.num_batches_tracked:- momentum_backbone.0.weight:6x3x3x3 "
-                "momentum_backbone.0.bias:6 momentum_backbone.1.weight:6 momentum_backbone.1.bias:6 "
-                "momentum_backbone.1.running_mean:6 momentum_backbone.1.running_var:6 "
-                "momentum_backbone.1.num_batches_tracked:- "),
-    "byol": ("projector.0.weight:12x6 projector.0.bias:12 projector.1.weight:12 projector.1.bias:12 "
-            "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-            "projector.3.weight:5x12 predictor.0.weight:9x5 predictor.0.bias:9 predictor.1.weight:9 "
-            "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
-            "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 target_backbone.0.weight:6x3x3x3 "
-            "target_backbone.0.bias:6 target_backbone.1.weight:6 target_backbone.1.bias:6 "
-            "target_backbone.1.running_mean:6 target_backbone.1.running_var:6 "
-            "target_backbone.1.num_batches_tracked:- target_projector.0.weight:12x6 "
-            "target_projector.0.bias:12 target_projector.1.weight:12 target_projector.1.bias:12 "
-            "target_projector.1.running_mean:12 target_projector.1.running_var:12 "
-            "target_projector.1.num_batches_tracked:- target_projector.3.weight:5x12 "),
-    "simsiam": ("projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
-               "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-               "projector.3.weight:12x12 projector.4.weight:12 projector.4.bias:12 "
-               "projector.4.running_mean:12 projector.4.running_var:12 projector.4.num_batches_tracked:- "
-               "projector.6.weight:5x12 projector.6.bias:5 projector.7.running_mean:5 "
-               "projector.7.running_var:5 projector.7.num_batches_tracked:- predictor.0.weight:9x5 "
-               "predictor.1.weight:9 predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
-               "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 predictor.3.bias:5 "),
-    "simsiam2": ("projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
-                "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-                "projector.3.weight:5x12 projector.3.bias:5 projector.4.running_mean:5 "
-                "projector.4.running_var:5 projector.4.num_batches_tracked:- predictor.0.weight:9x5 "
-                "predictor.1.weight:9 predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
-                "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 predictor.3.bias:5 "),
-    "swav": ("queue:2x8x5 queue_fill:- projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
-            "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-            "projector.3.weight:5x12 projector.3.bias:5 prototypes.weight:7x5 "),
-    "dino": ("center:1x10 head.mlp.0.weight:12x6 head.mlp.0.bias:12 head.mlp.2.weight:12x12 "
-            "head.mlp.2.bias:12 head.mlp.4.weight:4x12 head.mlp.4.bias:4 head.last_layer.weight_v:10x4 "
-            "head.last_layer.weight_g:10x1 teacher_backbone.0.weight:6x3x3x3 teacher_backbone.0.bias:6 "
-            "teacher_backbone.1.weight:6 teacher_backbone.1.bias:6 teacher_backbone.1.running_mean:6 "
-            "teacher_backbone.1.running_var:6 teacher_backbone.1.num_batches_tracked:- "
-            "teacher_head.mlp.0.weight:12x6 teacher_head.mlp.0.bias:12 teacher_head.mlp.2.weight:12x12 "
-            "teacher_head.mlp.2.bias:12 teacher_head.mlp.4.weight:4x12 teacher_head.mlp.4.bias:4 "
-            "teacher_head.last_layer.weight_v:10x4 teacher_head.last_layer.weight_g:10x1 "),
-    "dinobn": ("center:1x10 head.mlp.0.weight:12x6 head.mlp.1.weight:12 head.mlp.1.bias:12 "
-              "head.mlp.1.running_mean:12 head.mlp.1.running_var:12 head.mlp.1.num_batches_tracked:- "
-              "head.mlp.3.weight:12x12 head.mlp.4.weight:12 head.mlp.4.bias:12 head.mlp.4.running_mean:12 "
-              "head.mlp.4.running_var:12 head.mlp.4.num_batches_tracked:- head.mlp.6.weight:4x12 "
-              "head.mlp.6.bias:4 head.last_layer.weight_v:10x4 head.last_layer.weight_g:10x1 "
-              "teacher_backbone.0.weight:6x3x3x3 teacher_backbone.0.bias:6 teacher_backbone.1.weight:6 "
-              "teacher_backbone.1.bias:6 teacher_backbone.1.running_mean:6 teacher_backbone.1.running_var:6 "
-              "teacher_backbone.1.num_batches_tracked:- teacher_head.mlp.0.weight:12x6 "
-              "teacher_head.mlp.1.weight:12 teacher_head.mlp.1.bias:12 teacher_head.mlp.1.running_mean:12 "
-              "teacher_head.mlp.1.running_var:12 teacher_head.mlp.1.num_batches_tracked:- "
-              "teacher_head.mlp.3.weight:12x12 teacher_head.mlp.4.weight:12 teacher_head.mlp.4.bias:12 "
-              "teacher_head.mlp.4.running_mean:12 teacher_head.mlp.4.running_var:12 "
-              "teacher_head.mlp.4.num_batches_tracked:- teacher_head.mlp.6.weight:4x12 "
-              "teacher_head.mlp.6.bias:4 teacher_head.last_layer.weight_v:10x4 "
-              "teacher_head.last_layer.weight_g:10x1 "),
+    "simclr": (
+        "projector.0.weight:7x6 projector.1.weight:7 projector.1.bias:7 projector.1.running_mean:7 "
+        "projector.1.running_var:7 projector.1.num_batches_tracked:- projector.3.weight:7x7 "
+        "projector.4.weight:7 projector.4.bias:7 projector.4.running_mean:7 projector.4.running_var:7 "
+        "projector.4.num_batches_tracked:- projector.6.weight:5x7 projector.7.weight:5 "
+        "projector.7.bias:5 projector.7.running_mean:5 projector.7.running_var:5 "
+        "projector.7.num_batches_tracked:- "
+    ),
+    "simclr2": (
+        "projector.0.weight:7x6 projector.1.weight:7 projector.1.bias:7 projector.1.running_mean:7 "
+        "projector.1.running_var:7 projector.1.num_batches_tracked:- projector.3.weight:5x7 "
+        "projector.4.weight:5 projector.4.bias:5 projector.4.running_mean:5 projector.4.running_var:5 "
+        "projector.4.num_batches_tracked:- "
+    ),
+    "moco_v1": (
+        "ema_step:- head.weight:5x6 head.bias:5 key_head.weight:5x6 key_head.bias:5 queue.queue:5x32 "
+        "queue.ptr:- key_backbone.0.weight:6x3x3x3 key_backbone.0.bias:6 key_backbone.1.weight:6 "
+        "key_backbone.1.bias:6 key_backbone.1.running_mean:6 key_backbone.1.running_var:6 "
+        "key_backbone.1.num_batches_tracked:- "
+    ),
+    "moco_v2": (
+        "ema_step:- head.0.weight:7x6 head.0.bias:7 head.2.weight:5x7 head.2.bias:5 "
+        "key_head.0.weight:7x6 key_head.0.bias:7 key_head.2.weight:5x7 key_head.2.bias:5 "
+        "queue.queue:5x32 queue.ptr:- key_backbone.0.weight:6x3x3x3 key_backbone.0.bias:6 "
+        "key_backbone.1.weight:6 key_backbone.1.bias:6 key_backbone.1.running_mean:6 "
+        "key_backbone.1.running_var:6 key_backbone.1.num_batches_tracked:- "
+    ),
+    "moco_v3": (
+        "ema_step:- projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:5x12 projector.4.running_mean:5 projector.4.running_var:5 "
+        "projector.4.num_batches_tracked:- predictor.0.weight:9x5 predictor.1.weight:9 "
+        "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
+        "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 momentum_projector.0.weight:12x6 "
+        "momentum_projector.1.weight:12 momentum_projector.1.bias:12 "
+        "momentum_projector.1.running_mean:12 momentum_projector.1.running_var:12 "
+        "momentum_projector.1.num_batches_tracked:- momentum_projector.3.weight:5x12 "
+        "momentum_projector.4.running_mean:5 momentum_projector.4.running_var:5 "
+        "momentum_projector.4.num_batches_tracked:- momentum_backbone.0.weight:6x3x3x3 "
+        "momentum_backbone.0.bias:6 momentum_backbone.1.weight:6 momentum_backbone.1.bias:6 "
+        "momentum_backbone.1.running_mean:6 momentum_backbone.1.running_var:6 "
+        "momentum_backbone.1.num_batches_tracked:- "
+    ),
+    "moco_v3b": (
+        "ema_step:- projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:12x12 projector.4.weight:12 projector.4.bias:12 "
+        "projector.4.running_mean:12 projector.4.running_var:12 projector.4.num_batches_tracked:- "
+        "projector.6.weight:5x12 projector.7.running_mean:5 projector.7.running_var:5 "
+        "projector.7.num_batches_tracked:- predictor.0.weight:9x5 predictor.1.weight:9 "
+        "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
+        "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 predictor.4.running_mean:5 "
+        "predictor.4.running_var:5 predictor.4.num_batches_tracked:- momentum_projector.0.weight:12x6 "
+        "momentum_projector.1.weight:12 momentum_projector.1.bias:12 "
+        "momentum_projector.1.running_mean:12 momentum_projector.1.running_var:12 "
+        "momentum_projector.1.num_batches_tracked:- momentum_projector.3.weight:12x12 "
+        "momentum_projector.4.weight:12 momentum_projector.4.bias:12 "
+        "momentum_projector.4.running_mean:12 momentum_projector.4.running_var:12 "
+        "momentum_projector.4.num_batches_tracked:- momentum_projector.6.weight:5x12 "
+        "momentum_projector.7.running_mean:5 momentum_projector.7.running_var:5 "
+        "momentum_projector.7.num_batches_tracked:- momentum_backbone.0.weight:6x3x3x3 "
+        "momentum_backbone.0.bias:6 momentum_backbone.1.weight:6 momentum_backbone.1.bias:6 "
+        "momentum_backbone.1.running_mean:6 momentum_backbone.1.running_var:6 "
+        "momentum_backbone.1.num_batches_tracked:- "
+    ),
+    "byol": (
+        "projector.0.weight:12x6 projector.0.bias:12 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:5x12 predictor.0.weight:9x5 predictor.0.bias:9 predictor.1.weight:9 "
+        "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
+        "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 target_backbone.0.weight:6x3x3x3 "
+        "target_backbone.0.bias:6 target_backbone.1.weight:6 target_backbone.1.bias:6 "
+        "target_backbone.1.running_mean:6 target_backbone.1.running_var:6 "
+        "target_backbone.1.num_batches_tracked:- target_projector.0.weight:12x6 "
+        "target_projector.0.bias:12 target_projector.1.weight:12 target_projector.1.bias:12 "
+        "target_projector.1.running_mean:12 target_projector.1.running_var:12 "
+        "target_projector.1.num_batches_tracked:- target_projector.3.weight:5x12 "
+    ),
+    "simsiam": (
+        "projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:12x12 projector.4.weight:12 projector.4.bias:12 "
+        "projector.4.running_mean:12 projector.4.running_var:12 projector.4.num_batches_tracked:- "
+        "projector.6.weight:5x12 projector.6.bias:5 projector.7.running_mean:5 "
+        "projector.7.running_var:5 projector.7.num_batches_tracked:- predictor.0.weight:9x5 "
+        "predictor.1.weight:9 predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
+        "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 predictor.3.bias:5 "
+    ),
+    "simsiam2": (
+        "projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:5x12 projector.3.bias:5 projector.4.running_mean:5 "
+        "projector.4.running_var:5 projector.4.num_batches_tracked:- predictor.0.weight:9x5 "
+        "predictor.1.weight:9 predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
+        "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 predictor.3.bias:5 "
+    ),
+    "swav": (
+        "queue:2x8x5 queue_fill:- projector.0.weight:12x6 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:5x12 projector.3.bias:5 prototypes.weight:7x5 "
+    ),
+    "dino": (
+        "center:1x10 head.mlp.0.weight:12x6 head.mlp.0.bias:12 head.mlp.2.weight:12x12 "
+        "head.mlp.2.bias:12 head.mlp.4.weight:4x12 head.mlp.4.bias:4 head.last_layer.weight_v:10x4 "
+        "head.last_layer.weight_g:10x1 teacher_backbone.0.weight:6x3x3x3 teacher_backbone.0.bias:6 "
+        "teacher_backbone.1.weight:6 teacher_backbone.1.bias:6 teacher_backbone.1.running_mean:6 "
+        "teacher_backbone.1.running_var:6 teacher_backbone.1.num_batches_tracked:- "
+        "teacher_head.mlp.0.weight:12x6 teacher_head.mlp.0.bias:12 teacher_head.mlp.2.weight:12x12 "
+        "teacher_head.mlp.2.bias:12 teacher_head.mlp.4.weight:4x12 teacher_head.mlp.4.bias:4 "
+        "teacher_head.last_layer.weight_v:10x4 teacher_head.last_layer.weight_g:10x1 "
+    ),
+    "dinobn": (
+        "center:1x10 head.mlp.0.weight:12x6 head.mlp.1.weight:12 head.mlp.1.bias:12 "
+        "head.mlp.1.running_mean:12 head.mlp.1.running_var:12 head.mlp.1.num_batches_tracked:- "
+        "head.mlp.3.weight:12x12 head.mlp.4.weight:12 head.mlp.4.bias:12 head.mlp.4.running_mean:12 "
+        "head.mlp.4.running_var:12 head.mlp.4.num_batches_tracked:- head.mlp.6.weight:4x12 "
+        "head.mlp.6.bias:4 head.last_layer.weight_v:10x4 head.last_layer.weight_g:10x1 "
+        "teacher_backbone.0.weight:6x3x3x3 teacher_backbone.0.bias:6 teacher_backbone.1.weight:6 "
+        "teacher_backbone.1.bias:6 teacher_backbone.1.running_mean:6 teacher_backbone.1.running_var:6 "
+        "teacher_backbone.1.num_batches_tracked:- teacher_head.mlp.0.weight:12x6 "
+        "teacher_head.mlp.1.weight:12 teacher_head.mlp.1.bias:12 teacher_head.mlp.1.running_mean:12 "
+        "teacher_head.mlp.1.running_var:12 teacher_head.mlp.1.num_batches_tracked:- "
+        "teacher_head.mlp.3.weight:12x12 teacher_head.mlp.4.weight:12 teacher_head.mlp.4.bias:12 "
+        "teacher_head.mlp.4.running_mean:12 teacher_head.mlp.4.running_var:12 "
+        "teacher_head.mlp.4.num_batches_tracked:- teacher_head.mlp.6.weight:4x12 "
+        "teacher_head.mlp.6.bias:4 teacher_head.last_layer.weight_v:10x4 "
+        "teacher_head.last_layer.weight_g:10x1 "
+    ),
     "instdisc": ("bank:20x5 z:- z_set:- head.weight:5x6 head.bias:5 "),
-    "instdisc_bn": ("bank:20x5 z:- z_set:- head.0.weight:5x6 head.1.weight:5 head.1.bias:5 head.1.running_mean:5 "
-                   "head.1.running_var:5 head.1.num_batches_tracked:- "),
-    "mae_vit": ("mask_token:1x1x8 decoder_embed.weight:8x192 decoder_embed.bias:8 "
-               "decoder_blocks.0.norm1.weight:8 decoder_blocks.0.norm1.bias:8 "
-               "decoder_blocks.0.attn.qkv.weight:24x8 decoder_blocks.0.attn.qkv.bias:24 "
-               "decoder_blocks.0.attn.proj.weight:8x8 decoder_blocks.0.attn.proj.bias:8 "
-               "decoder_blocks.0.norm2.weight:8 decoder_blocks.0.norm2.bias:8 "
-               "decoder_blocks.0.mlp.fc1.weight:32x8 decoder_blocks.0.mlp.fc1.bias:32 "
-               "decoder_blocks.0.mlp.fc2.weight:8x32 decoder_blocks.0.mlp.fc2.bias:8 decoder_norm.weight:8 "
-               "decoder_norm.bias:8 decoder_pred.weight:49x8 decoder_pred.bias:49 "),
-    "moco_v3_vit": ("ema_step:- projector.0.weight:12x192 projector.1.weight:12 projector.1.bias:12 "
-                   "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
-                   "projector.3.weight:5x12 projector.4.running_mean:5 projector.4.running_var:5 "
-                   "projector.4.num_batches_tracked:- predictor.0.weight:9x5 predictor.1.weight:9 "
-                   "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
-                   "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 momentum_projector.0.weight:12x192 "
-                   "momentum_projector.1.weight:12 momentum_projector.1.bias:12 "
-                   "momentum_projector.1.running_mean:12 momentum_projector.1.running_var:12 "
-                   "momentum_projector.1.num_batches_tracked:- momentum_projector.3.weight:5x12 "
-                   "momentum_projector.4.running_mean:5 momentum_projector.4.running_var:5 "
-                   "momentum_projector.4.num_batches_tracked:- "),
+    "instdisc_bn": (
+        "bank:20x5 z:- z_set:- head.0.weight:5x6 head.1.weight:5 head.1.bias:5 head.1.running_mean:5 "
+        "head.1.running_var:5 head.1.num_batches_tracked:- "
+    ),
+    "mae_vit": (
+        "mask_token:1x1x8 decoder_embed.weight:8x192 decoder_embed.bias:8 "
+        "decoder_blocks.0.norm1.weight:8 decoder_blocks.0.norm1.bias:8 "
+        "decoder_blocks.0.attn.qkv.weight:24x8 decoder_blocks.0.attn.qkv.bias:24 "
+        "decoder_blocks.0.attn.proj.weight:8x8 decoder_blocks.0.attn.proj.bias:8 "
+        "decoder_blocks.0.norm2.weight:8 decoder_blocks.0.norm2.bias:8 "
+        "decoder_blocks.0.mlp.fc1.weight:32x8 decoder_blocks.0.mlp.fc1.bias:32 "
+        "decoder_blocks.0.mlp.fc2.weight:8x32 decoder_blocks.0.mlp.fc2.bias:8 decoder_norm.weight:8 "
+        "decoder_norm.bias:8 decoder_pred.weight:49x8 decoder_pred.bias:49 "
+    ),
+    "moco_v3_vit": (
+        "ema_step:- projector.0.weight:12x192 projector.1.weight:12 projector.1.bias:12 "
+        "projector.1.running_mean:12 projector.1.running_var:12 projector.1.num_batches_tracked:- "
+        "projector.3.weight:5x12 projector.4.running_mean:5 projector.4.running_var:5 "
+        "projector.4.num_batches_tracked:- predictor.0.weight:9x5 predictor.1.weight:9 "
+        "predictor.1.bias:9 predictor.1.running_mean:9 predictor.1.running_var:9 "
+        "predictor.1.num_batches_tracked:- predictor.3.weight:5x9 momentum_projector.0.weight:12x192 "
+        "momentum_projector.1.weight:12 momentum_projector.1.bias:12 "
+        "momentum_projector.1.running_mean:12 momentum_projector.1.running_var:12 "
+        "momentum_projector.1.num_batches_tracked:- momentum_projector.3.weight:5x12 "
+        "momentum_projector.4.running_mean:5 momentum_projector.4.running_var:5 "
+        "momentum_projector.4.num_batches_tracked:- "
+    ),
 }
 
 
 def build(case: str):
     method, kwargs = BUILD[case]
     kwargs = dict(kwargs)
-    if case.endswith("_vit"):   # a ViT backbone (its own keys, and MoCo v3's copy of it, left out of the list)
+    if case.endswith("_vit"):  # a ViT backbone (its own keys, and MoCo v3's copy of it, left out of the list)
         backbone, dim = create_backbone("vit_tiny", in_chans=1, image_size=28, patch_size=7)
     else:
         backbone, dim = conv_backbone(), 6
@@ -191,8 +226,11 @@ def build(case: str):
 @pytest.mark.parametrize("case", sorted(BUILD))
 def test_state_dict_keys_and_shapes_are_those_of_old_checkpoints(case):
     state = build(case).state_dict()
-    got = " ".join(f"{k}:{'x'.join(map(str, v.shape)) or '-'}" for k, v in state.items()
-                   if not (case == "moco_v3_vit" and k.startswith("momentum_backbone.")))
+    got = " ".join(
+        f"{k}:{'x'.join(map(str, v.shape)) or '-'}"
+        for k, v in state.items()
+        if not (case == "moco_v3_vit" and k.startswith("momentum_backbone."))
+    )
     assert got.split() == KEYS[case].split()
     # and such a checkpoint loads into a freshly built objective, strictly
     build(case).load_state_dict(state, strict=True)
@@ -200,25 +238,51 @@ def test_state_dict_keys_and_shapes_are_those_of_old_checkpoints(case):
 
 def _same_modules(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
-    return (list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-            and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
-            and [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()])
+    return (
+        list(sa) == list(sb)
+        and all(torch.equal(sa[k], sb[k]) for k in sa)
+        and [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+        and [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
+    )
 
 
-@pytest.mark.parametrize("method,kwargs,attr,factory", [
-    ("simclr", dict(proj_hidden_dim=7, proj_out_dim=5), "projector", lambda: heads.simclr_projector(6, 7, 5)),
-    ("moco_v1", dict(head="linear", embed_dim=5, queue_size=32), "head", lambda: heads.moco_v1_head(6, 5)),
-    ("moco_v2", dict(embed_dim=5, proj_hidden_dim=7, queue_size=32), "head",
-     lambda: heads.moco_v2_projector(6, 7, 5)),
-    ("moco_v3", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9), "projector",
-     lambda: heads.moco_v3_projector(6, 12, 5)),
-    ("byol", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9), "projector",
-     lambda: heads.byol_mlp(6, 12, 5)),
-    ("simsiam", dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9), "projector",
-     lambda: heads.simsiam_projector(6, 12, 5)),
-    ("swav", dict(num_prototypes=7, proj_hidden_dim=12, proj_out_dim=5), "projector",
-     lambda: heads.swav_projector(6, 12, 5)),
-])
+@pytest.mark.parametrize(
+    "method,kwargs,attr,factory",
+    [
+        ("simclr", dict(proj_hidden_dim=7, proj_out_dim=5), "projector", lambda: heads.simclr_projector(6, 7, 5)),
+        ("moco_v1", dict(head="linear", embed_dim=5, queue_size=32), "head", lambda: heads.moco_v1_head(6, 5)),
+        (
+            "moco_v2",
+            dict(embed_dim=5, proj_hidden_dim=7, queue_size=32),
+            "head",
+            lambda: heads.moco_v2_projector(6, 7, 5),
+        ),
+        (
+            "moco_v3",
+            dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9),
+            "projector",
+            lambda: heads.moco_v3_projector(6, 12, 5),
+        ),
+        (
+            "byol",
+            dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9),
+            "projector",
+            lambda: heads.byol_mlp(6, 12, 5),
+        ),
+        (
+            "simsiam",
+            dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9),
+            "projector",
+            lambda: heads.simsiam_projector(6, 12, 5),
+        ),
+        (
+            "swav",
+            dict(num_prototypes=7, proj_hidden_dim=12, proj_out_dim=5),
+            "projector",
+            lambda: heads.swav_projector(6, 12, 5),
+        ),
+    ],
+)
 def test_objectives_build_their_heads_with_the_named_factories(method, kwargs, attr, factory):
     torch.manual_seed(3)
     obj = build_objective(method, 6, **kwargs)
@@ -246,5 +310,6 @@ def test_the_factories_have_the_papers_layouts():
     torch.manual_seed(0)
     simclr = heads.simclr_projector(512, 512, 128)
     assert abs(float(simclr[0].weight.detach().std()) - 0.01) < 1e-3 and not simclr[-1].bias.requires_grad
-    assert isinstance(heads.instdisc_head(8, 4), nn.Linear) and isinstance(heads.instdisc_head(8, 4, bn=True)[1],
-                                                                         nn.BatchNorm1d)
+    assert isinstance(heads.instdisc_head(8, 4), nn.Linear) and isinstance(
+        heads.instdisc_head(8, 4, bn=True)[1], nn.BatchNorm1d
+    )

@@ -55,12 +55,19 @@ def test_heads_layout_and_defaults_match_official_config(make_cfg):
         lin1, bn, act, lin2 = head
         assert isinstance(bn, nn.BatchNorm1d) and isinstance(act, nn.ReLU) and len(head) == 4
         assert (lin1.in_features, lin1.out_features, lin2.out_features) == dims
-        assert lin1.bias is not None and lin2.bias is None      # haiku MLP: bias before BN, none at the output
+        assert lin1.bias is not None and lin2.bias is None  # haiku MLP: bias before BN, none at the output
         assert bn.momentum == pytest.approx(0.1) and bn.eps == pytest.approx(1e-5)  # decay 0.9, eps 1e-5
     # 300-epoch preset of deepmind-research/byol configs/byol.py
     o = cfg.optim
-    assert (o.name, o.base_lr, o.lr_scaling, o.weight_decay, o.momentum, o.trust_coefficient, o.warmup_epochs) == \
-        ("lars", 0.3, "linear", 1e-6, 0.9, 0.001, 10)
+    assert (o.name, o.base_lr, o.lr_scaling, o.weight_decay, o.momentum, o.trust_coefficient, o.warmup_epochs) == (
+        "lars",
+        0.3,
+        "linear",
+        1e-6,
+        0.9,
+        0.001,
+        10,
+    )
     assert cfg.kwargs.momentum == 0.99 and cfg.kwargs.momentum_end == 1.0 and cfg.sync_batchnorm is True
 
 
@@ -136,16 +143,18 @@ def test_ema_update_parameters_only_with_cosine_tau():
         obj.projector[1].running_var.fill_(7.0)
     old = {k: v.clone() for k, v in obj.state_dict().items() if k.startswith("target")}
     k, total, tau0 = 3, 10, 0.9
-    tau = 1 - (1 - tau0) * 0.5 * (1 + math.cos(math.pi * k / total))   # BYOL's schedule written out
+    tau = 1 - (1 - tau0) * 0.5 * (1 + math.cos(math.pi * k / total))  # BYOL's schedule written out
     obj.after_optimizer_step(backbone, StepInfo(global_step=k, total_steps=total, epoch=0, max_epochs=1))
     assert obj.last_momentum == pytest.approx(tau, rel=1e-12)
-    online = {**{f"target_backbone.{n}": p for n, p in backbone.named_parameters()},
-              **{f"target_projector.{n}": p for n, p in obj.projector.named_parameters()}}
+    online = {
+        **{f"target_backbone.{n}": p for n, p in backbone.named_parameters()},
+        **{f"target_projector.{n}": p for n, p in obj.projector.named_parameters()},
+    }
     new = obj.state_dict()
     for name, before in old.items():
-        if name in online:   # parameters: θ_t ← τ·θ_t + (1 − τ)·θ_o
+        if name in online:  # parameters: θ_t ← τ·θ_t + (1 − τ)·θ_o
             torch.testing.assert_close(new[name], tau * before + (1 - tau) * online[name].detach())
-        else:                # BN running stats and counters: the target's own, untouched
+        else:  # BN running stats and counters: the target's own, untouched
             assert torch.equal(new[name], before), name
     assert any(n.endswith("running_mean") for n in old) and any(n.endswith("num_batches_tracked") for n in old)
 
@@ -184,8 +193,17 @@ def byol_schedule(k, total, tau0=0.99):
 
 def test_ema_counts_optimizer_steps_under_gradient_accumulation(make_cfg):
     """Through SSLModule: one EMA update per optimizer step, K = optimizer steps (4 batches / accumulate 2 = 2)."""
-    cfg = make_cfg(["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST, *SMALL_HEADS,
-                    "trainer.accumulate_grad_batches=2", "eval.final_eval=false"])
+    cfg = make_cfg(
+        [
+            "method=byol",
+            "backbone=resnet18",
+            "backbone.width=0.125",
+            *FAST,
+            *SMALL_HEADS,
+            "trainer.accumulate_grad_batches=2",
+            "eval.final_eval=false",
+        ]
+    )
     rec = RecordMomentum()
     res = run_pretraining(cfg, extra_callbacks=[rec])
     assert res["steps"] == 2 and rec.total == 2
@@ -206,8 +224,9 @@ class CheckOptimizer(L.Callback):
             assert len(one_d) == 1
             assert g["lars_exclude"] is one_d.pop() and (g["weight_decay"] == 0) is g["lars_exclude"]
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad} - \
-            {id(p) for p in pl_module.online_probe.parameters()}
+        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad} - {
+            id(p) for p in pl_module.online_probe.parameters()
+        }
         assert in_opt == trainable and not in_opt & {id(p) for p in pl_module.objective.target_backbone.parameters()}
         self.checked = True
 
@@ -227,8 +246,15 @@ def test_ema_schedule_over_a_run_ends_at_one_and_the_target_is_checkpointed(make
     """τ of each EMA update follows the schedule over the run's K optimizer steps, ending at exactly 1.0; the
     checkpoint holds the whole target (BN statistics and projector included). Resume equality, target included:
     tests/objectives/test_contract.py."""
-    common = ["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST, *SMALL_HEADS, "trainer.max_epochs=2",
-              "eval.final_eval=false"]
+    common = [
+        "method=byol",
+        "backbone=resnet18",
+        "backbone.width=0.125",
+        *FAST,
+        *SMALL_HEADS,
+        "trainer.max_epochs=2",
+        "eval.final_eval=false",
+    ]
     rec = RecordMomentum()
     straight = run_pretraining(make_cfg(common, tmp_path / "straight"), extra_callbacks=[rec])
     assert rec.total == 8 and rec.taus == pytest.approx([byol_schedule(k, 8) for k in range(1, 9)], rel=1e-12)
@@ -247,8 +273,17 @@ def test_resume_from_a_mid_epoch_checkpoint_equals_uninterrupted(make_cfg, tmp_p
     that step's EMA update of the target and the online probe's step: resuming from it gives every weight of the
     uninterrupted run, target network and probe included. (Were both updates to run after the checkpoint callback,
     a resumed run would lag by one target update.)"""
-    common = ["method=byol", "backbone=resnet18", "backbone.width=0.125", *FAST, *SMALL_HEADS, "trainer.max_epochs=2",
-              "eval.final_eval=false", "checkpoint.every_n_steps=3", "checkpoint.save_top_k=-1"]
+    common = [
+        "method=byol",
+        "backbone=resnet18",
+        "backbone.width=0.125",
+        *FAST,
+        *SMALL_HEADS,
+        "trainer.max_epochs=2",
+        "eval.final_eval=false",
+        "checkpoint.every_n_steps=3",
+        "checkpoint.save_top_k=-1",
+    ]
     straight = run_pretraining(make_cfg(common, tmp_path / "straight"))
     assert straight["steps"] == 8
     mid = sorted(Path(straight["checkpoint"]).parent.glob("epoch000-step0000003.ckpt"))

@@ -54,9 +54,9 @@ from tests.distributed_harness import run_on_processes
 CONF = Path(__file__).resolve().parents[2] / "conf"
 NAMES = sorted(OBJECTIVES)
 FAMILIES = ("resnet", "vit")
-IMAGE, LOCAL = 16, 8          # global and local crop sizes of the objective-level tests
-BATCH = 8                     # global batch of the objective-level tests
-NUM_SAMPLES = 32              # training-set size for objectives with one state row per image (InstDisc's bank)
+IMAGE, LOCAL = 16, 8  # global and local crop sizes of the objective-level tests
+BATCH = 8  # global batch of the objective-level tests
+NUM_SAMPLES = 32  # training-set size for objectives with one state row per image (InstDisc's bank)
 STEPS_PER_EPOCH = 2
 
 
@@ -105,13 +105,20 @@ def make_batches(layout: str, steps: int, seed: int = 1) -> list[tuple[list[torc
 
 
 def step_info(k: int, total: int, indices: torch.Tensor | None) -> StepInfo:
-    return StepInfo(global_step=k, total_steps=total, epoch=k // STEPS_PER_EPOCH, max_epochs=total // STEPS_PER_EPOCH,
-                    steps_per_epoch=STEPS_PER_EPOCH, indices=indices)
+    return StepInfo(
+        global_step=k,
+        total_steps=total,
+        epoch=k // STEPS_PER_EPOCH,
+        max_epochs=total // STEPS_PER_EPOCH,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        indices=indices,
+    )
 
 
 def trainable(backbone: nn.Module, obj: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(f"backbone.{n}", p) for n, p in backbone.named_parameters() if p.requires_grad] + \
-        [(f"objective.{n}", p) for n, p in obj.named_parameters() if p.requires_grad]
+    return [(f"backbone.{n}", p) for n, p in backbone.named_parameters() if p.requires_grad] + [
+        (f"objective.{n}", p) for n, p in obj.named_parameters() if p.requires_grad
+    ]
 
 
 def train_step(backbone, obj, opt, batch, k: int, total: int, part: slice = slice(None), reduce_grads=None):
@@ -134,8 +141,10 @@ def train_step(backbone, obj, opt, batch, k: int, total: int, part: slice = slic
 
 def full_state(backbone: nn.Module, obj: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of backbone and objective, as checkpoints hold them, copied."""
-    return {**{f"backbone.{k}": v.detach().clone() for k, v in backbone.state_dict().items()},
-            **{f"objective.{k}": v.detach().clone() for k, v in obj.state_dict().items()}}
+    return {
+        **{f"backbone.{k}": v.detach().clone() for k, v in backbone.state_dict().items()},
+        **{f"objective.{k}": v.detach().clone() for k, v in obj.state_dict().items()},
+    }
 
 
 def assert_states_equal(got: dict, want: dict, rtol: float, atol: float, what: str) -> None:
@@ -153,8 +162,11 @@ def assert_states_equal(got: dict, want: dict, rtol: float, atol: float, what: s
 def test_one_step_smoke(make_cfg, name, family):
     from ssl_vision.launch import run_pretraining
 
-    backbone = ["backbone=resnet18", "backbone.width=0.125"] if family == "resnet" else \
-        ["backbone=vit_tiny", "backbone.patch_size=8"]
+    backbone = (
+        ["backbone=resnet18", "backbone.width=0.125"]
+        if family == "resnet"
+        else ["backbone=vit_tiny", "backbone.patch_size=8"]
+    )
     tiny = [f"method.kwargs.{k}={v}" for k, v in OBJECTIVES[name].tiny_kwargs().items()]
     cfg = make_cfg([f"method={name}", *backbone, *FAST, *tiny, "trainer.max_steps=1"])
     if family not in OBJECTIVES[name].supported_families:
@@ -198,7 +210,7 @@ def _two_proc_run(name: str, layout: str, kwargs: dict, rank: int, world: int) -
     for k, (views, idx) in enumerate(make_batches(layout, TWO_PROC_STEPS)):
         loss = train_step(backbone, obj, opt, (views, idx), k, TWO_PROC_STEPS, part, reduce_grads)
         if world > 1:
-            torch.distributed.all_reduce(loss)   # the global mean loss: mean of per-process means (equal parts)
+            torch.distributed.all_reduce(loss)  # the global mean loss: mean of per-process means (equal parts)
         losses.append(loss / world)
     return {"losses": torch.stack(losses), "grads": first_grads, "state": full_state(backbone, obj)}
 
@@ -243,14 +255,19 @@ def test_two_processes_equal_one_process(two_process_results, name, layout):
         assert got["grads"].keys() == ref["grads"].keys()
         for k, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-        assert_states_equal(rows_sorted(name, got["state"]), rows_sorted(name, ref["state"]), 1e-4, 1e-6,
-                            f"after {TWO_PROC_STEPS} steps")
-    assert_states_equal(ranks[1]["state"], ranks[0]["state"], 0, 0, "rank 1 vs rank 0")   # bit for bit
+        assert_states_equal(
+            rows_sorted(name, got["state"]),
+            rows_sorted(name, ref["state"]),
+            1e-4,
+            1e-6,
+            f"after {TWO_PROC_STEPS} steps",
+        )
+    assert_states_equal(ranks[1]["state"], ranks[0]["state"], 0, 0, "rank 1 vs rank 0")  # bit for bit
     assert any(g.abs().sum() > 0 for g in ref["grads"].values())
 
 
 # ------------------------------------------------------------------------------------------ 3. resume and state
-RESUME_STEPS = 4   # two epochs of 2 steps: the interruption is at the epoch boundary
+RESUME_STEPS = 4  # two epochs of 2 steps: the interruption is at the epoch boundary
 RESUME_CASES = [(n, f, layouts(n)[-1]) for n in NAMES for f in OBJECTIVES[n].supported_families[:1]]
 
 
@@ -272,10 +289,12 @@ def test_resume_equals_uninterrupted(tmp_path, name, family, layout):
     for k in range(half):
         train_step(backbone, obj, opt, batches[k], k, RESUME_STEPS)
     at_half = full_state(backbone, obj)
-    torch.save({"backbone": backbone.state_dict(), "objective": obj.state_dict(), "optimizer": opt.state_dict()},
-               tmp_path / "state.pt")
+    torch.save(
+        {"backbone": backbone.state_dict(), "objective": obj.state_dict(), "optimizer": opt.state_dict()},
+        tmp_path / "state.pt",
+    )
 
-    backbone, obj = build(name, family, kwargs, seed=1)        # other initial values: the load must restore them
+    backbone, obj = build(name, family, kwargs, seed=1)  # other initial values: the load must restore them
     opt = _sgd(backbone, obj)
     assert any(not torch.equal(v, at_half[k]) for k, v in full_state(backbone, obj).items())
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -330,8 +349,17 @@ def test_nan_input_stops_training_with_the_guard(name):
         def train_dataloader(self):
             return DataLoader([batch], batch_size=None)
 
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     with pytest.raises(FloatingPointError, match="non-finite loss nan at global step 0"):
         trainer.fit(module, datamodule=OneBatch())

@@ -3,7 +3,6 @@ teacher (no gradient, no drop path, global crops only, EMA to exactly 1.0), last
 clipping, ViT small crops. (Smoke runs, 1 vs 2 processes -- the centre is the global mean --, resume equality and the
 non-finite guard: tests/objectives/test_contract.py; the loss function: tests/losses/test_dino.py.)"""
 
-
 import numpy as np
 import pytest
 import torch
@@ -32,8 +31,15 @@ def tiny_backbone():
 def make(seed=0, **kw):
     backbone = tiny_backbone()
     torch.manual_seed(seed)
-    args = dict(out_dim=7, hidden_dim=16, bottleneck_dim=5, warmup_teacher_temp_epochs=0, teacher_temp=0.04,
-                freeze_last_layer=0, clip_grad=0.0)
+    args = dict(
+        out_dim=7,
+        hidden_dim=16,
+        bottleneck_dim=5,
+        warmup_teacher_temp_epochs=0,
+        teacher_temp=0.04,
+        freeze_last_layer=0,
+        clip_grad=0.0,
+    )
     args.update(kw)
     obj = build_objective("dino", 8, **args)
     obj.bind(backbone)
@@ -42,8 +48,9 @@ def make(seed=0, **kw):
 
 def multicrop(n=4, seed=1, large=8, small=4, num_small=2):
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(n, 3, large, large, generator=g) for _ in range(2)]
-            + [torch.randn(n, 3, small, small, generator=g) for _ in range(num_small)])
+    return [torch.randn(n, 3, large, large, generator=g) for _ in range(2)] + [
+        torch.randn(n, 3, small, small, generator=g) for _ in range(num_small)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -72,8 +79,8 @@ def test_head_layout():
     assert all(m.bias is not None and m.bias.abs().sum() == 0 for m in linears)
     last = obj.head.last_layer
     assert last.weight_v.shape == (300, 256) and not hasattr(last, "bias")
-    assert (last.weight_g == 1).all() and not last.weight_g.requires_grad      # norm_last_layer=True
-    torch.testing.assert_close(last.weight.norm(dim=1), torch.ones(300))       # unit rows: cosine prototypes
+    assert (last.weight_g == 1).all() and not last.weight_g.requires_grad  # norm_last_layer=True
+    torch.testing.assert_close(last.weight.norm(dim=1), torch.ones(300))  # unit rows: cosine prototypes
     x = torch.randn(3, 384)
     torch.testing.assert_close(obj.head.bottleneck(x).norm(dim=1), torch.ones(3))
     obj_free = build_objective("dino", 384, out_dim=300, norm_last_layer=False)
@@ -136,11 +143,16 @@ def test_last_layer_frozen_during_first_epochs_then_trained():
         obj.before_optimizer_step(step_at(i, epoch))
         opt.step()
         obj.after_optimizer_step(backbone, step_at(i, epoch))
-        snap.append({"v": obj.head.last_layer.weight_v.detach().clone(), "g": obj.head.last_layer.weight_g.detach()
-                     .clone(), "mlp": obj.head.mlp[0].weight.detach().clone()})
+        snap.append(
+            {
+                "v": obj.head.last_layer.weight_v.detach().clone(),
+                "g": obj.head.last_layer.weight_g.detach().clone(),
+                "mlp": obj.head.mlp[0].weight.detach().clone(),
+            }
+        )
     assert torch.equal(snap[0]["v"], snap[1]["v"]) and torch.equal(snap[0]["g"], snap[1]["g"])  # epoch 0: frozen
-    assert not torch.equal(snap[0]["mlp"], snap[1]["mlp"])      # while the rest of the student trains
-    assert (snap[2]["v"] - snap[1]["v"]).abs().max() > 1e-6      # epoch 1: the last layer learns
+    assert not torch.equal(snap[0]["mlp"], snap[1]["mlp"])  # while the rest of the student trains
+    assert (snap[2]["v"] - snap[1]["v"]).abs().max() > 1e-6  # epoch 1: the last layer learns
     assert (snap[3]["g"] - snap[2]["g"]).abs().max() > 1e-6
 
 
@@ -150,8 +162,11 @@ def test_gradients_clipped_per_parameter():
     (out.loss * 1e4).backward()  # large gradients everywhere
     with torch.no_grad():
         obj.head.mlp[0].bias.grad.fill_(0.1)  # one tensor with a small gradient: a global clip would shrink it
-    raw = {n: p.grad.norm().item() for n, p in [*backbone.named_parameters(), *obj.head.named_parameters()]
-           if p.grad is not None}
+    raw = {
+        n: p.grad.norm().item()
+        for n, p in [*backbone.named_parameters(), *obj.head.named_parameters()]
+        if p.grad is not None
+    }
     obj.before_optimizer_step(step_at())
     for name, p in [*backbone.named_parameters(), *obj.head.named_parameters()]:
         if p.grad is None:
@@ -191,7 +206,7 @@ def test_vit_small_crops_use_interpolated_position_embeddings():
     vit, _ = create_backbone("vit_tiny", image_size=32, patch_size=8)
     small, _ = create_backbone("vit_tiny", image_size=16, patch_size=8)
     vit.eval(), small.eval()
-    pos = vit.pos_embed.detach()                                    # (1, 1 + 16, 192)
+    pos = vit.pos_embed.detach()  # (1, 1 + 16, 192)
     grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(2, 2), mode="bicubic", antialias=True, align_corners=False)
     state = vit.state_dict()
@@ -199,8 +214,6 @@ def test_vit_small_crops_use_interpolated_position_embeddings():
     small.load_state_dict(state)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(vit(x), small(x), rtol=1e-4, atol=1e-5)
-    state["pos_embed"] = pos[:, :5]                                 # a naive crop of the table gives other features
+    state["pos_embed"] = pos[:, :5]  # a naive crop of the table gives other features
     small.load_state_dict(state)
     assert not torch.allclose(vit(x), small(x), atol=1e-3)
-
-

@@ -28,8 +28,17 @@ def make(nce_k=5, num_samples=N_BANK, **kw):
     """A tiny backbone without BatchNorm (nothing differs per process) and an InstDisc objective, seeded."""
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.ReLU())
-    obj = build_objective("instdisc", 8, num_samples=num_samples, embed_dim=EMBED, temperature=TAU, nce_k=nce_k,
-                          bank_momentum=0.5, noise_seed=3, **kw)
+    obj = build_objective(
+        "instdisc",
+        8,
+        num_samples=num_samples,
+        embed_dim=EMBED,
+        temperature=TAU,
+        nce_k=nce_k,
+        bank_momentum=0.5,
+        noise_seed=3,
+        **kw,
+    )
     return backbone, obj
 
 
@@ -42,8 +51,11 @@ def images(n, seed=1):
 
 def z_by_formula(f, bank, idx, noise, tau, n):
     """Z = n · mean over the positive and noise scores of exp(v·f/τ)."""
-    vals = [math.exp(float(bank[j].double() @ f[b].double()) / tau)
-            for b in range(f.shape[0]) for j in [int(idx[b]), *map(int, noise[b])]]
+    vals = [
+        math.exp(float(bank[j].double() @ f[b].double()) / tau)
+        for b in range(f.shape[0])
+        for j in [int(idx[b]), *map(int, noise[b])]
+    ]
     return n * sum(vals) / len(vals)
 
 
@@ -134,11 +146,11 @@ def test_noise_is_uniform_reproducible_and_rank_sliced():
     pos = torch.arange(8) % 5
     a = draw_noise(pos, 5, 1000, seed=1, global_step=4)
     assert a.shape == (8, 1000) and a.min() == 0 and a.max() == 4
-    assert torch.equal(a, draw_noise(pos, 5, 1000, seed=1, global_step=4))       # same (seed, step): same rows
-    assert not torch.equal(a, draw_noise(pos, 5, 1000, seed=1, global_step=5))   # a new step draws anew
+    assert torch.equal(a, draw_noise(pos, 5, 1000, seed=1, global_step=4))  # same (seed, step): same rows
+    assert not torch.equal(a, draw_noise(pos, 5, 1000, seed=1, global_step=5))  # a new step draws anew
     counts = torch.bincount(a.flatten(), minlength=5).double() / a.numel()
     torch.testing.assert_close(counts, torch.full((5,), 0.2, dtype=torch.float64), atol=0.01, rtol=0)
-    halves = [draw_noise(pos[r * 4:(r + 1) * 4], 5, 1000, 1, 4, rank=r, world_size=2) for r in range(2)]
+    halves = [draw_noise(pos[r * 4 : (r + 1) * 4], 5, 1000, 1, 4, rank=r, world_size=2) for r in range(2)]
     assert torch.equal(torch.cat(halves), a)  # 2 processes draw what 1 process draws for the same samples
     ex = draw_noise(pos, 5, 1000, seed=1, global_step=4, exclude_positive=True)
     assert not (ex == pos[:, None]).any() and ex.min() == 0 and ex.max() == 4
@@ -161,7 +173,11 @@ def test_clear_errors_and_small_data_cap():
 # ------------------------------------------------------------------------------------------ end to end
 def test_one_step_bank_sized_by_the_data_and_the_batch_rows_written(make_cfg):
     cfg = make_cfg(["method=instdisc", "backbone=resnet18", "backbone.width=0.125", *FAST, "trainer.max_steps=1"])
-    assert cfg.augment.name == "instdisc" and list(cfg.augment.views) == ["global"] and cfg.augment.views["global"].count == 1
+    assert (
+        cfg.augment.name == "instdisc"
+        and list(cfg.augment.views) == ["global"]
+        and cfg.augment.views["global"].count == 1
+    )
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and res["images_seen"] == 16
     assert res["train_loss"] is not None and math.isfinite(res["train_loss"])

@@ -71,7 +71,7 @@ def test_random_masking_keep_count_restore_and_mask(length, ratio):
     keep = int(length * (1 - ratio))
     assert visible.shape == (3, keep, 5) and ids_keep.shape == (3, keep)
     for b in range(3):
-        order = sorted(range(length), key=lambda i: float(noise[b, i]))   # smallest noise first
+        order = sorted(range(length), key=lambda i: float(noise[b, i]))  # smallest noise first
         kept = order[:keep]
         assert ids_keep[b].tolist() == kept
         torch.testing.assert_close(visible[b], x[b, kept])
@@ -104,7 +104,7 @@ def test_encoder_sequence_is_visible_plus_cls():
     first, h1 = input_of(backbone.blocks[0])
     last, h2 = input_of(backbone.blocks[-1])
     obj.reconstruct(torch.randn(2, 3, 32, 32), backbone, torch.rand(2, 16))
-    assert first[0].shape == (2, 4 + 1, 192) and last[0].shape == (2, 4 + 1, 192)   # int(16·0.25) + cls
+    assert first[0].shape == (2, 4 + 1, 192) and last[0].shape == (2, 4 + 1, 192)  # int(16·0.25) + cls
     h1.remove(), h2.remove()
     backbone, obj = make(mask_ratio=0.5)
     store, _ = input_of(backbone.blocks[0])
@@ -123,17 +123,18 @@ def test_pos_embed_fixed_sincos_and_added_before_masking():
     torch.testing.assert_close(obj.decoder_pos_embed[0], mae_sincos_reference(32, 4, 4))
     assert not any(p is backbone.pos_embed for p in backbone.parameters() if p.requires_grad)
     from ssl_vision.optim import param_groups
+
     optimised = {id(p) for g in param_groups(backbone.named_parameters(), 0.05) for p in g["params"]}
     assert id(backbone.pos_embed) not in optimised and id(backbone.cls_token) in optimised
     # block 0 input: token j = patch_embed(x) at original position k=ids_keep[j] + pos-embed of k (not of j)
     x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     store, _ = input_of(backbone.blocks[0])
     obj.reconstruct(x, backbone, noise)
-    tokens = backbone.patch_embed(x).flatten(1, 2).detach()           # (2, 16, 192), original order
+    tokens = backbone.patch_embed(x).flatten(1, 2).detach()  # (2, 16, 192), original order
     pos = mae_sincos_reference(192, 4, 4)
     for b in range(2):
         kept = noise[b].argsort()[:4]
-        torch.testing.assert_close(store[0][b, 0], backbone.cls_token[0, 0].detach())   # cls pos slot is zero
+        torch.testing.assert_close(store[0][b, 0], backbone.cls_token[0, 0].detach())  # cls pos slot is zero
         torch.testing.assert_close(store[0][b, 1:], tokens[b, kept] + pos[1 + kept])
     loss = obj.reconstruct(x, backbone, noise).loss
     loss.backward()
@@ -146,8 +147,8 @@ def test_decoder_fills_mask_tokens_and_unshuffles():
     store, _ = input_of(obj.decoder_blocks[0])
     latent, mask, _, _ = obj.encode(x, backbone, noise)
     obj.reconstruct(x, backbone, noise)
-    dec_in = store[0] - mae_sincos_reference(32, 4, 4)                 # (2, 17, 32) without the decoder pos-embed
-    embedded = obj.decoder_embed(latent).detach()                      # (2, 1 + 4, 32): cls, visible in keep order
+    dec_in = store[0] - mae_sincos_reference(32, 4, 4)  # (2, 17, 32) without the decoder pos-embed
+    embedded = obj.decoder_embed(latent).detach()  # (2, 1 + 4, 32): cls, visible in keep order
     for b in range(2):
         kept = noise[b].argsort()[:4].tolist()
         torch.testing.assert_close(dec_in[b, 0], embedded[b, 0])
@@ -176,14 +177,15 @@ def test_mae_initialisation(channels_last):
                 assert m.bias is None or not m.bias.any(), name
             elif isinstance(m, nn.LayerNorm):
                 assert (m.weight == 1).all() and not m.bias.any(), name
-    w = backbone.patch_embed.proj.weight                               # (192, 3, 8, 8) viewed as (192, 192)
+    w = backbone.patch_embed.proj.weight  # (192, 3, 8, 8) viewed as (192, 192)
     assert xavier_like(w, 3 * 8 * 8, 192)
-    assert abs(backbone.cls_token.std().item() - 0.02) < 0.004           # N(0, 0.02); timm's own is 1e-6
+    assert abs(backbone.cls_token.std().item() - 0.02) < 0.004  # N(0, 0.02); timm's own is 1e-6
     assert abs(obj.mask_token.std().item() - 0.02) < 0.003
 
 
-@pytest.mark.parametrize("name,image,patch,chans", [("vit_small", 32, 8, 3), ("vit_tiny", 28, 4, 1),
-                                                    ("timm:test_vit", 28, 7, 1)])
+@pytest.mark.parametrize(
+    "name,image,patch,chans", [("vit_small", 32, 8, 3), ("vit_tiny", 28, 4, 1), ("timm:test_vit", 28, 7, 1)]
+)
 def test_factory_vits_train(name, image, patch, chans):
     backbone, obj = make(name, image, patch, chans)
     x = torch.randn(2, chans, image, image)
@@ -200,8 +202,11 @@ def test_non_vit_and_unsupported_timm_variants_are_clear_errors():
     resnet, dim = create_backbone("resnet18", width=0.125, image_size=32)
     with pytest.raises(ValueError, match="MAE needs a ViT backbone, got .*use backbone=vit_tiny\\|vit_small\\|vit_b"):
         build_objective("mae", dim).bind(resnet)
-    for kw, what in [({"reg_tokens": 2}, "register tokens"), ({"no_embed_class": True}, "no_embed_class"),
-                     ({"class_token": False, "global_pool": "avg"}, "no class token")]:
+    for kw, what in [
+        ({"reg_tokens": 2}, "register tokens"),
+        ({"no_embed_class": True}, "no_embed_class"),
+        ({"class_token": False, "global_pool": "avg"}, "no class token"),
+    ]:
         vit, dim = create_backbone("vit_tiny", image_size=32, patch_size=8, timm_kwargs=kw)
         with pytest.raises(ValueError, match=what):
             build_objective("mae", dim, decoder_dim=32, decoder_depth=1, decoder_heads=4).bind(vit)
@@ -213,9 +218,9 @@ def test_masking_noise_keyed_by_step_micro_batch_and_seed():
     backbone, obj = make()
     _, twin = make()
     x = torch.randn(4, 3, 32, 32)
-    a, a_again = obj.masking_noise(x, STEP), obj.masking_noise(x, STEP)   # two micro-batches of one step
+    a, a_again = obj.masking_noise(x, STEP), obj.masking_noise(x, STEP)  # two micro-batches of one step
     assert a.shape == (4, 16) and not torch.equal(a, a_again)
-    torch.testing.assert_close(twin.masking_noise(x, STEP), a)          # a fresh (resumed) object draws the same
+    torch.testing.assert_close(twin.masking_noise(x, STEP), a)  # a fresh (resumed) object draws the same
     nxt = StepInfo(global_step=1, total_steps=10, epoch=0, max_epochs=1)
     assert not torch.equal(obj.masking_noise(x, nxt), a)
     _, other_seed = make(mask_seed=1)
@@ -238,7 +243,8 @@ def _rank_fn(rank, world, x, noise):
 
 
 def test_two_processes_equal_one_process():
-    """MAE communicates nothing itself (docs/reference.md §11): with the same masks, DDP's gradient average of per-rank mean
+    """MAE communicates nothing itself (docs/reference.md §11): with the same masks, DDP's gradient average of
+    per-rank mean
     losses (equal masked counts per rank) equals the one-process gradient. A ViT has no BatchNorm, so no eval()."""
     g = torch.Generator().manual_seed(1)
     x, noise = torch.randn(8, 3, 32, 32, generator=g), torch.rand(8, 16, generator=g)
@@ -266,29 +272,45 @@ def test_one_step_smoke_lr_by_effective_batch_and_png(make_cfg):
     import lightning as L
 
     from ssl_vision.launch import run_pretraining
+
     seen = {}
 
     class Grab(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            seen["groups"] = [dict(lr=g["initial_lr"], wd=g["weight_decay"], betas=g["betas"],
-                                   ids={id(p) for p in g["params"]}, ndims={p.ndim for p in g["params"]})
-                              for g in trainer.optimizers[0].param_groups]
+            seen["groups"] = [
+                dict(
+                    lr=g["initial_lr"],
+                    wd=g["weight_decay"],
+                    betas=g["betas"],
+                    ids={id(p) for p in g["params"]},
+                    ndims={p.ndim for p in g["params"]},
+                )
+                for g in trainer.optimizers[0].param_groups
+            ]
             seen["pos"] = id(pl_module.backbone.pos_embed)
 
-    cfg = make_cfg(["method=mae", "backbone=vit_tiny", "backbone.patch_size=8", *FAST, "trainer.max_steps=1",
-                    "trainer.accumulate_grad_batches=2"])
-    res = run_pretraining(cfg, extra_callbacks=[Grab()])   # method=mae adds the reconstruction callback itself
-    assert res["steps"] == 1 and res["images_seen"] == 32           # one optimizer step = 2 micro-batches of 16
+    cfg = make_cfg(
+        [
+            "method=mae",
+            "backbone=vit_tiny",
+            "backbone.patch_size=8",
+            *FAST,
+            "trainer.max_steps=1",
+            "trainer.accumulate_grad_batches=2",
+        ]
+    )
+    res = run_pretraining(cfg, extra_callbacks=[Grab()])  # method=mae adds the reconstruction callback itself
+    assert res["steps"] == 1 and res["images_seen"] == 32  # one optimizer step = 2 micro-batches of 16
     assert res["train_loss"] is not None and math.isfinite(res["train_loss"])
     assert 0.0 <= res["knn_top1"] <= 100.0
-    assert len(seen["groups"]) == 4                                 # backbone / objective × decay / no decay
+    assert len(seen["groups"]) == 4  # backbone / objective × decay / no decay
     for g in seen["groups"]:
-        assert g["lr"] == pytest.approx(1.5e-4 * 16 * 2 / 256)      # blr × effective batch / 256
+        assert g["lr"] == pytest.approx(1.5e-4 * 16 * 2 / 256)  # blr × effective batch / 256
         assert g["betas"] == (0.9, 0.95)
         assert g["wd"] == (0.0 if g["ndims"] == {1} else 0.05)
         assert seen["pos"] not in g["ids"]
     png = Path(res["run_dir"]) / "mae_reconstructions_step1.png"
-    w, h = Image.open(png).size   # 8 images × (orig, masked, recon, ...), 32 px enlarged ×3, labels on the left
+    w, h = Image.open(png).size  # 8 images × (orig, masked, recon, ...), 32 px enlarged ×3, labels on the left
     assert h == 4 * (96 + 2) + 2 and w > 8 * (96 + 2) + 2
 
 
@@ -305,7 +327,7 @@ def test_reconstruction_grid_rows(tmp_path, monkeypatch):
     x = torch.randn(3, 3, 32, 32) * 0.5
     path = save_reconstruction_grid(obj, backbone, x, tmp_path / "r.png", mean=mean, std=std)
     plain = save_reconstruction_grid(obj, backbone, x, tmp_path / "plain.png", mean=mean, std=std, labels=False)
-    assert Image.open(plain).size == (3 * (96 + 2) + 2, 4 * (96 + 2) + 2)   # 32 px enlarged ×3 to >= 96 px
+    assert Image.open(plain).size == (3 * (96 + 2) + 2, 4 * (96 + 2) + 2)  # 32 px enlarged ×3 to >= 96 px
     assert Image.open(path).height == 4 * (96 + 2) + 2 and Image.open(path).width > Image.open(plain).width
     # a perfect norm_pix prediction must come back as the original once de-normalised with each patch's stats
     real = obj.reconstruct
@@ -325,4 +347,4 @@ def test_reconstruction_grid_rows(tmp_path, monkeypatch):
     removed = unpatchify(mask.unsqueeze(-1).expand(-1, -1, 192), 8, (4, 4), 3)
     assert (rows[1][removed == 1] == MASK_FILL).all()
     torch.testing.assert_close(rows[1][removed == 0], display[removed == 0])
-    assert obj.training and backbone.training                         # modes restored
+    assert obj.training and backbone.training  # modes restored

@@ -27,15 +27,19 @@ def step(t: int = 0, total: int = 10) -> StepInfo:
 def conv_backbone(seed: int = 0) -> nn.Module:
     """Tiny CNN *with* BatchNorm, so shuffle-BN and BN-buffer handling are visible. (N, 3, 4, 4) -> (N, 6)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
 
 
 def moco(name="moco_v2", seed=0, backbone=None, **kw):
     backbone = backbone or conv_backbone()
     torch.manual_seed(seed)
-    args = dict(embed_dim=5, proj_hidden_dim=7, queue_size=32, shuffle_bn_splits=2) if name != "moco_v3" else \
-        dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9, temperature=0.2)
+    args = (
+        dict(embed_dim=5, proj_hidden_dim=7, queue_size=32, shuffle_bn_splits=2)
+        if name != "moco_v3"
+        else dict(proj_hidden_dim=12, proj_out_dim=5, pred_hidden_dim=9, temperature=0.2)
+    )
     args.update(kw)
     obj = build_objective(name, 6, **args)
     obj.bind(backbone)
@@ -46,17 +50,17 @@ def moco(name="moco_v2", seed=0, backbone=None, **kw):
 def test_queue_init_and_enqueue_arithmetic():
     torch.manual_seed(0)
     qu = KeyQueue(dim=3, size=8)
-    torch.testing.assert_close(qu.queue.norm(dim=0), torch.ones(8))     # normalised random columns
+    torch.testing.assert_close(qu.queue.norm(dim=0), torch.ones(8))  # normalised random columns
     assert int(qu.ptr) == 0
     a, b, c = (F.normalize(torch.randn(4, 3), dim=1) for _ in range(3))
     qu.enqueue(a)
-    torch.testing.assert_close(qu.queue[:, 0:4], a.T)                   # the newest keys sit where the pointer was
+    torch.testing.assert_close(qu.queue[:, 0:4], a.T)  # the newest keys sit where the pointer was
     assert int(qu.ptr) == 4
     qu.enqueue(b)
     torch.testing.assert_close(qu.queue[:, 4:8], b.T)
-    assert int(qu.ptr) == 0                                             # wrapped around
+    assert int(qu.ptr) == 0  # wrapped around
     qu.enqueue(c)
-    torch.testing.assert_close(qu.queue[:, 0:4], c.T)                   # the oldest batch is overwritten
+    torch.testing.assert_close(qu.queue[:, 0:4], c.T)  # the oldest batch is overwritten
     torch.testing.assert_close(qu.queue[:, 4:8], b.T)
     assert int(qu.ptr) == 4
 
@@ -66,14 +70,14 @@ def test_queue_negatives_are_a_copy():
     neg = qu.negatives()
     before = neg.clone()
     qu.enqueue(torch.ones(4, 3))
-    torch.testing.assert_close(neg, before)   # the in-place write does not reach tensors already used in logits
+    torch.testing.assert_close(neg, before)  # the in-place write does not reach tensors already used in logits
 
 
 def test_queue_size_not_multiple_of_batch_is_clear_error():
     qu = KeyQueue(dim=3, size=10)
     with pytest.raises(ValueError, match=r"K=10 .*global batch B=4.*queue_size.*\(e\.g\. 8 or 12\)"):
         qu.enqueue(torch.randn(4, 3))
-    backbone, obj = moco(queue_size=20)   # through the objective: per-process batch 8 does not divide 20
+    backbone, obj = moco(queue_size=20)  # through the objective: per-process batch 8 does not divide 20
     with pytest.raises(ValueError, match="K=20"):
         obj([torch.randn(8, 3, 4, 4)] * 2, backbone, step())
 
@@ -84,7 +88,7 @@ def test_heads_v1_linear_v2_mlp_without_bn():
     _, v2 = moco("moco_v2", head="mlp")
     assert isinstance(v1.head, nn.Linear) and v1.head.bias is not None and v1.head.out_features == 5
     layers = [type(m) for m in v2.head]
-    assert layers == [nn.Linear, nn.ReLU, nn.Linear]                   # Linear(D, 2048) -> ReLU -> Linear(2048, 128)
+    assert layers == [nn.Linear, nn.ReLU, nn.Linear]  # Linear(D, 2048) -> ReLU -> Linear(2048, 128)
     assert v2.head[0].out_features == 7 and v2.head[2].out_features == 5
 
 
@@ -101,7 +105,7 @@ def test_moco_loss_equals_formula_and_keys_are_enqueued():
         q = obj.head(backbone(x_q))
         k = F.normalize(obj.key_head(obj.key_backbone(x_k)), dim=1)
     assert out.loss.item() == pytest.approx(info_nce_by_formula(q, k, queue_before, 0.07), rel=1e-5)
-    torch.testing.assert_close(obj.queue.queue[:, :8], k.T, rtol=1e-5, atol=1e-6)   # written after the logits
+    torch.testing.assert_close(obj.queue.queue[:, :8], k.T, rtol=1e-5, atol=1e-6)  # written after the logits
     torch.testing.assert_close(obj.queue.queue[:, 8:], queue_before[:, 8:])
     assert int(obj.queue.ptr) == 8
     assert out.features.shape == (8, 6) and out.embedding.shape == (8, 5)
@@ -140,8 +144,8 @@ def test_shuffle_bn_groups_are_shuffled_sub_batches():
     shuffled_groups = list(perm.view(4, 4))
     assert {frozenset(g.tolist()) for g in shuffled_groups} != {frozenset(g.tolist()) for g in contiguous}
     torch.testing.assert_close(k, _keys_by_hand(obj, x, shuffled_groups), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(k_all, k)                                # one process: the global batch is local
-    assert not torch.allclose(k, _keys_by_hand(obj, x, contiguous), atol=1e-4)   # the grouping is visible in the keys
+    torch.testing.assert_close(k_all, k)  # one process: the global batch is local
+    assert not torch.allclose(k, _keys_by_hand(obj, x, contiguous), atol=1e-4)  # the grouping is visible in the keys
     assert torch.equal(obj.keys(x, step(5))[2], perm) and not torch.equal(obj.keys(x, step(6))[2], perm)
 
     backbone, plain = moco(shuffle_bn_splits=4, shuffle_bn=False)
@@ -163,16 +167,16 @@ def test_v1_v2_key_encoder_ema_once_per_step_parameters_only():
     key_before = {n: p.clone() for n, p in obj.key_backbone.named_parameters()}
     with torch.no_grad():
         for p in backbone.parameters():
-            p.add_(1.0)                                                 # "an optimizer step"
+            p.add_(1.0)  # "an optimizer step"
         backbone[1].running_mean.fill_(5.0)
     out = obj(x, backbone, step(1))
     assert out.logs["ema_momentum"].item() == pytest.approx(0.9)
     online = dict(backbone.named_parameters())
     for n, p in obj.key_backbone.named_parameters():
         torch.testing.assert_close(p, 0.9 * key_before[n] + 0.1 * online[n])
-    assert torch.all(obj.key_backbone[1].running_mean == 0)             # BN buffers are not averaged
+    assert torch.all(obj.key_backbone[1].running_mean == 0)  # BN buffers are not averaged
     after_first = {n: p.clone() for n, p in obj.key_backbone.named_parameters()}
-    obj(x, backbone, step(1))                                           # another micro-batch of the same step
+    obj(x, backbone, step(1))  # another micro-batch of the same step
     for n, p in obj.key_backbone.named_parameters():
         torch.testing.assert_close(p, after_first[n])
 
@@ -183,8 +187,8 @@ def test_v3_heads_follow_the_paper_bn_layout():
     proj, pred = list(obj.projector), list(obj.predictor)
     assert [type(m) for m in proj] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
     assert all(m.bias is None for m in proj + pred if isinstance(m, nn.Linear))
-    assert not proj[-1].affine                                          # last BN without affine
-    assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]   # ResNet: no last BN
+    assert not proj[-1].affine  # last BN without affine
+    assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]  # ResNet: no last BN
     _, vit_like = moco("moco_v3", proj_layers=3, pred_last_bn=True)
     assert len([m for m in vit_like.projector if isinstance(m, nn.Linear)]) == 3
     assert isinstance(vit_like.predictor[-1], nn.BatchNorm1d) and not vit_like.predictor[-1].affine
@@ -206,8 +210,9 @@ def test_v3_loss_equals_formula():
 def test_v3_momentum_encoder_is_backbone_plus_projector_not_predictor():
     backbone, obj = moco("moco_v3")
     frozen = {n for n, p in obj.named_parameters() if not p.requires_grad}
-    assert frozen == {f"momentum_backbone.{n}" for n, _ in backbone.named_parameters()} | \
-        {f"momentum_projector.{n}" for n, _ in obj.projector.named_parameters()}
+    assert frozen == {f"momentum_backbone.{n}" for n, _ in backbone.named_parameters()} | {
+        f"momentum_projector.{n}" for n, _ in obj.projector.named_parameters()
+    }
     assert not any(n.startswith("momentum_predictor") for n, _ in obj.named_modules())
     in_optimizer = {id(p) for g in obj.parameter_groups(1e-6) for p in g["params"]}
     assert in_optimizer == {id(p) for p in [*obj.projector.parameters(), *obj.predictor.parameters()]}
@@ -225,7 +230,7 @@ def test_v3_momentum_schedule_from_m0_to_exactly_one_through_the_objective():
         before = {n: p.clone() for n, p in obj.momentum_projector.named_parameters()}
         with torch.no_grad():
             for p in obj.projector.parameters():
-                p.add_(0.5)                                              # "an optimizer step"
+                p.add_(0.5)  # "an optimizer step"
             backbone[1].running_var.fill_(7.0)
         m = obj(x, backbone, step(t, total)).logs["ema_momentum"].item()
         expected = 1 - (1 - m0) * 0.5 * (1 + math.cos(math.pi * t / (total - 1)))
@@ -233,13 +238,13 @@ def test_v3_momentum_schedule_from_m0_to_exactly_one_through_the_objective():
         online = dict(obj.projector.named_parameters())
         for n, p in obj.momentum_projector.named_parameters():
             torch.testing.assert_close(p, m * before[n] + (1 - m) * online[n])
-    assert m == 1.0                                                     # exactly, at the last optimizer step
-    assert torch.all(obj.momentum_backbone[1].running_var == 1.0)      # never averaged with the online 7.0
+    assert m == 1.0  # exactly, at the last optimizer step
+    assert torch.all(obj.momentum_backbone[1].running_var == 1.0)  # never averaged with the online 7.0
 
 
 def sincos_by_formula(h, w, dim):
     """MAE's get_2d_sincos_pos_embed written out: [sin(x ω), cos(x ω), sin(y ω), cos(y ω)], ω_k = 10000^(−k/(dim/4))."""
-    out = torch.zeros(1 + h * w, dim, dtype=torch.float64)            # row 0: the cls slot, zeros
+    out = torch.zeros(1 + h * w, dim, dtype=torch.float64)  # row 0: the cls slot, zeros
     quarter = dim // 4
     for row in range(h):
         for col in range(w):
@@ -263,13 +268,14 @@ def test_v3_vit_stabilisers_in_bind():
     torch.testing.assert_close(vit.pos_embed[0], sincos_by_formula(4, 4, dim))
     proj = vit.patch_embed.proj
     assert not vit.pos_embed.requires_grad and not proj.weight.requires_grad and not proj.bias.requires_grad
-    bound = math.sqrt(6 / (3 * 8 * 8 + dim))                           # xavier of the (C·p·p -> D) projection
+    bound = math.sqrt(6 / (3 * 8 * 8 + dim))  # xavier of the (C·p·p -> D) projection
     assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.9 * bound
     assert torch.all(proj.bias == 0) and vit.cls_token.abs().max() < 1e-4
     qkv = vit.blocks[0].attn.qkv.weight
-    assert qkv.abs().max() <= math.sqrt(6 / (2 * dim))                 # Q, K, V each as a (D -> D) matrix
-    torch.testing.assert_close(obj.momentum_backbone.pos_embed, vit.pos_embed)   # copied after the changes
+    assert qkv.abs().max() <= math.sqrt(6 / (2 * dim))  # Q, K, V each as a (D -> D) matrix
+    torch.testing.assert_close(obj.momentum_backbone.pos_embed, vit.pos_embed)  # copied after the changes
     from ssl_vision.optim import param_groups
+
     optimised = {id(p) for g in param_groups(vit.named_parameters(), 0.1) for p in g["params"]}
     assert id(vit.pos_embed) not in optimised and id(proj.weight) not in optimised
 
@@ -315,8 +321,11 @@ def test_two_processes_equal_one_process():
             torch.testing.assert_close(obj.queue.queue[:, :8].T, keys_by_hand, rtol=1e-5, atol=1e-6)
         grads = {n: p.grad for n, p in backbone.named_parameters()}
         grads.update({f"obj.{n}": p.grad for n, p in obj.named_parameters() if p.grad is not None})
-        expected[name] = {"loss": out.loss.detach(), "grads": grads,
-                          "queue": obj.queue.queue.clone() if name != "moco_v3" else None}
+        expected[name] = {
+            "loss": out.loss.detach(),
+            "grads": grads,
+            "queue": obj.queue.queue.clone() if name != "moco_v3" else None,
+        }
     results = run_on_processes(_rank_fn, 2, x1, x2)
     for name, exp in expected.items():
         for r in results:
@@ -333,8 +342,9 @@ def test_two_processes_equal_one_process():
 # ------------------------------------------------------------------------------------------------------ configs
 
 
-@pytest.mark.parametrize("experiment", [f"{d}_moco_v{v}" for d in ("fmnist", "cifar") for v in (1, 2, 3)]
-                         + ["moco_v3_vit"])
+@pytest.mark.parametrize(
+    "experiment", [f"{d}_moco_v{v}" for d in ("fmnist", "cifar") for v in (1, 2, 3)] + ["moco_v3_vit"]
+)
 def test_experiment_configs_compose(make_cfg, experiment):
     cfg = make_cfg([f"experiment={experiment}"])
     assert cfg.method.name.startswith("moco_v")

@@ -17,9 +17,11 @@ from tests.conftest import FAST
 from tests.losses.test_contrastive import multi_positive_by_formula
 
 STEP = StepInfo(global_step=0, total_steps=10, epoch=0, max_epochs=1)
-HEADS = {"simclr": dict(temperature=0.2, proj_hidden_dim=16, proj_out_dim=6),
-         "byol": dict(proj_hidden_dim=16, proj_out_dim=6, pred_hidden_dim=16),
-         "moco_v3": dict(temperature=0.2, proj_hidden_dim=16, proj_out_dim=6, pred_hidden_dim=16)}
+HEADS = {
+    "simclr": dict(temperature=0.2, proj_hidden_dim=16, proj_out_dim=6),
+    "byol": dict(proj_hidden_dim=16, proj_out_dim=6, pred_hidden_dim=16),
+    "moco_v3": dict(temperature=0.2, proj_hidden_dim=16, proj_out_dim=6, pred_hidden_dim=16),
+}
 
 
 def tiny_backbone():
@@ -37,8 +39,9 @@ def make(method, seed=0):
 
 def crops(n=4, n_global=2, n_local=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_global)]
-            + [torch.randn(n, 3, 4, 4, generator=g) for _ in range(n_local)])
+    return [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_global)] + [
+        torch.randn(n, 3, 4, 4, generator=g) for _ in range(n_local)
+    ]
 
 
 def test_simclr_multicrop_loss_equals_formula():
@@ -63,12 +66,13 @@ def test_byol_multicrop_target_on_global_crops_and_loss_over_other_crops():
     views = crops()
     target_calls = _count_calls(obj.target_backbone)
     out = obj(views, backbone, STEP)
-    assert target_calls == [(8, 8), (8, 8)]                    # the target sees the 2 global crops only
+    assert target_calls == [(8, 8), (8, 8)]  # the target sees the 2 global crops only
     with torch.no_grad():
         p = [obj.predictor(obj.projector(backbone(x))) for x in views]
         t = [obj.target_projector(obj.target_backbone(x)) for x in views[:2]]
-    expected = sum((2 - 2 * F.cosine_similarity(p[v], t[g], dim=1)).mean().item()
-                   for g in range(2) for v in range(5) if v != g)   # 2 × 4 = 8 pairs
+    expected = sum(
+        (2 - 2 * F.cosine_similarity(p[v], t[g], dim=1)).mean().item() for g in range(2) for v in range(5) if v != g
+    )  # 2 × 4 = 8 pairs
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -97,7 +101,8 @@ def test_one_step_with_multicrop_preset(make_cfg, method, backbone):
     from ssl_vision.launch import run_pretraining
 
     extra = ["backbone.width=0.125"] if backbone == "resnet18" else ["backbone.patch_size=8"]
-    cfg = make_cfg([f"method={method}", f"backbone={backbone}", *extra, "augment=multicrop", *FAST,
-                    "trainer.max_steps=1"])
+    cfg = make_cfg(
+        [f"method={method}", f"backbone={backbone}", *extra, "augment=multicrop", *FAST, "trainer.max_steps=1"]
+    )
     res = run_pretraining(cfg)
     assert res["steps"] == 1 and math.isfinite(res["train_loss"])

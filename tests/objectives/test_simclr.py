@@ -28,8 +28,8 @@ def test_projector_layout_matches_simclr_v2():
     linears = [m for m in obj.projector if isinstance(m, nn.Linear)]
     bns = [m for m in obj.projector if isinstance(m, nn.BatchNorm1d)]
     assert len(linears) == 3 and len(bns) == 3
-    assert all(lin.bias is None for lin in linears)          # BN follows every Linear
-    assert not bns[-1].bias.requires_grad                    # last BN: scale γ but no shift β (center=False)
+    assert all(lin.bias is None for lin in linears)  # BN follows every Linear
+    assert not bns[-1].bias.requires_grad  # last BN: scale γ but no shift β (center=False)
     assert bns[-1].weight.requires_grad
     assert not isinstance(obj.projector[-1], nn.ReLU)
     assert abs(linears[0].weight.std().item() - 0.01) < 0.003  # N(0, 0.01) init
@@ -50,5 +50,3 @@ def test_needs_two_views():
     backbone, obj = make()
     with pytest.raises(ValueError, match="2 views"):
         obj([torch.randn(4, 3, 4, 4)], backbone, STEP)
-
-

@@ -45,13 +45,19 @@ def test_heads_layout_and_defaults_match_official(make_cfg):
     assert [(m.in_features, m.out_features) for m in lins] == [(2048, 2048)] * 3
     assert lins[0].bias is None and lins[1].bias is None
     assert lins[2].bias is not None and not lins[2].bias.requires_grad and lins[2].weight.requires_grad
-    assert not proj[-1].affine                                  # BN(affine=False) on the projector output
+    assert not proj[-1].affine  # BN(affine=False) on the projector output
     assert [type(m) for m in pred] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]  # no BN at the output
     assert (pred[0].in_features, pred[0].out_features, pred[0].bias) == (2048, 512, None)
     assert (pred[3].out_features, pred[3].bias is not None) == (2048, True)
     o = cfg.optim
-    assert (o.name, o.base_lr, o.lr_scaling, o.weight_decay, o.momentum, o.warmup_epochs) == \
-        ("sgd", 0.05, "linear", 1e-4, 0.9, 0)
+    assert (o.name, o.base_lr, o.lr_scaling, o.weight_decay, o.momentum, o.warmup_epochs) == (
+        "sgd",
+        0.05,
+        "linear",
+        1e-4,
+        0.9,
+        0,
+    )
     assert cfg.kwargs.fix_pred_lr is True and cfg.sync_batchnorm is True
 
 
@@ -134,9 +140,9 @@ def test_collapse_warning_fires_once_on_collapsed_input_after_first_epoch():
     backbone, obj = make()
     obj.train()
     same = torch.randn(1, 3, 4, 4).expand(6, -1, -1, -1).contiguous()  # every sample identical: z has zero spread
-    assert _collapse_warnings(obj, backbone, same, epoch=0) == []          # first epoch: not judged yet
+    assert _collapse_warnings(obj, backbone, same, epoch=0) == []  # first epoch: not judged yet
     fired = _collapse_warnings(obj, backbone, same, epoch=1, steps=3)
-    assert len(fired) == 1                                                   # once
+    assert len(fired) == 1  # once
     assert "1/√12" in str(fired[0].message)
     out = obj([same, same], backbone, STEP)
     assert out.logs["z_std"].item() < 0.1 / math.sqrt(12)
@@ -173,12 +179,22 @@ class RecordGroups(L.Callback):
 
 
 def test_predictor_lr_fixed_while_encoder_follows_warmup_cosine(make_cfg):
-    cfg = make_cfg(["method=simsiam", "backbone=resnet18", "backbone.width=0.125", *FAST, *SMALL_HEADS,
-                    "trainer.max_epochs=2", "method.optim.warmup_epochs=0.5", "eval.final_eval=false"])
+    cfg = make_cfg(
+        [
+            "method=simsiam",
+            "backbone=resnet18",
+            "backbone.width=0.125",
+            *FAST,
+            *SMALL_HEADS,
+            "trainer.max_epochs=2",
+            "method.optim.warmup_epochs=0.5",
+            "eval.final_eval=false",
+        ]
+    )
     rec = RecordGroups()
     res = run_pretraining(cfg, extra_callbacks=[rec])
-    total, warmup = 8, 2                       # 4 steps per epoch × 2; 0.5 epoch of warmup
-    base = 0.05 * 16 / 256                     # linear scaling rule
+    total, warmup = 8, 2  # 4 steps per epoch × 2; 0.5 epoch of warmup
+    base = 0.05 * 16 / 256  # linear scaling rule
     assert res["steps"] == total and len(rec.lrs) == total
 
     def encoder_lr(t):  # linear warmup from 0, then half cosine to 0 (docs/reference.md §0.1), written out
@@ -196,5 +212,3 @@ def test_predictor_lr_fixed_while_encoder_follows_warmup_cosine(make_cfg):
     assert torch.equal(rec.bias_before, rec.bias_after)
     ckpt, _ = _backbone_state(res["checkpoint"])
     assert torch.equal(ckpt["objective.projector.6.bias"], rec.bias_before)
-
-

@@ -32,8 +32,9 @@ def make(seed=0, **kw):
 
 def multicrop(n=4, seed=1, large=8, small=4, num_small=2):
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(n, 3, large, large, generator=g) for _ in range(2)]
-            + [torch.randn(n, 3, small, small, generator=g) for _ in range(num_small)])
+    return [torch.randn(n, 3, large, large, generator=g) for _ in range(2)] + [
+        torch.randn(n, 3, small, small, generator=g) for _ in range(num_small)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the objective
@@ -62,7 +63,7 @@ def test_loss_equals_formula_on_multicrop_and_prototypes_are_normalised():
     torch.testing.assert_close(c.norm(dim=1), torch.ones(5))
     with torch.no_grad():
         z = [F.normalize(obj.projector(backbone(v)), dim=1) for v in views]
-        scores = torch.stack([zv @ c.t() for zv in z])                          # (V, N, K) cosines
+        scores = torch.stack([zv @ c.t() for zv in z])  # (V, N, K) cosines
         codes = torch.stack([sinkhorn_by_formula(scores[s], 0.05, 3) for s in (0, 1)])  # global crops only
     assert out.loss.item() == pytest.approx(swapped_by_formula(scores, codes, [0, 1], 0.2), rel=1e-4)
     assert out.features.shape == (4, 8) and out.embedding.shape == (4, 4)
@@ -93,8 +94,8 @@ def test_prototypes_frozen_then_trained():
         protos.append(obj.prototypes.weight.detach().clone())
         proj.append(obj.projector[0].weight.detach().clone())
     torch.testing.assert_close(protos[1], protos[0], rtol=0, atol=1e-6)  # frozen (re-normalising is idempotent)
-    assert not torch.allclose(proj[1], proj[0])                          # while the rest trains
-    assert (protos[2] - protos[1]).abs().max() > 1e-4                    # trained from step 2 on
+    assert not torch.allclose(proj[1], proj[0])  # while the rest trains
+    assert (protos[2] - protos[1]).abs().max() > 1e-4  # trained from step 2 on
     assert (protos[3] - protos[2]).abs().max() > 1e-4
 
 
@@ -103,7 +104,7 @@ def test_queue_fills_is_used_only_when_full_and_feeds_sinkhorn():
     obj.eval()
     batches = [multicrop(n=4, seed=s) for s in range(4)]
     obj(batches[0], backbone, step_at(0, epoch=0))
-    assert int(obj.queue_fill) == 0 and obj.queue.abs().sum() == 0      # before queue_start_epoch: untouched
+    assert int(obj.queue_fill) == 0 and obj.queue.abs().sum() == 0  # before queue_start_epoch: untouched
     out_a = obj(batches[1], backbone, step_at(1, epoch=1))
     out_b = obj(batches[2], backbone, step_at(2, epoch=1))
     assert out_a.logs["queue_in_use"] == 0 and out_b.logs["queue_in_use"] == 0  # not full before batch 2's write
@@ -120,8 +121,9 @@ def test_queue_fills_is_used_only_when_full_and_feeds_sinkhorn():
         z = [F.normalize(obj.projector(backbone(v)), dim=1) for v in batches[3]]
         scores = torch.stack([zv @ c.t() for zv in z])
         # codes from Sinkhorn over [queue rows scored with the current prototypes; batch], keeping the batch rows
-        codes = torch.stack([sinkhorn_by_formula(torch.cat([queue_before[s] @ c.t(), scores[s]]), 0.05, 3)[-4:]
-                             for s in (0, 1)])
+        codes = torch.stack(
+            [sinkhorn_by_formula(torch.cat([queue_before[s] @ c.t(), scores[s]]), 0.05, 3)[-4:] for s in (0, 1)]
+        )
     assert out_c.loss.item() == pytest.approx(swapped_by_formula(scores, codes, [0, 1], 0.1), rel=1e-4)
     torch.testing.assert_close(obj.queue[0, :4], z[0], rtol=1e-5, atol=1e-6)  # and the newest batch went in
 
@@ -130,5 +132,3 @@ def test_queue_length_must_divide_by_global_batch():
     backbone, obj = make(queue_length=6, queue_start_epoch=0)
     with pytest.raises(ValueError, match=r"queue_length=6 must be a multiple of the global batch B = 4"):
         obj(multicrop(n=4), backbone, step_at())
-
-
