@@ -11,5 +11,5 @@ import json, os
 res = json.loads(open(os.environ["DEMO_LOG"]).read().strip().splitlines()[-1])
 print(f"\nkNN top-1 on the Fashion-MNIST test set ({res['backbone']}, k=200):"
       f"  random init {res['knn_top1_init']:.2f}%   after {res['steps']} SimCLR steps {res['knn_top1']:.2f}%"
-      f"   (online probe {res['probe_top1']:.2f}%, {res['wall_s']:.0f} s of training)")
+      f"   (online probe {res['probe_top1']:.2f}%, {res['train_s']:.0f} s of training, {res['wall_s']:.0f} s for the command)")
 PY

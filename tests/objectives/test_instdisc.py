@@ -186,6 +186,16 @@ def test_one_step_bank_sized_by_the_data_and_the_batch_rows_written(make_cfg):
     assert (state["objective.bank"].norm(dim=1) - 1).abs().lt(1e-5).sum() == 16  # the batch's rows were written
 
 
+def test_one_epoch_writes_every_bank_row(make_cfg):
+    """After one epoch every sample has passed once, so every one of the 64 rows is a written (unit-norm) row, where
+    the initial rows are uniform in [-1/sqrt(d/3), 1/sqrt(d/3)] and not unit-norm."""
+    cfg = make_cfg(["method=instdisc", "backbone=resnet18", "backbone.width=0.125", *FAST, "trainer.max_epochs=1"])
+    res = run_pretraining(cfg)
+    assert res["steps"] == 4 and res["images_seen"] == 64
+    _, state = _backbone_state(res["checkpoint"])
+    assert torch.allclose(state["objective.bank"].norm(dim=1), torch.ones(64), atol=1e-5)
+
+
 def test_augment_alias_is_moco_v1_with_one_view(make_cfg):
     ours = make_cfg(["method=instdisc"]).augment.views
     moco = make_cfg(["augment=moco_v1"]).augment.views
