@@ -243,3 +243,17 @@ def test_exported_weights_follow_the_umask_like_the_sidecar(tmp_path, umask):
     expected = 0o666 & ~umask  # what open() gives a new file
     assert oct(os.stat(meta["weights_path"]).st_mode & 0o777) == oct(expected)
     assert oct(os.stat(meta["json_path"]).st_mode & 0o777) == oct(expected)
+
+
+def test_another_methods_recipe_names_the_keys_and_the_recipe_to_use(make_cfg):
+    """``method=byol experiment=fmnist_simclr``: the SimCLR recipe's kwargs (temperature, proj_layers) reach BYOL.
+    The error names them, BYOL's valid keys and the recipe of BYOL's own, instead of a TypeError."""
+    from ssl_vision.launch import build_module
+
+    cfg = make_cfg(["method=byol", "experiment=fmnist_simclr"])
+    assert cfg.method.name == "byol" and "temperature" in cfg.method.kwargs
+    with pytest.raises(ValueError) as err:
+        build_module(cfg)
+    msg = str(err.value)
+    assert "unknown method.kwargs for byol: proj_layers, temperature" in msg
+    assert "valid: momentum, momentum_end, pred_hidden_dim" in msg and "experiment=fmnist_byol" in msg

@@ -228,3 +228,24 @@ def test_help_examples_compose(tmp_path):
                 OmegaConf.to_container(cfg, resolve=True, throw_on_missing=tool != "pretrain")
             finally:
                 GlobalHydra.instance().clear()
+
+
+def test_a_config_value_the_user_can_fix_is_one_line_and_exit_2(tmp_path):
+    """A bad value (type/range checks, or another method's kwargs from an experiment) stops tools/pretrain.py with
+    one ``[ssl_vision] error:`` line naming the key, and status 2, before anything trains: no traceback."""
+    for args, expected in [
+        (["data.batch_size=abc"], "data.batch_size must be a positive integer"),
+        (["method=byol", "experiment=fmnist_simclr"], "unknown method.kwargs for byol: proj_layers, temperature"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools/pretrain.py"), *args, f"paths.output_root={tmp_path}"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert proc.returncode == 2, (args, proc.returncode, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("[ssl_vision] error:")]
+        assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

@@ -28,9 +28,19 @@ register_config_schema()  # the typed schema conf/method, augment and backbone f
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     # imported here, not at the top: `--cfg job`, `--help` and a config error answer without loading torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ssl_vision.cli import fail
+    from ssl_vision.config_checks import ConfigValueError
     from ssl_vision.launch import run_pretraining
 
-    results = run_pretraining(cfg)
+    try:
+        results = run_pretraining(cfg)
+    except ConfigValueError as exc:  # a value the user can fix from the message: one line, exit 2
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep's launcher records the failed job and goes on with the others
+        fail(str(exc))
     if results.pop("is_global_zero"):  # one JSON line per run, not one per process
         print(json.dumps(results), flush=True)
     return results.get("knn_top1")  # Hydra multirun sweepers can optimise this

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import pkgutil
 
+from ssl_vision.config_checks import ConfigValueError
 from ssl_vision.nn.momentum import RENAMED_KWARGS
 from ssl_vision.objectives.base import OBJECTIVES, Objective, ObjectiveOutput, StepInfo, forward_by_resolution, register
 
@@ -29,7 +30,7 @@ def build_objective(name: str, feature_dim: int, num_samples: int | None = None,
     accepted = inspect.signature(cls.__init__).parameters
     renamed = {old: new for old, new in RENAMED_KWARGS.get(name, {}).items() if old in kwargs}
     if renamed:
-        raise ValueError(
+        raise ConfigValueError(
             "; ".join(
                 f"method.kwargs.{old} was renamed to method.kwargs.{new} (every EMA method uses momentum and "
                 f"momentum_end: the cosine from momentum to momentum_end, 1.0 by default): set "
@@ -41,7 +42,11 @@ def build_objective(name: str, feature_dim: int, num_samples: int | None = None,
     unknown = sorted(k for k in kwargs if k not in accepted or k in ("self", "feature_dim", "num_samples"))
     if unknown and not open_ended:
         valid = sorted(k for k in accepted if k not in ("self", "feature_dim", "num_samples"))
-        raise ValueError(f"unknown method.kwargs for {name}: {', '.join(unknown)}; valid: {', '.join(valid)}")
+        raise ConfigValueError(
+            f"unknown method.kwargs for {name}: {', '.join(unknown)}; valid: {', '.join(valid)}. When an "
+            f"experiment=<recipe> of another method sets them (method={name} overrides only the method), use "
+            f"that method's own recipe instead, e.g. experiment=fmnist_{name}, or drop method=..."
+        )
     if "num_samples" in accepted:
         kwargs["num_samples"] = num_samples
     return cls(feature_dim=feature_dim, **kwargs)
