@@ -53,11 +53,11 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     if t_params.keys() != o_params.keys():
         missing = sorted(set(t_params) ^ set(o_params))[:5]
         raise ValueError(f"EMA target and online networks differ in parameters, e.g. {missing}")
+    if momentum == 1.0:  # the target stays as it is (MoCo v3 / BYOL / DINO cosine at the last update)
+        return
     names = list(t_params)
     t = [t_params[n].data for n in names]
     o = [o_params[n].data for n in names]
-    if momentum == 1.0:
-        return
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, o, alpha=1.0 - momentum)
 
