@@ -21,6 +21,10 @@ counts once whatever its number of views), each after untimed warm-up:
 * ``aug``     ``augment.backend=batched`` only: one raw batch already on the device -> the views
               (``BatchedViews``), repeated.
 * ``synthetic_gen``  ``data=synthetic`` only: the data set's own item generation (PIL images) in this process.
+* ``whole_no_prefetch``  not run unless named in ``--stages``: ``whole`` again with ``data.device_prefetch=false``
+              (each batch copied to the device right before its step, on the compute stream, instead of during the
+              step before on a side stream; ``ssl_vision/data/prefetch.py``). ``prefetch_gain`` = ``whole`` /
+              ``whole_no_prefetch``; on the CPU the prefetch is a pass-through and both run the same path.
 
 ``whole_over_step`` is the fraction of the model step's speed the whole command keeps (1.0: nothing but the model
 step counts); ``loader_over_step`` and ``aug_over_step`` say which stage could bound it (< 1: it does). Prints a
@@ -56,7 +60,8 @@ from benchmarks.throughput import batches, build_stepper, device_name, emit, rat
 from ssl_vision.data.batched import is_raw_batch  # noqa: E402
 from ssl_vision.launch import run_pretraining  # noqa: E402
 
-STAGES = ("whole", "step", "loader", "aug", "synthetic_gen")
+STAGES = ("whole", "step", "loader", "aug", "synthetic_gen", "whole_no_prefetch")
+DEFAULT_STAGES = ("whole", "step", "loader", "aug", "synthetic_gen")
 
 
 def _sync(device: torch.device) -> None:
@@ -174,6 +179,7 @@ def measure(
         "backend": dm.backend,
         "num_workers": workers,
         "pin_memory": dm.pin_memory,
+        "device_prefetch": dm.device_prefetch,
         "threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
         "device": device_name(dev),
@@ -198,18 +204,14 @@ def measure(
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    if "whole" in stages:
-        cfg = compose_run_cfg(
-            [*base, f"paths.output_root={run_dir / 'outputs'}", f"trainer.max_steps={warmup + steps}"], run_dir / "run"
-        )
-        timer = SteadyTimer(warmup, steps)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_pretraining(cfg, extra_callbacks=[timer])
-        res["whole"] = round(timer.images_per_s, 2)
-    for k in ("whole", "loader", "aug"):
+    for stage, extra in (("whole", []), ("whole_no_prefetch", ["data.device_prefetch=false"])):
+        if stage in stages:
+            res[stage] = whole_rate([*base, *extra], run_dir / stage, warmup, steps, dev)
+    for k in ("whole", "loader", "aug", "whole_no_prefetch"):
         if k in res and "step" in res:
             res[f"{k}_over_step"] = round(res[k] / res["step"], 4)
+    if "whole" in res and "whole_no_prefetch" in res:
+        res["prefetch_gain"] = round(res["whole"] / res["whole_no_prefetch"], 4)
     if workers and steps < 4 * buffer:
         warnings.warn(
             f"--steps {steps} is not well above the loader's prefetch buffer ({buffer} batches): the "
@@ -219,16 +221,33 @@ def measure(
     return res
 
 
+def whole_rate(overrides: list[str], run_dir: Path, warmup: int, steps: int, dev: torch.device) -> float:
+    """The ``whole`` stage: ``run_pretraining`` for ``warmup + steps`` steps, images/s of the last ``steps``."""
+    cfg = compose_run_cfg(
+        [*overrides, f"paths.output_root={run_dir / 'outputs'}", f"trainer.max_steps={warmup + steps}"], run_dir / "run"
+    )
+    timer = SteadyTimer(warmup, steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_pretraining(cfg, extra_callbacks=[timer])
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return round(timer.images_per_s, 2)
+
+
 def print_table(res: dict[str, Any]) -> None:
     print(
         f"{res['method']} / {res['backbone']} / {res['data']} {res['image_size']}px  batch {res['batch_size']}  "
         f"{res['precision']}  {res['backend']}  workers {res['num_workers']}  threads {res['threads']}  "
-        f"{res['device']}  {res['steps']} steps after {res['warmup']}"
+        f"{res['device']}  {res['steps']} steps after {res['warmup']}  device_prefetch {res['device_prefetch']}"
     )
     for k in STAGES:
         if k in res:
             ratio = f"{res[k] / res['step']:>8.3f} x step" if "step" in res else ""
-            print(f"  {k:<14}{res[k]:>12.1f} images/s {ratio}")
+            print(f"  {k:<18}{res[k]:>12.1f} images/s {ratio}")
+    if "prefetch_gain" in res:
+        print(f"  whole / whole_no_prefetch: {res['prefetch_gain']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -237,7 +256,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=30, help="timed steps (batches) per stage")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each stage's window")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in this process")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
+    parser.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated subset of {', '.join(STAGES)} (default: all but whole_no_prefetch)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result object here (atomically)")
     args, overrides = parser.parse_known_args(argv)
     stages = tuple(s for s in args.stages.split(",") if s)

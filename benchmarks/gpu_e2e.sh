@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The whole pretraining command at 224 px on one GPU (one short run, under 8 minutes; not yet run on a GPU):
+# The whole pretraining command at 224 px on one GPU (one short run of about 8 minutes, each step with its own time
+# limit; not yet run on a GPU):
 # benchmarks/e2e.py -- the real run_pretraining path beside its loader, batched augmentation and model step alone --
 # for MoCo v3 ResNet-50 (batch 256) and DINO ViT-S/16 multi-crop (batch 128), bf16, channels_last, synthetic data,
-# 14 loader workers; [optional] the same MoCo v3 run from a generated JPEG ImageFolder decoded on the GPU
+# 14 loader workers -- the MoCo v3 row also runs the whole command with data.device_prefetch=false (each batch then
+# copied right before its step instead of during the step before: whole_no_prefetch, prefetch_gain in its JSON);
+# [optional] the same MoCo v3 run from a generated JPEG ImageFolder decoded on the GPU
 # (data.decode=device); then the two benchmarks/vs_lightly.py rows of gpu_check.sh (model step, ours vs lightly).
 #
 # A GPU machine that has torch, timm, lightning, pytorch_lightning, PyYAML, tensorboard, torchmetrics and safetensors
-# but no package index gets the rest as wheels (19 MB; the versions pinned for this project's .venv), made once:
+# but no package index gets the rest as wheels (~25 MB; versions that resolved and ran on such a machine with Python
+# 3.12 and torch 2.11; the code accepts them, constraints.txt pins newer ones for the .venv), made once:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     hydra-core==1.3.8 omegaconf==2.3.1 lightly==1.6.0 faiss-cpu==1.15.1
+#     hydra-core==1.3.2 omegaconf==2.3.0 lightly==1.6.0 faiss-cpu==1.13.2
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI; pure Python
 # Then, on the GPU machine, with .whl/ inside the repository checkout:
 #   timeout 540 bash benchmarks/gpu_e2e.sh
@@ -59,14 +63,15 @@ step() {  # step NAME SECONDS CMD...: run with its own time limit; report a fail
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
 }
 
-step moco_v3_r50 "$limit" "$PY" benchmarks/e2e.py "${dev[@]}" "${steps[@]}" method=moco_v3 "${r50[@]}" \
-  "${synthetic[@]}" "data.batch_size=$moco_bs" --json "$OUT/e2e_moco_v3_r50.json"
+step moco_v3_r50 $((limit + 60)) "$PY" benchmarks/e2e.py "${dev[@]}" "${steps[@]}" method=moco_v3 "${r50[@]}" \
+  "${synthetic[@]}" "data.batch_size=$moco_bs" --stages whole,step,loader,aug,synthetic_gen,whole_no_prefetch \
+  --json "$OUT/e2e_moco_v3_r50.json"
 step dino_vits16 "$limit" "$PY" benchmarks/e2e.py "${dev[@]}" "${steps[@]}" method=dino "${vits[@]}" \
   "${synthetic[@]}" "data.batch_size=$dino_bs" --json "$OUT/e2e_dino_vits16.json"
 
 # [optional] JPEG ImageFolder decoded on the device (data.decode=device): the synthetic images written once as
 # JPEG files (quality 90, 10 class folders; val/ a tenth the size), then the MoCo v3 run reading them.
-if [ "${E2E_JPEG:-1}" = 1 ] && grep -q "^decode:" conf/data/imagefolder.yaml; then
+if [ "${E2E_JPEG:-1}" = 1 ] && "$PY" tools/pretrain.py --cfg job data=imagefolder | grep -q "^  decode:"; then
   step make_jpegs 90 "$PY" - "$OUT/jpeg" "$jpeg_n" "$size" <<'EOF'
 import sys
 from pathlib import Path

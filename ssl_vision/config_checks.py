@@ -1,8 +1,9 @@
 """Type and range checks of a pretraining config's plain fields, before anything is built.
 
-Hydra and OmegaConf accept any value on the command line for a key that exists (``data.batch_size=abc`` is the
-string ``"abc"``), and without these checks such a value surfaces much later as a ``TypeError`` inside a
-DataLoader, or as ``invalid literal for int()`` without the key. :func:`check_pretrain_config` runs first in
+The typed schema (``ssl_vision/config_schema.py``) refuses a value of the wrong type when the config is composed
+(``data.batch_size=abc``), but not one out of range (``data.batch_size=0``), nor any value of an untyped node
+(``trainer.*``); without these checks such a value surfaces much later, e.g. as an error inside a DataLoader
+without the key. :func:`check_pretrain_config` runs first in
 :func:`ssl_vision.launch.run_pretraining` and names the key, the value given and what is expected. The
 objective's own values (``method.kwargs.*``) are checked by each objective when it is built.
 """

@@ -4,9 +4,12 @@ The dataclasses below are what the code builds from a config (``OptimSpec`` -> t
 ``ViewSpec`` -> one family of augmented views) and, registered in Hydra's ConfigStore by :func:`register`, the
 structured-config schema the YAML files merge onto: ``conf/method/*.yaml`` start from ``/schema/method``,
 ``conf/augment/*.yaml`` from ``/schema/augment`` (``views`` a mapping of name -> ``ViewSpec``) and
-``conf/backbone/*.yaml`` from ``/schema/backbone``, so each YAML states only what differs from these defaults. A
-misspelt key anywhere in these nodes is an error naming it (``Key 'blur' not in 'ViewSpec'``), and a value of the
-wrong type is refused when the config is composed.
+``conf/backbone/*.yaml`` from ``/schema/backbone`` and ``conf/data/*.yaml`` from ``/schema/data`` (``DataSpec``: the
+keyword arguments of :class:`ssl_vision.data.SSLDataModule`), so each YAML states only what differs from these
+defaults. A misspelt key anywhere in these nodes is an error naming it (``Key 'blur' not in 'ViewSpec'``), and a value
+of the wrong type is refused when the config is composed (``data.batch_size=abc``: ``Value 'abc' of type 'str' could
+not be converted to Integer``, ``full_key: data.batch_size``); ranges are checked by
+:mod:`ssl_vision.config_checks` and the code that uses a value.
 
 No torch here: ``tools/pretrain.py --cfg job`` composes the config without loading it.
 """
@@ -19,7 +22,16 @@ from typing import Any
 
 from omegaconf import MISSING
 
-__all__ = ["OptimSpec", "ViewSpec", "AugmentSpec", "BackboneSpec", "MethodSpec", "register", "view_specs"]
+__all__ = [
+    "OptimSpec",
+    "ViewSpec",
+    "AugmentSpec",
+    "BackboneSpec",
+    "DataSpec",
+    "MethodSpec",
+    "register",
+    "view_specs",
+]
 
 INTERPOLATION_NAMES = ("nearest", "bilinear", "bicubic")
 
@@ -126,6 +138,63 @@ class BackboneSpec:
     zero_init_residual: bool = False  # ResNet only
     patch_size: Any = "auto"  # ViT only: auto (16 at 224 px, 8 at 96 px, 4 at 28-32 px) | an integer
     drop_path_rate: float = 0.0  # ViT only (the student's stochastic depth; DINO 0.1)
+    # timm only: further keyword arguments of timm.create_model, e.g. backbone.timm_kwargs.depth=4 (a shallower ViT)
+    timm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSpec:
+    """``data``: the keyword arguments of :class:`ssl_vision.data.SSLDataModule` (besides ``views``, from ``augment``,
+    and ``seed``), with its defaults; ``???`` (``MISSING``): the data set's file states it (every ``conf/data/*.yaml``
+    does) or the command line must (``data=imagefolder data.root=... data.num_classes=...``).
+
+    The field order is the order ``tools/pretrain.py --cfg job`` prints: what the data set is, then loading, then
+    evaluation, then the loader's options.
+    """
+
+    # fashion_mnist | cifar10 | cifar100 | stl10 (torchvision) | imagefolder (data=imagefolder, data=imagenet) |
+    # folder (unlabeled images, any layout) | synthetic (generated class patterns, no files)
+    name: str = MISSING
+    # where the data lives: torchvision's folder (cifar10 / cifar100 / stl10; download: true fills it), the IDX files
+    # (fashion_mnist), the ImageFolder root with <train_dir>/ and <val_dir>/ class sub-folders (imagefolder), the image
+    # folder (folder); null: synthetic, or the data set's default location
+    root: str | None = MISSING
+    # data=folder only: its labelled evaluation set (ImageFolder layout: <eval_root>/<train_dir>/<class>/...,
+    # <eval_root>/<val_dir>/<class>/...); any other data set evaluates on its own test split (set here: an error)
+    eval_root: str | None = None
+    download: bool = False  # torchvision data sets: download into root when missing
+    image_size: int = MISSING  # pixels (square) of a global crop and of the evaluation images
+    in_chans: int = MISSING  # 1 (grayscale, e.g. Fashion-MNIST) or 3
+    num_classes: int = MISSING  # labels of the evaluation set (kNN, online linear probe)
+    mean: list[float] = MISSING  # per-channel normalisation statistics (one value per channel, or one for all)
+    std: list[float] = MISSING
+    batch_size: int = MISSING  # images per process and step (the global batch is × processes); >= 1
+    num_workers: int = MISSING  # DataLoader worker processes; 0: load in the main process
+    train_subset: int | None = None  # pretrain on this many train images (chosen by seed); null: all
+    # online kNN bank: this many labelled train images (by seed), bounding the cost of every validation; null: all;
+    # the full-bank number: tools/knn_eval.py on the checkpoint
+    knn_train_subset: int | None = 10000
+    # evaluation transform: Resize(round(image_size / ratio)) -> CenterCrop(image_size); ImageNet's 256 -> 224 is
+    # 0.875; 1.0: resize only images that are not already image_size square. In (0, 1]
+    eval_crop_ratio: float = 1.0
+    synthetic_size: int = 512  # data=synthetic: train images (the test split has a quarter, at least num_classes)
+    stl_unlabeled: bool = False  # STL-10: pretrain on train+unlabeled (105k; label -1), evaluate on the labelled 5k
+    train_dir: str = "train"  # ImageFolder sub-folders of root (data=folder: of eval_root)
+    val_dir: str = "val"
+    eval_batch_size: int | None = None  # kNN bank / test loaders; null: batch_size
+    pin_memory: bool = False  # page-locked host batches (faster copies to a GPU)
+    persistent_workers: bool = False  # keep the loader workers between epochs (ignored with num_workers: 0)
+    # unreadable image files (ImageFolder, folder): error (stop, naming the file) | skip (each replaced by the next
+    # readable one, counted and reported)
+    on_bad_image: str = "error"
+    # host: PIL decodes in the loader workers | device: the workers only read the JPEG bytes and whole batches are
+    # decoded on the model's device (nvjpeg on CUDA); device needs augment.backend=batched, data=imagefolder,
+    # data=imagenet or data=folder, and reads JPEG only (another format is an unreadable image: on_bad_image)
+    decode: str = "host"
+    # copy the next train batch to the GPU (non-blocking, on a side stream) while the current step runs, so that no
+    # host-to-device copy waits inside a step (best with pin_memory: true); CUDA only, elsewhere a pass-through. The
+    # batches, their order and the resume position are unchanged (ssl_vision/data/prefetch.py)
+    device_prefetch: bool = True
 
 
 @dataclasses.dataclass
@@ -146,8 +215,8 @@ _registered = False
 
 def register() -> None:
     """Store the schema nodes in Hydra's ConfigStore (``schema/method``, ``schema/augment``, ``schema/backbone``,
-    ``schema/optim``, ``schema/view``); idempotent. Call before composing ``conf/pretrain.yaml``: importing
-    :mod:`ssl_vision` does."""
+    ``schema/data``, ``schema/optim``, ``schema/view``); idempotent. Call before composing ``conf/pretrain.yaml``:
+    importing :mod:`ssl_vision` does."""
     global _registered
     if _registered:
         return
@@ -158,6 +227,7 @@ def register() -> None:
         ("method", MethodSpec),
         ("augment", AugmentSpec),
         ("backbone", BackboneSpec),
+        ("data", DataSpec),
         ("optim", OptimSpec),
         ("view", ViewSpec),
     ):

@@ -13,7 +13,6 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -29,7 +28,14 @@ from ssl_vision.resume import check_resume_compatible, find_resume_checkpoint
 from ssl_vision import run_record
 from ssl_vision.loggers import RunTracking, build_loggers, finish_tracking, run_config
 from ssl_vision.run_lock import RunLock, is_global_zero_process, register_resolvers
-from ssl_vision.run_record import ThroughputTimer, adopt_leg_dir, read_results, trim_metrics_csv, write_results
+from ssl_vision.run_record import (
+    RunCSVLogger,
+    ThroughputTimer,
+    adopt_leg_dir,
+    read_results,
+    trim_metrics_csv,
+    write_results,
+)
 
 register_resolvers()  # ${ssl_vision_unique_dir:...} in conf/pretrain.yaml, for configs composed in-process
 
@@ -58,6 +64,7 @@ def build_module(cfg: DictConfig, run_info: dict | None = None, num_samples: int
         zero_init_residual=b.zero_init_residual,
         patch_size=b.patch_size,
         drop_path_rate=b.drop_path_rate,
+        timm_kwargs=OmegaConf.to_container(b.timm_kwargs, resolve=True) if b.get("timm_kwargs") else None,
     )
     if cfg.perf.channels_last:
         # NHWC weights: convolutions then produce NHWC outputs whatever the input layout; momentum / teacher copies
@@ -264,17 +271,18 @@ def _run_locked(
         "data": {k: cfg.data[k] for k in ("name", "image_size", "in_chans", "num_classes")},
         "config": OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True),
     }  # the job's config (Hydra's own node left out)
-    resume_step = None
+    resume_step, timer_state = None, None
     if resume is not None:  # before anything is built: a pickle is refused without running it, a mismatch named
-        resume_step = int(
-            check_resume_compatible(
-                resume,
-                cfg.method.name,
-                run_info["backbone"],
-                run_info["data"],
-                optim=OmegaConf.to_container(cfg.method.optim, resolve=True),
-            ).get("global_step", 0)
+        resumed = check_resume_compatible(
+            resume,
+            cfg.method.name,
+            run_info["backbone"],
+            run_info["data"],
+            optim=OmegaConf.to_container(cfg.method.optim, resolve=True),
         )
+        resume_step = int(resumed.get("global_step", 0))
+        timer_state = (resumed.get("callbacks") or {}).get(ThroughputTimer.__qualname__)  # the legs before this one
+        del resumed
     previous = read_results(run_dir) if resume is not None else None
     dm = build_datamodule(cfg)
     dm.setup()  # the training-set size is part of some objectives (InstDisc's memory bank)
@@ -282,13 +290,16 @@ def _run_locked(
     timer = ThroughputTimer(
         start=t_start, resumed_from=str(resume.resolve()) if resume is not None else None, previous_results=previous
     )
+    if timer_state:  # known before fit (Lightning loads it again there): this leg's number marks its metrics.csv rows
+        timer.load_state_dict(timer_state)
     ckpt = build_checkpoint_callback(cfg, run_dir)
     callbacks = [timer, ckpt, RunTracking(run_config(cfg), timer)]  # the config and throughput to every logger
     callbacks += method_callbacks(cfg)  # e.g. MAE's reconstruction grid (conf/method/mae.yaml: callbacks)
     trainer = build_trainer(cfg, run_dir, [*callbacks, *(extra_callbacks or [])])
-    if resume_step is not None and leader:
-        for csv_log in (lg for lg in trainer.loggers if isinstance(lg, CSVLogger)):
-            trim_metrics_csv(Path(csv_log.log_dir) / "metrics.csv", before_step=resume_step)
+    for csv_log in (lg for lg in trainer.loggers if isinstance(lg, RunCSVLogger)):
+        csv_log.leg = timer.leg_number  # the leg column of metrics.csv
+        if resume_step is not None and leader:  # rows after the checkpoint go, a finished leg's end-of-run rows stay
+            trim_metrics_csv(Path(csv_log.log_dir) / "metrics.csv", before_step=resume_step, results=previous)
 
     if cfg.eval.knn_at_init and resume is None:
         trainer.validate(module, datamodule=dm, verbose=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import TrainerFn
@@ -207,15 +208,34 @@ class ThroughputTimer(L.Callback):
     def legs(self) -> list[dict]:
         return [*self.earlier_legs, self._leg_record()]
 
+    @property
+    def leg_number(self) -> int:
+        """This leg's place in ``legs`` (1-based; the ``leg`` column of ``metrics.csv``): one more than the legs
+        recorded in the checkpoint resumed from (give its state to :meth:`load_state_dict` first). A resumed leg is at
+        least leg 2, even from a checkpoint that recorded none."""
+        n = len(self.earlier_legs) + 1
+        return max(n, 2) if self.leg["resumed_from"] is not None else n
+
+
+#: the column of ``metrics.csv`` naming the leg that logged each row (its 1-based place in results.json's ``legs``)
+LEG_COLUMN = "leg"
+
 
 class RunCSVLogger(CSVLogger):
-    """Lightning's ``CSVLogger``, but one ``metrics.csv`` per run across resumes.
+    """Lightning's ``CSVLogger``, but one ``metrics.csv`` per run across resumes, each row marked with its leg.
 
     Lightning's writer deletes an existing ``metrics.csv`` when it starts (and rewrites the header from the keys of
     its own first rows); here a resumed leg appends to the run's file under the header it has, adding columns only
-    when new keys appear. Rows the previous leg logged after the checkpoint being resumed are dropped first
-    (:func:`trim_metrics_csv`, called by ``run_pretraining``), so the steps continue without going back.
+    when new keys appear (the file is then rewritten atomically). Every row carries ``leg`` (:data:`LEG_COLUMN`): the
+    number of the leg that logged it, set by ``run_pretraining`` (:attr:`ThroughputTimer.leg_number`; 1 by default).
+    What the previous leg logged after the checkpoint being resumed is dropped first unless it is that leg's
+    end-of-run record (:func:`trim_metrics_csv`, called by ``run_pretraining``), so the steps continue without going
+    back.
     """
+
+    def __init__(self, *args, leg: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.leg = int(leg)
 
     @property
     @rank_zero_experiment
@@ -226,6 +246,10 @@ class RunCSVLogger(CSVLogger):
         self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
 
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({**metrics, LEG_COLUMN: self.leg}, step)
+
 
 class _AppendingExperimentWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv; keep it and continue its header
@@ -234,11 +258,40 @@ class _AppendingExperimentWriter(ExperimentWriter):
                 header = next(csv.reader(f), None)
             self.metrics_keys = list(header or [])
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:  # Lightning's truncates the file in place
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with atomic_write(Path(self.metrics_file_path), newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
 
-def trim_metrics_csv(path: Path, before_step: int) -> int:
-    """Drop the rows of ``path`` (a ``metrics.csv``) logged at ``step >= before_step``: what a killed leg logged after
-    the checkpoint a resume starts from (that work is redone and logged again). Rewritten atomically; returns the
-    number of rows dropped."""
+
+def trim_metrics_csv(path: Path, before_step: int, results: dict | None = None) -> int:
+    """Make ``path`` (a run's ``metrics.csv``) continue from the checkpoint a resume starts from, ``before_step``
+    (S) optimizer steps done: drop what the resumed leg logs again, keep what only an earlier leg measured.
+
+    ``results`` is the run's ``results.json`` (:func:`read_results`): written when a leg finishes, so it says whether
+    the leg that wrote checkpoint S finished there (``steps == S``; that leg is the last of its ``legs``) or was
+    interrupted after it. The rule, per row:
+
+    * ``step < S``: kept, it is work the checkpoint holds. This includes a finished leg's results and throughput
+      rows (``final/*``, ``throughput/*``), which are logged at step S - 1, the step of the last batch's rows.
+    * ``step >= S`` and ``leg`` is the leg that finished at S: kept. These are that leg's end-of-run record, its final
+      evaluation (``val/*`` of the evaluation after ``fit``, which Lightning logs at step S), not redone work.
+    * ``step >= S`` otherwise: dropped. It is work after the checkpoint -- of a leg interrupted before its next
+      checkpoint, or of a leg that went on past S when a resume starts from an earlier checkpoint -- and the
+      resumed leg trains and logs those steps again.
+    * a row without ``leg`` (a file written before the column existed) counts as the finished leg's end-of-run row
+      when it is at step S, holds no training metric (``train/*``) and comes before any row of a step above S or
+      training row at S or later (a later leg's work starts with them).
+
+    Afterwards each step's training rows appear once. An evaluation or summary at one step may appear once per leg
+    that made it (a finished run resumed with nothing left to train evaluates again at its last step): ``leg`` tells
+    them apart; a reader wanting one value per step takes the row of the highest leg, the latest measurement (as
+    ``tools/compare.py`` does for its curves). Prints what was kept and what was dropped and by which leg, saying
+    whether that leg finished or was interrupted. Rewritten atomically; returns the number of rows dropped.
+    """
     path = Path(path)
     if not path.is_file():
         return 0
@@ -247,18 +300,57 @@ def trim_metrics_csv(path: Path, before_step: int) -> int:
         fields, rows = reader.fieldnames, list(reader)
     if not fields or "step" not in fields:
         return 0
-    keep = [r for r in rows if not (r.get("step") not in (None, "") and int(float(r["step"])) >= before_step)]
-    if len(keep) == len(rows):
+    s = int(before_step)
+    results = results if isinstance(results, dict) else {}
+    finished_at = results.get("steps") if isinstance(results.get("steps"), int) else None
+    legs = results.get("legs")
+    finished_leg = str(len(legs)) if isinstance(legs, list) and legs else None
+
+    def step_of(row: dict) -> int | None:
+        return None if row.get("step") in (None, "") else int(float(row["step"]))
+
+    def trains(row: dict) -> bool:
+        return any(v not in (None, "") for k, v in row.items() if k and k.startswith("train/"))
+
+    keep, dropped, kept_end, later_work = [], [], [], False
+    for row in rows:
+        step, leg = step_of(row), (row.get(LEG_COLUMN) or "").strip()
+        if step is None or step < s:
+            keep.append(row)
+            continue
+        if leg and finished_leg:
+            end_row = finished_at == s and leg == finished_leg
+        else:  # a file without the leg column: the finished leg's end rows come before any later work
+            later_work = later_work or step > s or trains(row)
+            end_row = finished_at == s and not later_work
+        (kept_end if end_row else dropped).append(row)
+        if end_row:
+            keep.append(row)
+    if kept_end:
+        who = f"leg {finished_leg}" if finished_leg else "the leg"
+        print(
+            f"[ssl_vision] {path}: kept {len(kept_end)} end-of-run row{'s' if len(kept_end) != 1 else ''} (final "
+            f"evaluation) of {who}, which finished at step {s}"
+        )
+    if not dropped:
         return 0
     with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(keep)
-    print(
-        f"[ssl_vision] {path}: dropped {len(rows) - len(keep)} rows logged after step {before_step - 1} by the leg "
-        f"that was interrupted; the resumed leg logs those steps again"
-    )
-    return len(rows) - len(keep)
+    by_leg: dict[str, int] = {}
+    for row in dropped:
+        leg = (row.get(LEG_COLUMN) or "").strip()
+        by_leg[leg] = by_leg.get(leg, 0) + 1
+    for leg, n in by_leg.items():
+        went_on = finished_at is not None and finished_at > s and (leg == finished_leg or not leg)
+        who = f"leg {leg}, which" if leg else "the leg that"
+        how = f"finished at step {finished_at}" if went_on else "was interrupted"
+        print(
+            f"[ssl_vision] {path}: dropped {n} row{'s' if n != 1 else ''} logged after step {s - 1} by {who} {how} "
+            f"(the checkpoint resumed is of step {s}); the resumed leg logs those steps again"
+        )
+    return len(dropped)
 
 
 def adopt_leg_dir(leg_dir: Path, run_dir: Path) -> Path | None:

@@ -16,6 +16,8 @@ one (``expected``):
   with the online evaluation, not with the configuration layout; compared where the old value was set;
 * ``data.eval_root`` (null): a key every data config has since ``data=folder`` (unlabeled images) takes its labelled
   evaluation set from it.
+* ``data.device_prefetch`` (true): the next train batch is copied to the GPU on a side stream (CUDA only).
+* ``backbone.timm_kwargs`` ({}): further ``timm.create_model`` arguments (e.g. ``depth``), empty unless set.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def expected(old: dict, new: dict) -> dict:
         exp["data"]["knn_train_subset"] = new["data"].get("knn_train_subset")
     if "eval_root" not in old["data"]:
         exp["data"]["eval_root"] = None
+    if "device_prefetch" not in old["data"]:
+        exp["data"]["device_prefetch"] = True
+    if "timm_kwargs" not in old["backbone"]:
+        exp["backbone"]["timm_kwargs"] = {}
     return exp
 
 

@@ -261,3 +261,57 @@ def test_recipe_pairs_train_one_step_and_say_their_recipe_first(make_cfg, capsys
     assert res["steps"] == 1 and math.isfinite(res["train_loss"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "recipe" in ln]
     assert len(lines) == 1 and lines[0].startswith(f"[ssl_vision] {line}"), lines
+
+
+VIT_COMPARISON = ["fmnist_vit_simclr", "fmnist_vit_moco_v3", "fmnist_vit_dino", "fmnist_vit_mae"]
+
+
+def test_the_vit_comparison_shares_encoder_data_and_budget():
+    """The README's four-method comparison is fair only if the four experiments train the same encoder on the same
+    images for the same number of steps and evaluate alike: everything outside method/augment must agree."""
+    cfgs = dict(zip(VIT_COMPARISON, _compose_many([[f"experiment={e}"] for e in VIT_COMPARISON])))
+    methods = {e: c.method.name for e, c in cfgs.items()}
+    assert sorted(methods.values()) == ["dino", "mae", "moco_v3", "simclr"], methods
+    first = cfgs[VIT_COMPARISON[0]]
+    assert first.backbone.name == "vit_tiny" and first.backbone.patch_size == 7
+    assert dict(first.backbone.timm_kwargs) == {"depth": 4}
+    for name, cfg in cfgs.items():
+        for part in ("backbone", "data", "trainer", "eval", "seed"):
+            assert cfg[part] == first[part], f"{name}: {part} differs from {VIT_COMPARISON[0]}"
+
+
+def test_backbone_timm_kwargs_reach_the_timm_model():
+    """backbone.timm_kwargs.depth=4 builds a 4-block ViT (the comparison's encoder), and the checkpoint's
+    create_backbone record carries it so the evaluation tools rebuild the same encoder."""
+    from ssl_vision.backbones import create_backbone
+    from ssl_vision.eval.checkpoints import create_kwargs
+    from ssl_vision.launch import build_module
+
+    cfg = _compose(["experiment=fmnist_vit_simclr"])
+    module = build_module(cfg)
+    assert len(module.backbone.blocks) == 4
+    kw = create_kwargs(dict(cfg.backbone), dict(cfg.data))
+    assert kw["timm_kwargs"] == {"depth": 4}
+    rebuilt, _ = create_backbone(**kw)
+    assert len(rebuilt.blocks) == 4
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in module.backbone.state_dict().items()
+    }
+
+
+def test_export_of_a_shallower_vit_loads_into_the_stock_timm_model(tmp_path):
+    """An encoder built with backbone.timm_kwargs (depth 4) is exported with those kwargs in stock.kwargs, so the
+    documented timm.create_model(stock.model, **stock.kwargs) rebuilds it and the weights load strictly."""
+    import timm
+
+    from ssl_vision.eval.checkpoints import create_kwargs
+    from ssl_vision.eval.export import stock_model
+    from ssl_vision.launch import build_module
+
+    cfg = _compose(["experiment=fmnist_vit_mae"])
+    backbone = build_module(cfg).backbone
+    stock = stock_model(create_kwargs(dict(cfg.backbone), dict(cfg.data)), backbone)
+    assert stock["kwargs"]["depth"] == 4 and stock["loads_into_stock"]
+    model = timm.create_model(stock["model"], **stock["kwargs"])
+    assert len(model.blocks) == 4
+    model.load_state_dict(backbone.state_dict(), strict=True)

@@ -234,7 +234,7 @@ def test_a_config_value_the_user_can_fix_is_one_line_and_exit_2(tmp_path):
     """A bad value (type/range checks, or another method's kwargs from an experiment) stops tools/pretrain.py with
     one ``[ssl_vision] error:`` line naming the key, and status 2, before anything trains: no traceback."""
     for args, expected in [
-        (["data.batch_size=abc"], "data.batch_size must be a positive integer"),
+        (["data.batch_size=0"], "data.batch_size must be a positive integer"),
         (["method=byol", "experiment=fmnist_simclr"], "unknown method.kwargs for byol: proj_layers, temperature"),
     ]:
         proc = subprocess.run(

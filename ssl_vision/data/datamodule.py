@@ -19,6 +19,7 @@ from ssl_vision.data.datasets import (
     take_subset,
 )
 from ssl_vision.data.encoded import DECODE_MODES, DeviceDecodedViews, EncodedImages, collate_encoded
+from ssl_vision.data.prefetch import DevicePrefetcher
 from ssl_vision.data.raw_batch import RawImages, collate_raw, is_raw_batch, load_side
 from ssl_vision.data.sampling import GlobalBatchSampler, SeededViews
 from ssl_vision.data.views import build_eval_transform, build_multiview, view_specs
@@ -41,11 +42,22 @@ class ResumableLoader(DataLoader):
       the first k global batches. Lightning counts them itself, so ``len()`` stays the full epoch.
     * ``state_dict`` / ``load_state_dict`` expose the same position, so Lightning records it in checkpoints and
       treats the loader as resumable.
+    * **Device prefetch** (``prefetch``, ``data.device_prefetch``): each pass, once made, is wrapped by the
+      :class:`~ssl_vision.data.prefetch.DevicePrefetcher`, which copies the next batch to the GPU while the current
+      step runs (a pass-through off CUDA). The position above is the trainer's count of batches run, so the batch
+      read ahead is not counted.
     """
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int | None], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        batches_done: Callable[[], int | None],
+        prefetch: DevicePrefetcher | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._batches_done = batches_done
+        self._prefetch = prefetch
 
     def __iter__(self) -> _LateIterator:
         return _LateIterator(self)
@@ -54,7 +66,8 @@ class ResumableLoader(DataLoader):
         done = self._batches_done()
         if done is not None:  # None: no trainer; keep what load_state_dict set
             self.sampler.skip_batches(done)
-        return super().__iter__()
+        passing = super().__iter__()
+        return passing if self._prefetch is None else self._prefetch.wrap(passing)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict(self._batches_done() or 0)
@@ -108,7 +121,7 @@ class SSLDataModule(L.LightningDataModule):
         views: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
         download: bool = False,
         train_subset: int | None = None,
-        knn_train_subset: int | None = None,
+        knn_train_subset: int | None = 10000,
         eval_crop_ratio: float = 1.0,
         synthetic_size: int = 512,
         stl_unlabeled: bool = False,
@@ -120,11 +133,14 @@ class SSLDataModule(L.LightningDataModule):
         on_bad_image: str = "error",
         decode: str = "host",
         eval_root: str | None = None,
+        device_prefetch: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not isinstance(device_prefetch, bool):
+            raise ValueError(f"data.device_prefetch must be true or false, got {device_prefetch!r}")
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.on_bad_image={on_bad_image!r}; valid: {', '.join(BAD_IMAGE_POLICIES)}")
         self.on_bad_image = on_bad_image
@@ -161,6 +177,9 @@ class SSLDataModule(L.LightningDataModule):
         self.knn_train_dataset: Dataset | None = None  # labeled train images for the kNN bank
         self.test_dataset: Dataset | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, samples seen) of a resume under another batch
+        # data.device_prefetch: the next train batch copied to the GPU while the step runs (CUDA only; .prefetch)
+        self.device_prefetch = device_prefetch
+        self.prefetcher = DevicePrefetcher(self._train_device) if device_prefetch else None
 
     def with_backend(self, backend: str) -> SSLDataModule:
         """``per_sample`` (default): views made image by image in the loader workers (PIL, :mod:`.views`).
@@ -185,8 +204,10 @@ class SSLDataModule(L.LightningDataModule):
         return self
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count a train batch's labelled samples while its labels are still on the host: :attr:`labeled_on_host`,
-        which the online linear probe reads instead of counting on the device (a host-device sync per step)."""
+        """Count a train batch's labelled samples while its labels are still on the host (or, when
+        ``data.device_prefetch`` moved them already, from the host tensor they were copied from):
+        :attr:`labeled_on_host`, which the online linear probe reads instead of counting on the device (a host-device
+        sync per step)."""
         self.labeled_on_host = None
         trainer = self.trainer
         if trainer is not None and trainer.training:
@@ -195,6 +216,9 @@ class SSLDataModule(L.LightningDataModule):
                 if isinstance(batch, Mapping)
                 else (batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None)
             )
+            prefetcher = self.prefetcher
+            host = prefetcher.host_copy(labels) if prefetcher is not None and torch.is_tensor(labels) else None
+            labels = labels if host is None else host  # prefetched to the device: the host tensor it came from
             if torch.is_tensor(labels) and labels.device.type == "cpu":
                 self.labeled_on_host = int((labels >= 0).sum())
         return batch
@@ -329,6 +353,7 @@ class SSLDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             batches_done=self._train_batches_done,
+            prefetch=self.prefetcher,
         )
 
     def _train_sampler(self) -> GlobalBatchSampler:
@@ -379,6 +404,13 @@ class SSLDataModule(L.LightningDataModule):
         if trainer is None or trainer.state.fn != "fit" or trainer.state.status != "running":
             return None
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def _train_device(self) -> torch.device | None:
+        """The device this process's training steps run on, while a trainer fits (None otherwise): where
+        ``data.device_prefetch`` copies the next train batch (this process's own device under DDP)."""
+        if self._train_batches_done() is None:
+            return None
+        return self.trainer.strategy.root_device
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[kNN bank (train split), test split]`` under the eval transform; no shuffle, no drop_last. No

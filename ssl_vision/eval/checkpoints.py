@@ -57,7 +57,15 @@ TEACHER_PREFIXES = (
     "objective.key_backbone.",
 )
 #: backbone-config keys passed on to create_backbone (besides name, in_chans, image_size from the data)
-_BACKBONE_KEYS = ("width", "channels", "small_stem", "zero_init_residual", "patch_size", "drop_path_rate")
+_BACKBONE_KEYS = (
+    "width",
+    "channels",
+    "small_stem",
+    "zero_init_residual",
+    "patch_size",
+    "drop_path_rate",
+    "timm_kwargs",
+)
 #: the ``format`` field of an export's JSON sidecar
 EXPORT_FORMAT = "ssl_vision.backbone/1"
 
@@ -88,6 +96,8 @@ def create_kwargs(backbone_cfg: dict[str, Any], data: dict[str, Any]) -> dict[st
     for key in _BACKBONE_KEYS:
         if key in backbone_cfg:
             value = backbone_cfg[key]
+            if key == "timm_kwargs" and not value:  # none: the record stays what it was before the key existed
+                continue
             kw[key] = list(value) if isinstance(value, (list, tuple)) else value
     return kw
 

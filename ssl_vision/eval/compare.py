@@ -275,10 +275,14 @@ def _float(text: str | None) -> float | None:
 
 
 def read_metrics(path: Path | None) -> dict[str, list]:
-    """``{"loss": [(step, value)], "knn": [(step, value)], "epochs": int | None}`` from a CSV-logger file."""
+    """``{"loss": [(step, value)], "knn": [(step, value)], "epochs": int | None}`` from a CSV-logger file, in step
+    order, one value per step: a step several legs of a resumed run logged (a finished run resumed and evaluated
+    again at its last step) takes the later row, the latest measurement (see ``run_record.trim_metrics_csv``)."""
     out: dict[str, Any] = {"loss": [], "knn": [], "epochs": None}
     if path is None:
         return out
+    losses: dict[int, float] = {}
+    knns: dict[int, float] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             step = _float(row.get("step"))
@@ -286,11 +290,12 @@ def read_metrics(path: Path | None) -> dict[str, list]:
                 continue
             loss, knn, epoch = _float(row.get("train/loss")), _float(row.get("val/knn_top1")), _float(row.get("epoch"))
             if loss is not None:
-                out["loss"].append((int(step), loss))
+                losses[int(step)] = loss
                 if epoch is not None:
                     out["epochs"] = max(out["epochs"] or 0, int(epoch) + 1)
             if knn is not None:
-                out["knn"].append((int(step), knn))
+                knns[int(step)] = knn
+    out["loss"], out["knn"] = sorted(losses.items()), sorted(knns.items())
     return out
 
 

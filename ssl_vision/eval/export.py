@@ -78,7 +78,8 @@ def _resnet_stock(kw: dict[str, Any]) -> dict[str, Any]:
 
 def _timm_stock(kw: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     timm_name = VIT_ALIASES.get(kw["name"], kw["name"].removeprefix("timm:"))
-    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": kw["in_chans"]}
+    # backbone.timm_kwargs (e.g. depth) are part of the construction the stock model must repeat
+    kwargs: dict[str, Any] = {**dict(kw.get("timm_kwargs") or {}), "num_classes": 0, "in_chans": kw["in_chans"]}
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None:  # a ViT: image and patch size were adapted to the data
         kwargs.update(img_size=kw["image_size"], patch_size=int(patch[0]), dynamic_img_size=True)

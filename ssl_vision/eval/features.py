@@ -81,7 +81,7 @@ class EvalData:
 
 
 def _datamodule_keys() -> set[str]:
-    """The keyword arguments of ``SSLDataModule``: the keys every ``conf/data/*.yaml`` has."""
+    """The keyword arguments of ``SSLDataModule``: the keys of a composed ``data`` node (``DataSpec``)."""
     import inspect
 
     from ssl_vision.data import SSLDataModule

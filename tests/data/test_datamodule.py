@@ -1,14 +1,17 @@
 """SSLDataModule on synthetic data: batch structure, indices, drop_last, errors, validation loaders, configs."""
 
+import dataclasses
 import inspect
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
+from ssl_vision.config_schema import DataSpec
 from ssl_vision.data.datamodule import SSLDataModule
 from ssl_vision.data.views import build_eval_transform
+from tests.config_snapshot import compose_cfg
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TWO_VIEWS = [{"count": 1}, {"count": 1, "size_ratio": 0.5, "scale": [0.05, 0.4]}]
@@ -136,7 +139,18 @@ def test_one_channel_fashion_mnist_style_config():
     assert all(v.shape[1] == 1 for v in views)
 
 
-def test_data_configs_share_one_key_set_matching_the_datamodule():
+def test_data_schema_is_the_datamodule_arguments_and_every_data_config_has_its_keys():
+    """``DataSpec`` (``schema/data``, what every ``conf/data/*.yaml`` merges onto) has one field per keyword argument
+    of ``SSLDataModule`` (besides ``views`` and ``seed``, from other config nodes), with the argument's default
+    (``???`` where the argument has none); so every composed data config has exactly the constructor's keys."""
+    params = inspect.signature(SSLDataModule.__init__).parameters
+    init_defaults = {
+        n: MISSING if p.default is inspect.Parameter.empty else p.default
+        for n, p in params.items()
+        if n not in {"self", "views", "seed"}
+    }
+    schema_defaults = {f.name: f.default for f in dataclasses.fields(DataSpec)}
+    assert schema_defaults == init_defaults
     files = sorted((CONF / "data").glob("*.yaml"))
     assert {f.stem for f in files} >= {
         "fashion_mnist",
@@ -145,19 +159,17 @@ def test_data_configs_share_one_key_set_matching_the_datamodule():
         "stl10",
         "imagenet",
         "imagefolder",
+        "folder",
         "synthetic",
     }
-    key_sets = {f.name: set(OmegaConf.load(f).keys()) for f in files}
-    reference = key_sets["fashion_mnist.yaml"]
-    assert all(keys == reference for keys in key_sets.values()), key_sets
-    init_args = set(inspect.signature(SSLDataModule.__init__).parameters) - {"self", "views", "seed"}
-    assert reference == init_args  # every config key is a constructor argument and vice versa
+    for f in files:
+        assert set(compose_cfg([f"data={f.stem}"]).data) == set(init_defaults), f.name
 
 
 def test_synthetic_config_and_augment_preset_build_a_working_datamodule():
-    data = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "synthetic.yaml"))
-    views = OmegaConf.load(CONF / "augment" / "simclr.yaml").views  # a DictConfig name -> view (unset fields: ViewSpec)
-    dm = SSLDataModule(**data, views=views)
+    cfg = compose_cfg(["data=synthetic", "augment=simclr"])  # the data file over its schema, as a run composes it
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = SSLDataModule(**data, views=cfg.augment.views)  # a DictConfig name -> view (unset fields: ViewSpec)
     dm.setup()
     views_batch, labels, _ = next(iter(dm.train_dataloader()))
     assert len(views_batch) == 2 and views_batch[0].shape == (32, 3, 32, 32) and labels.shape == (32,)
