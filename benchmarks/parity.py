@@ -24,6 +24,9 @@ What is the same on both sides, per method and seed:
   ``update_momentum``; SwAV freezes its prototypes for the same number of steps (lightly's
   ``n_steps_frozen_prototypes``); MAE's target is normalised per patch when ours uses ``norm_pix_loss``
   (lightly's ``normalize_mean_var``).
+* **Loss scale.** lightly's BYOL and MoCo v3 losses are multiplied by a constant (4 and 4τ,
+  :func:`lightly_loss_scale`) so that their gradients have our loss's scale; the other methods' losses already do.
+  Reported losses are the scaled ones.
 * **Device.** Both sides on the CPU in float32 (the fmnist recipes' setting), one process.
 * **Evaluation.** One weighted kNN (:mod:`ssl_vision.eval.knn`, the recipe's ``eval.knn_k[0]`` and
   ``eval.knn_temperature``) on backbone features of the recipe's kNN bank and test split.
@@ -179,6 +182,19 @@ def lightly_optimizer(model: LightlyMethod, cfg: Any, batch: int, fixed: tuple[s
     )
 
 
+def lightly_loss_scale(method: str, cfg: Any) -> float:
+    """The factor on lightly's loss that gives it our loss's gradient scale, so one optimizer and lr mean the same
+    step on both sides. BYOL: ours is the paper's symmetric ``ℓ(p1, z2) + ℓ(p2, z1)`` with ``ℓ = 2 − 2·cos``
+    (Grill et al. 2020, eq. 2), lightly's ``0.5·(−cos − cos)``: ours = 4 + 4 × lightly's. MoCo v3: ours is
+    ``2τ·(ctr(q1, k2) + ctr(q2, k1))`` (Chen et al. 2021, Alg. 1), the approximation averages two ``NTXentLoss``:
+    × 4τ. Every other method's lightly loss is already on our scale (one mean cross-entropy, MSE or −cos)."""
+    if method == "byol":
+        return 4.0
+    if method == "moco_v3":
+        return 4.0 * float(cfg.method.kwargs.get("temperature", 1.0))
+    return 1.0
+
+
 def train_lightly(
     method: str, cfg: Any, dm: Any, ours: nn.Module, init_backbone: nn.Module, info: dict[str, Any]
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -204,6 +220,7 @@ def train_lightly(
         final_factor=o.final_factor,
     )
     ema = getattr(objective, "ema", None)
+    scale = lightly_loss_scale(method, cfg)
     clip = float(getattr(objective, "clip_grad", 0.0) or 0.0)
     steps, total = len(info["indices"]), info["total_steps"]
     indices, losses = [], []
@@ -219,7 +236,7 @@ def train_lightly(
                 # ours: BYOL / DINO update after step k (k = 1..T), MoCo before the forward of step k (k = 1..T-1):
                 # either way the update before the forward of step k, momentum ema_momentum(k, updates of the run)
                 model.update_momentum(ema_momentum(step, ema.num_updates(total), ema.momentum, ema.momentum_end))
-            loss = model.loss(views, step=step, epoch=epoch)
+            loss = model.loss(views, step=step, epoch=epoch) * scale
             loss.backward()
             if clip > 0:
                 clip_grad_per_param([p for p in model.parameters() if p.grad is not None], clip)
@@ -230,7 +247,7 @@ def train_lightly(
             losses.append(float(loss.detach()))
             step += 1
         epoch += 1
-    return model.backbone, {"indices": indices, "losses": losses}
+    return model.backbone, {"indices": indices, "losses": losses, "loss_scale": scale}
 
 
 def knn_top1(backbone: nn.Module, dm: Any, cfg: Any) -> float:
@@ -265,9 +282,16 @@ def run_pair(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "lightly_knn_top1": knn_top1(their_backbone, dm, cfg),
         "ours_loss_first_last": [round(info["losses"][0], 4), round(info["losses"][-1], 4)],
         "lightly_loss_first_last": [round(theirs["losses"][0], 4), round(theirs["losses"][-1], 4)],
+        "lightly_loss_scale": theirs["loss_scale"],
         "ours_train_s": round(t1 - t0, 1),
         "lightly_train_s": round(t2 - t1, 1),
     }
+    print(
+        f"parity: {method} seed {seed}: kNN init {row['init_knn_top1']}, ours {row['ours_knn_top1']}, "
+        f"lightly {row['lightly_knn_top1']} ({row['ours_train_s']} s / {row['lightly_train_s']} s of training)",
+        file=sys.stderr,
+        flush=True,
+    )
     if not row["same_batches"]:
         raise RuntimeError(
             f"parity {method} seed {seed}: the two sides trained on different batches; the data "

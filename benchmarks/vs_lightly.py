@@ -285,7 +285,11 @@ class LightlyMethod(nn.Module):
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # MAEDecoderTIMM is deprecated in lightly 1.6 (same computation)
-                self.encoder = MaskedVisionTransformerTIMM(vit=backbone)
+                # "skip" both: the backbone keeps the weights and the position embedding it arrives with (ours:
+                # MAE's initialisation, fixed sin-cos table), so parity.py's two sides start from the same weights
+                self.encoder = MaskedVisionTransformerTIMM(
+                    vit=backbone, weight_initialization="skip", pos_embed_initialization="skip"
+                )
                 self.decoder = MAEDecoderTIMM(
                     num_patches=backbone.patch_embed.num_patches,
                     patch_size=backbone.patch_embed.patch_size[0],

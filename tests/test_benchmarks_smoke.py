@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,3 +180,55 @@ def test_parity_two_steps_of_simclr_on_tiny_data(tmp_path):
         assert all(math.isfinite(x) for x in run[f"{side}_loss_first_last"])
         assert row[f"{side}_spread"] == 0.0 and row[f"{side}_mean"] == run[f"{side}_knn_top1"]
     assert row["diff"] == round(run["ours_knn_top1"] - run["lightly_knn_top1"], 2)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightly") is None,
+    reason="lightly is not installed (optional extra: pip install -e '.[bench]')",
+)
+def test_parity_byol_loss_scale_gives_lightly_our_gradient():
+    """BYOL's symmetric loss (Grill et al. 2020, eq. 2: ℓ = 2 − 2·cos, summed over the two directions) equals
+    4 + 4 × lightly's 0.5·(NegativeCosineSimilarity + NegativeCosineSimilarity): the parity script's factor on lightly's
+    loss gives both sides the same gradient; other methods are left unscaled."""
+    from lightly.loss import NegativeCosineSimilarity
+    from omegaconf import OmegaConf
+
+    parity = load_script("parity")
+    cfg = OmegaConf.create({"method": {"kwargs": {"temperature": 0.2}}})
+    assert parity.lightly_loss_scale("byol", cfg) == 4.0
+    assert parity.lightly_loss_scale("moco_v3", cfg) == pytest.approx(0.8)
+    assert parity.lightly_loss_scale("simclr", cfg) == 1.0
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(8, 16, generator=g) for _ in range(4))
+    p1.requires_grad_(True)
+    cos = lambda a, b: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))  # noqa: E731
+    ours = (2 - 2 * cos(p1, z2)).mean() + (2 - 2 * cos(p2, z1)).mean()  # the paper's formula, written out
+    neg = NegativeCosineSimilarity()
+    theirs = parity.lightly_loss_scale("byol", cfg) * 0.5 * (neg(p1, z2) + neg(p2, z1))
+    assert float(ours) == pytest.approx(4.0 + float(theirs), abs=1e-5)
+    (g_ours,) = torch.autograd.grad(ours, p1)
+    (g_theirs,) = torch.autograd.grad(theirs, p1)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightly") is None,
+    reason="lightly is not installed (optional extra: pip install -e '.[bench]')",
+)
+def test_parity_lightly_mae_starts_from_our_initialisation():
+    """lightly's masked ViT wrapper re-initialises the ViT by default; the parity side must keep the weights it is
+    given (ours: MAE's initialisation, fixed sin-cos position embedding), so both sides start from one backbone."""
+    import copy
+
+    from ssl_vision.launch import build_module
+
+    parity = load_script("parity")
+    over = ["data=synthetic", "data.synthetic_size=32", "data.image_size=28", "data.batch_size=8", "eval.knn_k=[5]"]
+    cfg = parity.compose_cfg("mae", "fmnist_{method}", 0, 2, over)
+    module = build_module(cfg, num_samples=32)
+    init = copy.deepcopy(module.backbone.state_dict())
+    model = parity.LightlyMethod("mae", cfg, module.backbone, 192, lr=0.0, with_optimizer=False)
+    after = model.encoder.vit.state_dict()
+    assert after.keys() == init.keys()
+    for name, tensor in init.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)
