@@ -4,6 +4,8 @@
     pip install -e '.[bench]'                                  # lightly 1.6 (optional extra)
     python benchmarks/parity.py                                # every method, its experiment=fmnist_<method> recipe
     python benchmarks/parity.py --methods simclr byol --steps 200 --seeds 0 1 --json parity.json
+    python benchmarks/parity.py --steps 156 --rows parity.jsonl --override data.batch_size=128   # the RESULTS.md table;
+        # --rows keeps every finished pair, so a killed run continues where it stopped when started again
     python benchmarks/parity.py --methods simclr --steps 2 --seeds 0 --recipe none \
         --override data=synthetic data.synthetic_size=64 data.batch_size=16     # smoke test
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import sys
@@ -300,6 +303,40 @@ def run_pair(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     return row
 
 
+def pair_key(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two pairs the same measurement: method, seed, steps, recipe and overrides."""
+    return {"method": method, "seed": seed, "steps": args.steps, "recipe": args.recipe, "overrides": args.override}
+
+
+def load_rows(path: Path | None) -> list[dict[str, Any]]:
+    """The finished pairs of an earlier run with this ``--rows`` file (one JSON object a line); a line cut off by a
+    kill is skipped."""
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def run_or_reuse(method: str, seed: int, args: argparse.Namespace, done: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pair from ``--rows`` when it holds the same measurement, else run it and append it there at once, so a
+    crash or a kill later in a long run loses only the pair in progress."""
+    key = pair_key(method, seed, args)
+    for row in done:
+        if row.get("key") == key:
+            print(f"parity: {method} seed {seed}: reused from {args.rows}", file=sys.stderr, flush=True)
+            return {k: v for k, v in row.items() if k != "key"}
+    row = run_pair(method, seed, args)
+    if args.rows is not None:
+        with open(args.rows, "a") as f:
+            f.write(json.dumps({**row, "key": key}) + "\n")
+    return row
+
+
 def summarise(method: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ours = [r["ours_knn_top1"] for r in rows]
     theirs = [r["lightly_knn_top1"] for r in rows]
@@ -345,6 +382,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="JSON-lines file: each finished pair is appended at once, and pairs already there (same method, seed, "
+        "steps, recipe, overrides) are reused, so an interrupted run continues where it stopped",
+    )
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be a positive number of optimizer steps, got {args.steps}")
@@ -355,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    rows = [summarise(m, [run_pair(m, s, args) for s in args.seeds]) for m in args.methods]
+    done = load_rows(args.rows)
+    rows = [summarise(m, [run_or_reuse(m, s, args, done) for s in args.seeds]) for m in args.methods]
     print(
         f"{args.steps} steps per side, seeds {args.seeds}, recipe {args.recipe}, overrides {args.override or '-'}, "
         f"load avg {os.getloadavg()[0]:.2f}"

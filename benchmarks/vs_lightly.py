@@ -293,6 +293,7 @@ class LightlyMethod(nn.Module):
                 self.decoder = MAEDecoderTIMM(
                     num_patches=backbone.patch_embed.num_patches,
                     patch_size=backbone.patch_embed.patch_size[0],
+                    in_chans=int(cfg.data.in_chans),  # pixels per patch: patch_size² × channels (1 on Fashion-MNIST)
                     embed_dim=backbone.embed_dim,
                     decoder_embed_dim=k.decoder_dim,
                     decoder_depth=k.decoder_depth,

@@ -232,3 +232,42 @@ def test_parity_lightly_mae_starts_from_our_initialisation():
     assert after.keys() == init.keys()
     for name, tensor in init.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightly") is None,
+    reason="lightly is not installed (optional extra: pip install -e '.[bench]')",
+)
+def test_parity_rows_file_keeps_finished_pairs_and_reuses_only_the_same_measurement(tmp_path, monkeypatch):
+    """Each finished pair is appended to --rows at once; a rerun reuses a pair only when method, seed, steps, recipe
+    and overrides all match, and a line cut off by a kill is skipped."""
+    parity = load_script("parity")
+    rows_file = tmp_path / "rows.jsonl"
+    calls = []
+
+    def fake_pair(method, seed, args):
+        calls.append((method, seed, args.steps))
+        return {
+            "method": method,
+            "seed": seed,
+            "ours_knn_top1": 50.0 + seed,
+            "lightly_knn_top1": 49.0 + seed,
+            "init_knn_top1": 40.0,
+            "ours_loss_first_last": [1.0, 0.5],
+            "lightly_loss_first_last": [1.0, 0.6],
+        }
+
+    monkeypatch.setattr(parity, "run_pair", fake_pair)
+    monkeypatch.setattr(parity, "emit", lambda res, path: res)
+    argv = ["--methods", "simclr", "--seeds", "0", "1", "--steps", "3", "--rows", str(rows_file)]
+    first = parity.main(argv)
+    assert calls == [("simclr", 0, 3), ("simclr", 1, 3)]
+    assert len(rows_file.read_text().splitlines()) == 2
+    with open(rows_file, "a") as f:
+        f.write('{"method": "simclr", "seed": 2, "ke')  # a pair cut off mid-line by a kill
+    second = parity.main(argv)
+    assert calls == [("simclr", 0, 3), ("simclr", 1, 3)], "the same measurement must be reused, not rerun"
+    assert second["rows"] == first["rows"]
+    parity.main([*argv[:-4], "--steps", "4", "--rows", str(rows_file)])  # another length: a new measurement
+    assert calls[2:] == [("simclr", 0, 4), ("simclr", 1, 4)]
+    assert first["rows"][0]["diff"] == 1.0 and first["rows"][0]["ours_spread"] == 1.0
