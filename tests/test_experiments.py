@@ -16,7 +16,14 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "con
 
 
 def test_all_recipes_are_listed():
-    assert {"fmnist_simclr", "fmnist_swav", "fmnist_swav_multicrop", "fmnist_dino_multicrop", "fmnist_mae", "cifar_dino"} <= set(EXPERIMENTS)
+    assert {
+        "fmnist_simclr",
+        "fmnist_swav",
+        "fmnist_swav_multicrop",
+        "fmnist_dino_multicrop",
+        "fmnist_mae",
+        "cifar_dino",
+    } <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
