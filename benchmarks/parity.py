@@ -6,6 +6,7 @@
     python benchmarks/parity.py --methods simclr byol --steps 200 --seeds 0 1 --json parity.json
     python benchmarks/parity.py --steps 156 --rows parity.jsonl --override data.batch_size=128   # the RESULTS.md table;
         # --rows keeps every finished pair, so a killed run continues where it stopped when started again
+    python benchmarks/parity.py --methods simclr --heads ours ...   # lightly's loss on our projection head
     python benchmarks/parity.py --methods simclr --steps 2 --seeds 0 --recipe none \
         --override data=synthetic data.synthetic_size=64 data.batch_size=16     # smoke test
 
@@ -130,6 +131,7 @@ def train_ours(cfg: Any, dm: Any, steps: int) -> tuple[nn.Module, nn.Module, dic
     torch.manual_seed(int(cfg.seed))
     module = build_module(cfg, num_samples=dm.num_train_samples)
     init_backbone = copy.deepcopy(module.backbone)
+    init_projector = copy.deepcopy(getattr(module.objective, "projector", None))  # for --heads ours
     rec = _Indices()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -156,6 +158,7 @@ def train_ours(cfg: Any, dm: Any, steps: int) -> tuple[nn.Module, nn.Module, dic
         "total_steps": int(sched.total_steps),
         "warmup_steps": int(sched.warmup_steps),
         "steps_per_epoch": int(trainer.num_training_batches),
+        "init_projector": init_projector,
     }
     return module, init_backbone, info
 
@@ -199,10 +202,18 @@ def lightly_loss_scale(method: str, cfg: Any) -> float:
 
 
 def train_lightly(
-    method: str, cfg: Any, dm: Any, ours: nn.Module, init_backbone: nn.Module, info: dict[str, Any]
+    method: str,
+    cfg: Any,
+    dm: Any,
+    ours: nn.Module,
+    init_backbone: nn.Module,
+    info: dict[str, Any],
+    heads: str = "lightly",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """lightly's counterpart (vs_lightly.LightlyMethod) on our initial backbone, trained on the same loader for the
-    same steps under our optimizer, schedule and EMA momentum; returns its backbone and its batches and losses."""
+    same steps under our optimizer, schedule and EMA momentum; returns its backbone and its batches and losses.
+    ``heads="ours"`` (SimCLR): lightly's loss on a copy of our projection head as initialised, which separates the
+    loss from the head."""
     torch.manual_seed(int(cfg.seed) + 1)  # heads: lightly's own initialisation, reproducibly
     backbone = copy.deepcopy(init_backbone)
     with torch.no_grad():  # the feature dim (eval mode: BatchNorm statistics untouched)
@@ -212,6 +223,8 @@ def train_lightly(
     objective = ours.objective
     frozen = int(getattr(objective, "freeze_prototypes_niters", 0) or 0) if method == "swav" else 0
     model = LightlyMethod(method, cfg, backbone, dim, lr=0.0, with_optimizer=False, freeze_prototypes_steps=frozen)
+    if heads == "ours":
+        model.head = copy.deepcopy(info["init_projector"])
     fixed = ("predictor",) if method == "simsiam" and getattr(objective, "fix_pred_lr", False) else ()
     opt = lightly_optimizer(model, cfg, int(cfg.data.batch_size), fixed)
     o = cfg.method.optim
@@ -273,7 +286,7 @@ def run_pair(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     t0 = time.perf_counter()
     ours, init_backbone, info = train_ours(cfg, dm, args.steps)
     t1 = time.perf_counter()
-    their_backbone, theirs = train_lightly(method, cfg, dm, ours, init_backbone, info)
+    their_backbone, theirs = train_lightly(method, cfg, dm, ours, init_backbone, info, heads=args.heads)
     t2 = time.perf_counter()
     row = {
         "method": method,
@@ -305,7 +318,8 @@ def run_pair(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
 def pair_key(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """What makes two pairs the same measurement: method, seed, steps, recipe and overrides."""
-    return {"method": method, "seed": seed, "steps": args.steps, "recipe": args.recipe, "overrides": args.override}
+    key = {"method": method, "seed": seed, "steps": args.steps, "recipe": args.recipe, "overrides": args.override}
+    return key if args.heads == "lightly" else {**key, "heads": args.heads}
 
 
 def load_rows(path: Path | None) -> list[dict[str, Any]]:
@@ -381,6 +395,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="skip the kNN of the shared initial backbone (the baseline both sides start from)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument(
+        "--heads",
+        choices=("lightly", "ours"),
+        default="lightly",
+        help="lightly's side with lightly's heads (default) or, for SimCLR, with a copy of our projection head as "
+        "initialised (only the loss is lightly's)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
         "--rows",
@@ -390,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps, recipe, overrides) are reused, so an interrupted run continues where it stopped",
     )
     args = ap.parse_args(argv)
+    if args.heads == "ours" and set(args.methods) != {"simclr"}:
+        ap.error(f"--heads ours is for SimCLR (one projection head), got --methods {' '.join(args.methods)}")
     if args.steps < 1:
         ap.error(f"--steps must be a positive number of optimizer steps, got {args.steps}")
     try:
@@ -423,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "seeds": args.seeds,
         "recipe": args.recipe,
+        "heads": args.heads,
         "overrides": args.override,
         "threads": torch.get_num_threads(),
         "loadavg_1min": round(os.getloadavg()[0], 2),

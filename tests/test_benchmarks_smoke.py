@@ -270,4 +270,9 @@ def test_parity_rows_file_keeps_finished_pairs_and_reuses_only_the_same_measurem
     assert second["rows"] == first["rows"]
     parity.main([*argv[:-4], "--steps", "4", "--rows", str(rows_file)])  # another length: a new measurement
     assert calls[2:] == [("simclr", 0, 4), ("simclr", 1, 4)]
+    parity.main([*argv, "--heads", "ours"])  # lightly's loss on our head: another measurement
+    assert calls[4:] == [("simclr", 0, 3), ("simclr", 1, 3)]
+    with pytest.raises(SystemExit) as err:  # one projection head to copy: SimCLR only
+        parity.main(["--methods", "byol", "--heads", "ours", "--steps", "3"])
+    assert err.value.code == 2
     assert first["rows"][0]["diff"] == 1.0 and first["rows"][0]["ours_spread"] == 1.0
